@@ -1,0 +1,46 @@
+"""celery-ordered: run Celery tasks in parallel, consume their results in order."""
+
+from __future__ import annotations
+
+from .errors import (
+    ConfigurationError,
+    DispatchError,
+    OrderedStreamError,
+    RedisUnavailable,
+    RemoteTraceback,
+    ResultLost,
+    StreamClosedError,
+    StreamEmpty,
+    StreamExhausted,
+    StreamFull,
+    TaskFailed,
+    UnsendableError,
+)
+from .stream import OrderedResultStream, StreamStats
+from .task import OrderedTask, ordered_task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # Streams
+    "OrderedResultStream",
+    "StreamStats",
+    # Tasks
+    "OrderedTask",
+    "ordered_task",
+    # Errors
+    "ConfigurationError",
+    "DispatchError",
+    "OrderedStreamError",
+    "RedisUnavailable",
+    "RemoteTraceback",
+    "ResultLost",
+    "StreamClosedError",
+    "StreamEmpty",
+    "StreamExhausted",
+    "StreamFull",
+    "TaskFailed",
+    "UnsendableError",
+    # Version
+    "__version__",
+]

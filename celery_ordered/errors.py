@@ -1,0 +1,120 @@
+"""The exceptions celery-ordered raises.
+
+::
+
+    OrderedStreamError
+    ├── ConfigurationError     (also celery.exceptions.ImproperlyConfigured)
+    ├── UnsendableError        (also TypeError): put() refused a task or its arguments
+    ├── StreamClosedError      (also ValueError): put() on a closed stream
+    ├── StreamFull             (also queue.Full): put() timed out on a full window
+    ├── StreamEmpty            (also queue.Empty): get() timed out
+    ├── StreamExhausted        get() on a closed stream with nothing left
+    ├── DispatchError          sending a claimed task failed; its place holds this error
+    ├── RedisUnavailable       Redis could not be reached
+    └── TaskFailed             a task failed and its exception class could not be rebuilt
+        └── ResultLost         a task's outcome never arrived
+
+A task's own exception is re-raised in the consumer as the same class where it
+can be rebuilt; it then carries ``stack_trace``, ``seq``, ``task_name`` and
+``stream`` attributes like :class:`TaskFailed` does, and its ``__cause__`` is a
+:class:`RemoteTraceback` whose text is the worker's traceback.
+"""
+
+from __future__ import annotations
+
+import queue
+
+from celery.exceptions import ImproperlyConfigured
+
+
+class OrderedStreamError(Exception):
+    """Base class of every celery-ordered error.
+
+    ``stream`` is the stream's name and ``seq`` the sequence number the error
+    concerns, where they apply (else None).
+    """
+
+    def __init__(self, message: str = "", *, stream: str | None = None, seq: int | None = None):
+        super().__init__(message)
+        self.stream = stream
+        self.seq = seq
+
+
+class ConfigurationError(OrderedStreamError, ImproperlyConfigured):
+    """Setup is missing or contradictory (no Redis URL, both url and client...)."""
+
+
+class UnsendableError(OrderedStreamError, TypeError):
+    """``put()`` refused a task or its arguments before claiming a number."""
+
+
+class StreamClosedError(OrderedStreamError, ValueError):
+    """``put()`` on a stream that was closed."""
+
+
+class StreamFull(OrderedStreamError, queue.Full):
+    """``put(timeout=...)`` found the window full for the whole timeout."""
+
+
+class StreamEmpty(OrderedStreamError, queue.Empty):
+    """``get(timeout=...)`` found no next result for the whole timeout."""
+
+
+class StreamExhausted(OrderedStreamError):
+    """``get()`` on a closed stream whose every result has been delivered."""
+
+
+class DispatchError(OrderedStreamError):
+    """Sending a task failed after its number was claimed.
+
+    ``put()`` raises it, and the consumer gets it at the task's position, so
+    the order has no gap.
+    """
+
+
+class RedisUnavailable(OrderedStreamError, ConnectionError):
+    """Redis could not be reached."""
+
+
+class TaskFailed(OrderedStreamError):
+    """A task failed and its exception class could not be rebuilt here.
+
+    ``exc_type`` and ``exc_module`` name the original class, ``stack_trace``
+    holds the worker's traceback text and ``task_name`` the task.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        stream: str | None = None,
+        seq: int | None = None,
+        exc_type: str = "",
+        exc_module: str = "",
+        stack_trace: str = "",
+        task_name: str | None = None,
+    ):
+        super().__init__(message, stream=stream, seq=seq)
+        self.exc_type = exc_type
+        self.exc_module = exc_module
+        self.stack_trace = stack_trace
+        self.task_name = task_name
+
+
+class ResultLost(TaskFailed):
+    """A task's outcome never arrived; its place holds this error."""
+
+
+class RemoteTraceback(Exception):
+    """Carries a worker's traceback text as the ``__cause__`` of a task error.
+
+    Python prints it above the consumer's own traceback, so an uncaught task
+    error shows where it happened on the worker.
+    """
+
+    def __init__(self, stack_trace: str):
+        super().__init__(stack_trace)
+        self.stack_trace = stack_trace
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.stack_trace.rstrip()}\n"""'

@@ -1,0 +1,122 @@
+"""Stream names and the Redis keys that hold a stream's state.
+
+Every key of one stream shares the hash tag ``{NAME}``, so a Redis Cluster
+keeps them in one slot and the scripts in :mod:`celery_ordered.protocol` may
+touch them together. Nothing outside :mod:`celery_ordered.protocol` builds a
+key by hand.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+#: Prefix of every key celery-ordered writes.
+KEY_PREFIX = "co"
+
+#: Longest accepted stream name.
+MAX_NAME_LENGTH = 200
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.:@+=-]+")
+
+
+def validate_name(name: object) -> str:
+    """Return ``name`` if it is a usable stream name, else raise.
+
+    A name is 1 to :data:`MAX_NAME_LENGTH` characters from letters, digits and
+    ``_ . : @ + = -``. Braces, whitespace and ``*``/``?`` are refused: they
+    would break the hash tag that keeps a stream in one cluster slot, or let a
+    name match other streams' keys in a pattern.
+    """
+    if not isinstance(name, str):
+        raise TypeError(
+            f"stream name must be a str, got {type(name).__name__}: pass a name "
+            "such as 'reports-2026-11' or name=None for a generated one"
+        )
+    if not name:
+        raise ValueError("stream name is empty: pass a name, or name=None for a generated one")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(
+            f"stream name is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}"
+        )
+    if not _NAME_RE.fullmatch(name):
+        bad = sorted({c for c in name if not _NAME_RE.fullmatch(c)})
+        raise ValueError(
+            f"stream name {name!r} contains {''.join(bad)!r}: use only letters, "
+            "digits and _ . : @ + = -"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class StreamKeys:
+    """The key names of one stream (see the table in DESIGN.md)."""
+
+    name: str
+
+    def _key(self, part: str) -> str:
+        return f"{KEY_PREFIX}:{{{self.name}}}:{part}"
+
+    @property
+    def seq(self) -> str:
+        """Next sequence number to claim."""
+        return self._key("seq")
+
+    @property
+    def next(self) -> str:
+        """Consumer cursor: every number below it has been delivered."""
+        return self._key("next")
+
+    @property
+    def window(self) -> str:
+        """The window cap."""
+        return self._key("window")
+
+    @property
+    def results(self) -> str:
+        """Sorted set of outcomes scored by sequence number."""
+        return self._key("results")
+
+    @property
+    def closed(self) -> str:
+        """Number of claims at which the stream was closed."""
+        return self._key("closed")
+
+    @property
+    def ready(self) -> str:
+        """Wake list for a consumer waiting on the head of the stream."""
+        return self._key("ready")
+
+    @property
+    def space(self) -> str:
+        """Wake list for producers waiting on window space."""
+        return self._key("space")
+
+    @property
+    def done(self) -> str:
+        """Wake list for ``join()``: every claimed number is filled."""
+        return self._key("done")
+
+    def all(self) -> tuple[str, ...]:
+        """Every key of the stream."""
+        return (
+            self.seq,
+            self.next,
+            self.window,
+            self.results,
+            self.closed,
+            self.ready,
+            self.space,
+            self.done,
+        )
+
+
+def name_from_key(key: str | bytes) -> str | None:
+    """The stream name inside one of its keys, or None for a foreign key."""
+    if isinstance(key, bytes):
+        key = key.decode("utf-8", "replace")
+    prefix = f"{KEY_PREFIX}:{{"
+    if not key.startswith(prefix):
+        return None
+    end = key.rfind("}:")
+    return key[len(prefix) : end] if end > len(prefix) else None

@@ -1,0 +1,27 @@
+-- close.lua: close the stream to further claims (idempotent).
+--
+-- KEYS[1]  seq      string  next number to claim
+-- KEYS[2]  next     string  consumer cursor
+-- KEYS[3]  results  zset    outcomes scored by their number
+-- KEYS[4]  closed   string  set here to the number of claims
+-- KEYS[5]  ready    list    wake token for a blocked consumer
+-- KEYS[6]  done     list    wake token for join()
+-- KEYS[7]  space    list    wake token for blocked producers (they must see the close)
+--
+-- Returns the number of claims at which the stream closed.
+local closed = redis.call('GET', KEYS[4])
+if not closed then
+  closed = redis.call('GET', KEYS[1]) or '0'
+  redis.call('SET', KEYS[4], closed)
+end
+for _, key in ipairs({KEYS[5], KEYS[7]}) do
+  if redis.call('LLEN', key) == 0 then
+    redis.call('RPUSH', key, 1)
+  end
+end
+local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
+if nxt + redis.call('ZCARD', KEYS[3]) >= tonumber(closed)
+    and redis.call('LLEN', KEYS[6]) == 0 then
+  redis.call('RPUSH', KEYS[6], 1)
+end
+return tonumber(closed)

@@ -1,0 +1,25 @@
+-- stats.lua: a consistent snapshot of one stream.
+--
+-- KEYS[1]  seq      string  next number to claim
+-- KEYS[2]  next     string  consumer cursor
+-- KEYS[3]  window   string  the cap
+-- KEYS[4]  results  zset    outcomes scored by their number
+-- KEYS[5]  closed   string  the number of claims when closed
+--
+-- Returns {claimed, next, window (0 if unset), stored, contiguous, closed (-1 if open)}
+-- where `contiguous` counts stored outcomes from `next` on with no gap.
+local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
+local stored = redis.call('ZCARD', KEYS[4])
+local contiguous = 0
+if stored > 0 then
+  local found = redis.call('ZRANGEBYSCORE', KEYS[4], nxt, nxt + stored - 1, 'WITHSCORES')
+  for i = 1, #found, 2 do
+    if tonumber(found[i + 1]) ~= nxt + contiguous then
+      break
+    end
+    contiguous = contiguous + 1
+  end
+end
+return {tonumber(redis.call('GET', KEYS[1]) or '0'), nxt,
+        tonumber(redis.call('GET', KEYS[3]) or '0'), stored, contiguous,
+        tonumber(redis.call('GET', KEYS[5]) or '-1')}

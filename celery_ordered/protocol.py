@@ -1,0 +1,187 @@
+"""Thin Python wrappers over the Lua scripts: the only module that knows keys.
+
+Each method is one round trip to Redis. The scripts live one per file in
+``celery_ordered/lua/`` with a header naming every key and argument; they are
+read once per process and registered once per client (redis-py's
+:class:`~redis.commands.core.Script` handles ``EVALSHA`` and reloads after
+``SCRIPT FLUSH``).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis
+
+from .keys import StreamKeys
+
+#: Longest single blocking wait on Redis, in seconds. A waiter that was told
+#: nothing for this long looks at the stream again, so a wake-up token lost to
+#: a Redis restart costs at most this much, never a stall. It is kept below the
+#: client's ``socket_timeout`` (redis-py's default is 5 s), or the read of a
+#: blocked ``BLPOP`` would time out first.
+WAIT_SLICE = 2.0
+
+_SCRIPTS = ("claim", "publish", "pop", "close", "stats")
+
+
+@functools.cache
+def _lua(name: str) -> str:
+    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text("utf-8")
+
+
+_registered: weakref.WeakKeyDictionary[redis.Redis, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _scripts(client: redis.Redis) -> dict[str, Any]:
+    scripts = _registered.get(client)
+    if scripts is None:
+        scripts = {name: client.register_script(_lua(name)) for name in _SCRIPTS}
+        _registered[client] = scripts
+    return scripts
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of :meth:`Protocol.claim`."""
+
+    first: int
+    count: int
+    closed: bool
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The outcome of :meth:`Protocol.pop`."""
+
+    next: int
+    closed_at: int | None
+    stored: int
+    start: int
+    members: list[bytes]
+
+
+@dataclass(frozen=True)
+class RawStats:
+    """The outcome of :meth:`Protocol.stats`."""
+
+    claimed: int
+    next: int
+    window: int
+    stored: int
+    contiguous: int
+    closed_at: int | None
+
+
+class Protocol:
+    """The operations on one stream's state in Redis."""
+
+    def __init__(self, client: redis.Redis, name: str) -> None:
+        self.client = client
+        self.keys = StreamKeys(name)
+        self._run = _scripts(client)
+        socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        self.wait_slice = WAIT_SLICE
+        if socket_timeout:
+            self.wait_slice = min(WAIT_SLICE, max(0.05, float(socket_timeout) / 2))
+
+    def claim(self, wanted: int, default_window: int) -> Claim:
+        """Claim up to ``wanted`` numbers if the window allows (see claim.lua)."""
+        k = self.keys
+        first, count = self._run["claim"](
+            keys=[k.seq, k.next, k.window, k.closed, k.space], args=[wanted, default_window]
+        )
+        return Claim(int(first), int(count), closed=int(first) < 0)
+
+    def publish(self, seq: int, member: bytes) -> int:
+        """Store one outcome; 1 stored, 0 duplicate or late, -1 never claimed."""
+        k = self.keys
+        return int(
+            self._run["publish"](
+                keys=[k.seq, k.next, k.results, k.ready, k.closed, k.done], args=[seq, member]
+            )
+        )
+
+    def pop(self, ack: int, start: int, limit: int) -> Batch:
+        """Acknowledge below ``ack`` and read the gapless run from ``start``."""
+        k = self.keys
+        reply = self._run["pop"](
+            keys=[k.next, k.results, k.closed, k.space, k.ready], args=[ack, start, limit]
+        )
+        closed = int(reply[1])
+        return Batch(
+            next=int(reply[0]),
+            closed_at=None if closed < 0 else closed,
+            stored=int(reply[2]),
+            start=int(reply[3]),
+            members=list(reply[4:]),
+        )
+
+    def close(self) -> int:
+        """Close the stream to claims; returns the number of claims made."""
+        k = self.keys
+        return int(
+            self._run["close"](
+                keys=[k.seq, k.next, k.results, k.closed, k.ready, k.done, k.space]
+            )
+        )
+
+    def stats(self) -> RawStats:
+        """One consistent snapshot of the stream's counters."""
+        k = self.keys
+        claimed, nxt, window, stored, contiguous, closed = self._run["stats"](
+            keys=[k.seq, k.next, k.window, k.results, k.closed]
+        )
+        return RawStats(
+            int(claimed),
+            int(nxt),
+            int(window),
+            int(stored),
+            int(contiguous),
+            None if int(closed) < 0 else int(closed),
+        )
+
+    def set_window(self, window: int, *, only_if_unset: bool = False) -> None:
+        """Store the window cap and wake blocked producers to look at it."""
+        k = self.keys
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(k.window, window, nx=only_if_unset)
+            pipe.rpush(k.space, 1)
+            pipe.ltrim(k.space, 0, 0)
+            pipe.execute()
+
+    def exists(self) -> bool:
+        """Whether anything was ever claimed in (or a window set on) the stream."""
+        k = self.keys
+        return bool(self.client.exists(k.seq, k.window))
+
+    def delete(self) -> int:
+        """Remove every key of the stream; returns how many existed."""
+        return int(self.client.delete(*self.keys.all()))
+
+    def _wait(self, key: str, timeout: float) -> bool:
+        # BLPOP's timeout is in seconds (fractions allowed since Redis 6); 0
+        # would mean forever, so keep it strictly positive and bounded.
+        wait = min(max(timeout, 0.001), self.wait_slice)
+        return self.client.blpop([key], timeout=wait) is not None
+
+    def wait_space(self, timeout: float) -> bool:
+        """Block until a consumer frees window space (or ``timeout``)."""
+        return self._wait(self.keys.space, timeout)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until the head of the stream may be ready (or ``timeout``)."""
+        return self._wait(self.keys.ready, timeout)
+
+    def wait_done(self, timeout: float) -> bool:
+        """Block until every claimed number may be filled (or ``timeout``)."""
+        got = self._wait(self.keys.done, timeout)
+        if got:
+            # Being done is final: leave the token for any other joiner.
+            self.client.rpush(self.keys.done, 1)
+            self.client.ltrim(self.keys.done, 0, 0)
+        return got

@@ -1,0 +1,519 @@
+"""OrderedResultStream: dispatch Celery tasks, consume their outcomes in order."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery, Task, current_app
+from celery.canvas import Signature
+from kombu.serialization import prepare_accept_content, registry
+
+from . import codec
+from .config import (
+    accepted_content,
+    client_for,
+    default_window,
+    function_allowed,
+    resolve_redis_url,
+    serializer_for,
+    validate_window,
+)
+from .errors import (
+    ConfigurationError,
+    DispatchError,
+    OrderedStreamError,
+    RedisUnavailable,
+    StreamClosedError,
+    StreamEmpty,
+    StreamExhausted,
+    StreamFull,
+    UnsendableError,
+)
+from .keys import validate_name
+from .protocol import WAIT_SLICE, Protocol
+from .task import (
+    CALL_TASK_NAME,
+    HEADER_SEQ,
+    HEADER_SERIALIZER,
+    HEADER_STREAM,
+    OrderedTask,
+    function_reference,
+)
+
+#: How many ready outcomes a consumer reads from Redis in one round trip.
+DEFAULT_PREFETCH = 256
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """A snapshot of one stream, as :meth:`OrderedResultStream.stats` returns it."""
+
+    #: Sequence numbers handed out so far (tasks and markers put).
+    claimed: int
+    #: Outcomes the consumer has taken, in order.
+    delivered: int
+    #: Claimed numbers whose outcome has not arrived yet.
+    in_flight: int
+    #: Outcomes that arrived and wait in Redis for the consumer.
+    buffered: int
+    #: Of those, the ones that cannot be delivered yet: an earlier one is missing.
+    out_of_order: int
+    #: The window cap: how far claims may run ahead of deliveries.
+    window: int
+    #: Whether the stream is closed to further puts.
+    closed: bool
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What ``put`` validated and encoded before claiming a number."""
+
+    marker: codec.Encoded | None = None
+    task: Task | None = None
+    task_name: str = ""
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] | None = None
+    options: dict[str, Any] | None = None
+
+
+def _check_timeout(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        raise ValueError(
+            f"timeout must be None (wait as long as it takes) or a number of seconds "
+            f">= 0, got {timeout!r}"
+        )
+    return float(timeout)
+
+
+class OrderedResultStream:
+    """Run Celery tasks in parallel and consume their outcomes in submission order.
+
+    ::
+
+        stream = OrderedResultStream(app, window=64)
+        for page in pages:
+            stream.put(render, page)      # blocks while 64 are ahead of the consumer
+        stream.close()
+        for html in stream:               # in the order put, as soon as possible
+            out.write(html)
+
+    Args:
+        app: the Celery app that sends the tasks (default: the current app).
+        name: the stream's name; any process that knows it and the Redis URL may
+            put into the stream or consume it. None generates a unique name.
+        window: how many outcomes may be claimed ahead of the consumer; stored
+            in Redis, so it holds across producers and can be changed while the
+            stream runs (:meth:`set_window`). None keeps the stream's current
+            window, or the app's ``ordered_window``, or 10 x the CPU count.
+        redis_url: Redis holding the stream (default: the app's
+            ``ordered_redis_url``, else its Redis result backend or broker).
+        client: a ``redis.Redis`` to use instead of ``redis_url``.
+        serializer: how outcomes are encoded (default: the app's
+            ``ordered_serializer``, else its ``result_serializer``).
+        accept: content types the consumer decodes (default: the app's
+            ``result_accept_content``, else ``accept_content``).
+        task_options: options for every ``apply_async`` of this stream, such as
+            ``{"queue": "reports"}``.
+        prefetch: how many ready outcomes the consumer reads per round trip.
+    """
+
+    def __init__(
+        self,
+        app: Celery | None = None,
+        name: str | None = None,
+        *,
+        window: int | None = None,
+        redis_url: str | None = None,
+        client: redis.Redis | None = None,
+        serializer: str | None = None,
+        accept: list[str] | None = None,
+        task_options: dict[str, Any] | None = None,
+        prefetch: int = DEFAULT_PREFETCH,
+    ) -> None:
+        self.app: Celery = app if app is not None else current_app
+        self.name = validate_name(name) if name is not None else f"stream-{uuid.uuid4().hex}"
+        if client is not None and redis_url is not None:
+            raise ConfigurationError(
+                "OrderedResultStream got both redis_url= and client=, which is "
+                "over-determined: pass one of them"
+            )
+        if client is None:
+            client = client_for(resolve_redis_url(self.app, redis_url))
+        self.redis = client
+        self.serializer = serializer or serializer_for(self.app)
+        if self.serializer not in registry._encoders:
+            raise ConfigurationError(
+                f"serializer {self.serializer!r} is not registered with kombu; use one of "
+                f"{sorted(registry._encoders)}"
+            )
+        self.accept = prepare_accept_content(
+            accept if accept is not None else accepted_content(self.app, self.serializer)
+        )
+        self.task_options = dict(task_options or {})
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
+            raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
+        self.prefetch = prefetch
+        self._default_window = default_window(self.app)
+        self._proto = Protocol(client, self.name)
+        with self._redis_errors():
+            if window is not None:
+                self._proto.set_window(validate_window(window))
+            else:
+                self._proto.set_window(self._default_window, only_if_unset=True)
+        self._closed_here = False
+        # Consumer state: outcomes read from Redis but not yet handed out, the
+        # next number to read, and the number below which all was handed out
+        # (acknowledged to Redis on the next round trip). -1: not known yet.
+        self._buffer: collections.deque[bytes] = collections.deque()
+        self._read = -1
+        self._delivered = -1
+        self._consumer_lock = threading.Lock()
+        #: The most outcomes ever seen waiting out of order by this consumer.
+        self.peak_out_of_order = 0
+
+    def __repr__(self) -> str:
+        return f"<OrderedResultStream {self.name!r} serializer={self.serializer!r}>"
+
+    @contextlib.contextmanager
+    def _redis_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise RedisUnavailable(
+                f"Redis for stream {self.name!r} did not answer: {exc}", stream=self.name
+            ) from exc
+
+    # -- producing ---------------------------------------------------------
+
+    def put(self, task: Any, *args: Any, timeout: float | None = None, **kwargs: Any) -> int:
+        """Dispatch ``task(*args, **kwargs)`` and return its sequence number.
+
+        ``task`` is an :func:`~celery_ordered.ordered_task` task, a signature of
+        one, or a top-level function (run on a worker by ``celery_ordered.call``).
+        Anything not callable is a marker: it takes no arguments, skips the
+        workers and comes out at its place in the order.
+
+        Blocks while the window is full; with ``timeout`` (seconds), raises
+        :class:`~celery_ordered.StreamFull` (a ``queue.Full``) when it stays
+        full that long. ``timeout`` is never passed to the task.
+
+        Everything is checked before a number is claimed, so a refused put
+        leaves no gap: :class:`~celery_ordered.UnsendableError` (a
+        ``TypeError``) for a lambda, a nested function or arguments the
+        serializer cannot encode; :class:`~celery_ordered.StreamClosedError`
+        after :meth:`close`.
+        """
+        timeout = _check_timeout(timeout)
+        prepared = self._prepare(task, args, kwargs)
+        if self._closed_here:
+            raise StreamClosedError(
+                f"put() on stream {self.name!r} after close(): open a new stream for more work",
+                stream=self.name,
+            )
+        seq = self._claim(timeout)
+        self._send(prepared, seq)
+        return seq
+
+    def _prepare(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Prepared:
+        if not callable(task):
+            if args or kwargs:
+                raise ValueError(
+                    f"put({task!r}, ...): {type(task).__name__} is not callable, so it is a "
+                    "marker, and a marker takes no arguments. Put the marker alone, or "
+                    "put a callable task with its arguments"
+                )
+            return _Prepared(marker=codec.encode(task, self.serializer, what="marker"))
+        options = dict(self.task_options)
+        if isinstance(task, Signature):
+            options.update(task.options)
+            args = tuple(task.args) + args
+            kwargs = {**task.kwargs, **kwargs}
+            name = task.task
+            found = self.app.tasks.get(name)
+        elif isinstance(task, Task):
+            name = task.name
+            found = self.app.tasks.get(name, task)
+        else:
+            reference = function_reference(task)
+            module = reference.partition(":")[0]
+            if not function_allowed(self.app, module):
+                raise UnsendableError(
+                    f"put({reference}): workers may not run plain functions from module "
+                    f"{module!r} (standard-library modules are refused unless listed). "
+                    "Add it to app.conf.ordered_function_modules, or wrap the call in an "
+                    "@ordered_task task"
+                )
+            name = CALL_TASK_NAME
+            found = self.app.tasks[CALL_TASK_NAME]
+            args, kwargs = (reference, list(args), kwargs), {}
+        if found is not None and not isinstance(found, OrderedTask):
+            raise UnsendableError(
+                f"task {name!r} is a plain Celery task, so its workers would not publish "
+                "its result into the stream: decorate it with @celery_ordered.ordered_task "
+                "(or @app.task(base=celery_ordered.OrderedTask))"
+            )
+        serializer = options.get("serializer") or getattr(found, "serializer", None)
+        serializer = serializer or self.app.conf.task_serializer
+        codec.encode((list(args), kwargs), serializer, what=f"arguments of {name}")
+        return _Prepared(task=found, task_name=name, args=args, kwargs=kwargs, options=options)
+
+    def _claim(self, timeout: float | None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._redis_errors():
+            while True:
+                claim = self._proto.claim(1, self._default_window)
+                if claim.closed:
+                    self._closed_here = True
+                    raise StreamClosedError(
+                        f"put() on stream {self.name!r}, which is closed: open a new "
+                        "stream for more work",
+                        stream=self.name,
+                    )
+                if claim.count:
+                    return claim.first
+                remaining = WAIT_SLICE if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StreamFull(
+                        f"stream {self.name!r}: the window stayed full for {timeout}s; "
+                        "the consumer is behind (get() more, or raise the window)",
+                        stream=self.name,
+                    )
+                self._proto.wait_space(remaining)
+
+    def _send(self, prepared: _Prepared, seq: int) -> None:
+        if prepared.marker is not None:
+            with self._redis_errors():
+                self._proto.publish(seq, prepared.marker.member(seq, codec.MARKER))
+            return
+        headers = {HEADER_STREAM: self.name, HEADER_SEQ: seq, HEADER_SERIALIZER: self.serializer}
+        options = dict(prepared.options or {})
+        options["headers"] = {**(options.get("headers") or {}), **headers}
+        options["ignore_result"] = True
+        try:
+            if prepared.task is not None:
+                prepared.task.apply_async(prepared.args, prepared.kwargs, **options)
+            else:
+                self.app.send_task(prepared.task_name, prepared.args, prepared.kwargs, **options)
+        except Exception as exc:
+            error = DispatchError(
+                f"sending task {prepared.task_name!r} for stream {self.name!r} failed: {exc!r}",
+                stream=self.name,
+                seq=seq,
+            )
+            self._fill_with_error(seq, error, prepared.task_name)
+            raise error from exc
+
+    def _fill_with_error(self, seq: int, error: BaseException, task_name: str) -> None:
+        payload = codec.exception_payload(error, "", self.serializer, task_name)
+        encoded = codec.encode(payload, self.serializer)
+        with self._redis_errors():
+            self._proto.publish(seq, encoded.member(seq, codec.ERROR))
+
+    def close(self) -> None:
+        """Close the stream to further puts (idempotent; any process may do it).
+
+        Consumers then get every outcome already put, after which iteration
+        ends and :meth:`get` raises :class:`~celery_ordered.StreamExhausted`.
+        """
+        with self._redis_errors():
+            self._proto.close()
+        self._closed_here = True
+
+    # -- consuming ---------------------------------------------------------
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Return the next outcome in submission order.
+
+        Waits for it (blocking on Redis, not polling); with ``timeout``
+        (seconds), raises :class:`~celery_ordered.StreamEmpty` (a
+        ``queue.Empty``) when it does not come in time. A task that failed
+        raises here, at its position, as its own exception class where it can
+        be rebuilt (else :class:`~celery_ordered.TaskFailed`), with
+        ``stack_trace`` and ``seq`` attributes; the stream goes on after it.
+        Raises :class:`~celery_ordered.StreamExhausted` once the stream is
+        closed and everything put was delivered.
+        """
+        timeout = _check_timeout(timeout)
+        with self._consumer_lock:
+            if not self._buffer:
+                self._fetch(timeout)
+            member = self._buffer.popleft()
+            try:
+                outcome = codec.decode(member, self.accept)
+            except Exception as exc:
+                seq = int(member.split(b":", 1)[0])
+                self._delivered = seq + 1
+                raise OrderedStreamError(
+                    f"stream {self.name!r}: the outcome at {seq} could not be decoded "
+                    f"({exc}); if it is a content type this consumer should accept, pass "
+                    "accept=[...] to the stream",
+                    stream=self.name,
+                    seq=seq,
+                ) from exc
+            self._delivered = outcome.seq + 1
+        if outcome.status in (codec.ERROR, codec.LOST):
+            raise codec.rebuild_exception(
+                outcome.value, stream=self.name, seq=outcome.seq, lost=outcome.status == codec.LOST
+            )
+        return outcome.value
+
+    def _fetch(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._redis_errors():
+            while True:
+                batch = self._proto.pop(self._delivered, self._read, self.prefetch)
+                self._delivered = batch.next if self._delivered < batch.next else self._delivered
+                if batch.members:
+                    self._buffer.extend(batch.members)
+                    self._read = batch.start + len(batch.members)
+                    waiting = batch.stored - (batch.start - batch.next) - len(batch.members)
+                    self.peak_out_of_order = max(self.peak_out_of_order, waiting)
+                    return
+                self._read = batch.start
+                if batch.closed_at is not None and batch.start >= batch.closed_at:
+                    raise StreamExhausted(
+                        f"stream {self.name!r} is closed and all {batch.closed_at} outcomes "
+                        "were delivered",
+                        stream=self.name,
+                    )
+                self.peak_out_of_order = max(
+                    self.peak_out_of_order, batch.stored - (batch.start - batch.next)
+                )
+                remaining = WAIT_SLICE if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StreamEmpty(
+                        f"stream {self.name!r}: outcome {batch.start} did not arrive "
+                        f"within {timeout}s",
+                        stream=self.name,
+                        seq=batch.start,
+                    )
+                self._proto.wait_ready(remaining)
+
+    def ack(self) -> None:
+        """Tell Redis what this consumer has handed out so far.
+
+        :meth:`get` does this on its next round trip by itself; call it before
+        pausing a consumer for long, so producers see the window free up.
+        """
+        with self._consumer_lock, self._redis_errors():
+            batch = self._proto.pop(self._delivered, self._read, 0)
+            self._delivered = max(self._delivered, batch.next)
+
+    def __iter__(self) -> OrderedResultStream:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return self.get()
+        except StreamExhausted:
+            raise StopIteration from None
+
+    # -- lifecycle and inspection -------------------------------------------
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until the stream is closed and every outcome has arrived.
+
+        Returns after ``timeout`` seconds even if that has not happened:
+        :meth:`is_alive` tells which. The outcomes need not be consumed yet.
+        """
+        timeout = _check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._redis_errors():
+            while not self._finished():
+                remaining = WAIT_SLICE if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._proto.wait_done(remaining)
+
+    def _finished(self) -> bool:
+        raw = self._proto.stats()
+        return raw.closed_at is not None and raw.next + raw.stored >= raw.closed_at
+
+    def is_alive(self) -> bool:
+        """False once the stream is closed and every outcome has arrived."""
+        with self._redis_errors():
+            return not self._finished()
+
+    def stats(self) -> StreamStats:
+        """Counters of the stream, read from Redis in one consistent snapshot."""
+        if self._delivered >= 0:
+            self.ack()
+        with self._redis_errors():
+            raw = self._proto.stats()
+        return StreamStats(
+            claimed=raw.claimed,
+            delivered=raw.next,
+            in_flight=raw.claimed - raw.next - raw.stored,
+            buffered=raw.stored,
+            out_of_order=raw.stored - raw.contiguous,
+            window=raw.window or self._default_window,
+            closed=raw.closed_at is not None,
+        )
+
+    @property
+    def window(self) -> int:
+        """The window cap stored in Redis."""
+        with self._redis_errors():
+            return self._proto.stats().window or self._default_window
+
+    def set_window(self, window: int) -> None:
+        """Change the window cap for every producer, while the stream runs."""
+        window = validate_window(window)
+        with self._redis_errors():
+            self._proto.set_window(window)
+
+    def delete(self) -> None:
+        """Remove every key of the stream from Redis.
+
+        Late outcomes for a deleted stream are dropped by the workers; they
+        leave nothing behind.
+        """
+        with self._redis_errors():
+            self._proto.delete()
+        with self._consumer_lock:
+            self._buffer.clear()
+
+    def __enter__(self) -> OrderedResultStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def map(
+        self, task: Callable[..., Any] | Task, iterable: Any, *, timeout: float | None = None
+    ) -> Iterator[Any]:
+        """Put ``task(item)`` for each item, yielding outcomes in order meanwhile.
+
+        Lazy over ``iterable`` like ``multiprocessing.Pool.imap``: at most a
+        window's worth is in flight, so an endless generator works. The stream
+        is closed when ``iterable`` is exhausted.
+        """
+        items = iter(iterable)
+        pending = 0
+        for item in items:
+            while True:
+                try:
+                    self.put(task, item, timeout=0 if pending else timeout)
+                    break
+                except StreamFull:
+                    if not pending:
+                        raise
+                    # No room: hand out the oldest outcome, free its place, retry.
+                    pending -= 1
+                    value = self.get(timeout=timeout)
+                    self.ack()
+                    yield value
+            pending += 1
+        self.close()
+        for _ in range(pending):
+            yield self.get(timeout=timeout)

@@ -1,0 +1,209 @@
+"""The worker side: tasks that publish their outcome into a stream.
+
+A stream dispatch carries three message headers, ``co_stream`` (the stream's
+name), ``co_seq`` (the task's number) and ``co_ser`` (the serializer for its
+outcome). :class:`OrderedTask` looks for them after the task ran: when they are
+there it publishes the return value, or the exception with the worker's
+traceback, into the stream; when they are not (``.delay()``, ``.apply()``,
+a direct call) the task behaves exactly as a plain Celery task.
+
+Plain functions are run by the task ``celery_ordered.call``, which every Celery
+app gets once :mod:`celery_ordered` is imported (a ``shared_task``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any, Callable, TypeVar, overload
+
+import redis
+from celery import Task, shared_task
+from celery.exceptions import Reject
+
+from . import codec
+from .config import client_for, function_allowed, resolve_redis_url, serializer_for
+from .protocol import Protocol
+
+logger = logging.getLogger(__name__)
+
+HEADER_STREAM = "co_stream"
+HEADER_SEQ = "co_seq"
+HEADER_SERIALIZER = "co_ser"
+
+#: Name of the task that runs plain functions for streams.
+CALL_TASK_NAME = "celery_ordered.call"
+
+#: Prefix of a function reference that names a function inherited by forked
+#: workers rather than imported (see :mod:`celery_ordered.compat`).
+INHERITED_PREFIX = "celery_ordered.inherited:"
+
+#: Functions registered before local workers fork, by reference.
+INHERITED: dict[str, Callable[..., Any]] = {}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class OrderedTask(Task):  # type: ignore[misc]
+    """Base class of tasks whose outcome can go into an ordered stream.
+
+    Use it through :func:`ordered_task`, or as ``@app.task(base=OrderedTask)``.
+
+    Stream dispatches are acknowledged late (:attr:`acks_late`), so a message
+    whose worker dies mid-task is delivered again; the stream keeps only the
+    first outcome for each number, so a second run never duplicates a result.
+    """
+
+    #: Acknowledge a stream's message after the task ran, not before.
+    acks_late = True
+
+    def _stream_target(self) -> tuple[str, int, str] | None:
+        request = self.request
+        stream = getattr(request, HEADER_STREAM, None)
+        if stream is None:
+            return None
+        seq = int(getattr(request, HEADER_SEQ))
+        serializer = getattr(request, HEADER_SERIALIZER, None) or serializer_for(self.app)
+        return str(stream), seq, str(serializer)
+
+    def _publish(self, target: tuple[str, int, str], status: bytes, value: Any) -> None:
+        stream, seq, serializer = target
+        try:
+            encoded = codec.encode(value, serializer, what=f"result of {self.name}")
+        except Exception as exc:  # the result cannot travel: its place holds why
+            status = codec.ERROR
+            encoded = codec.encode(
+                codec.exception_payload(exc, "", serializer, self.name), serializer
+            )
+        client = client_for(resolve_redis_url(self.app))
+        try:
+            stored = Protocol(client, stream).publish(seq, encoded.member(seq, status))
+        except redis.RedisError as exc:
+            # Leave the message unacknowledged and put it back: another
+            # attempt publishes once Redis answers again.
+            logger.error("could not publish %s[%d] to Redis: %r", stream, seq, exc)
+            raise Reject(exc, requeue=True) from exc
+        if stored == 0:
+            logger.debug("dropped a duplicate or late outcome for %s[%d]", stream, seq)
+        elif stored < 0:
+            logger.warning("stream %s has no number %d (deleted?): outcome dropped", stream, seq)
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        """Publish the return value when the task came from a stream."""
+        target = self._stream_target()
+        if target is not None:
+            self._publish(target, codec.RESULT, retval)
+        super().on_success(retval, task_id, args, kwargs)
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        """Publish the exception and traceback when the task came from a stream."""
+        target = self._stream_target()
+        if target is not None:
+            payload = codec.exception_payload(
+                exc, str(getattr(einfo, "traceback", "") or ""), target[2], self.name
+            )
+            self._publish(target, codec.ERROR, payload)
+        super().on_failure(exc, task_id, args, kwargs, einfo)
+
+
+@overload
+def ordered_task(fn: F) -> Any: ...
+
+
+@overload
+def ordered_task(*, base: type[OrderedTask] = ..., **options: Any) -> Callable[[F], Any]: ...
+
+
+def ordered_task(*args: Any, **options: Any) -> Any:
+    """Decorate a function as a Celery task whose results can be streamed in order.
+
+    Used like Celery's ``shared_task``, bare or with the same options::
+
+        @ordered_task
+        def render(page): ...
+
+        @ordered_task(bind=True, max_retries=3)
+        def fetch(self, url): ...
+
+    The task stays an ordinary Celery task (``.delay()`` works as before); put
+    into an :class:`~celery_ordered.OrderedResultStream`, its outcome goes into
+    the stream at its place in the order.
+    """
+    base = options.setdefault("base", OrderedTask)
+    if not (isinstance(base, type) and issubclass(base, OrderedTask)):
+        raise TypeError(
+            f"ordered_task(base={base!r}): the base must subclass "
+            "celery_ordered.OrderedTask, or the task cannot publish into a stream"
+        )
+    return shared_task(*args, **options)
+
+
+def function_reference(fn: Callable[..., Any]) -> str:
+    """``"module:qualname"`` of a top-level function, or raise TypeError."""
+    from .errors import UnsendableError
+
+    name = getattr(fn, "__qualname__", None)
+    module = getattr(fn, "__module__", None)
+    if not isinstance(name, str) or not isinstance(module, str):
+        raise UnsendableError(
+            f"{fn!r} is not a plain function and cannot be sent to workers by name: "
+            "put a top-level function defined with def, or an @ordered_task task"
+        )
+    if name == "<lambda>" or name.endswith(".<lambda>"):
+        raise UnsendableError(
+            f"put() got the lambda {module}.{name}: a lambda cannot be sent to workers. "
+            "Define it with def at the top level of a module and put that function"
+        )
+    if "<locals>" in name:
+        outer = name.split(".<locals>")[0]
+        raise UnsendableError(
+            f"put() got {module}.{name}, a function defined inside {outer}(): workers "
+            "cannot import it. Move it to the top level of a module (pass what it "
+            "closed over as arguments), or use ParallelSingleTaskQueue, which shares "
+            "one function with local workers by inheritance"
+        )
+    found: Any = importlib.import_module(module) if module != "__main__" else None
+    if found is not None:
+        for part in name.split("."):
+            found = getattr(found, part, None)
+        if found is not fn and getattr(found, "__func__", None) is not fn:
+            raise UnsendableError(
+                f"put() got {module}.{name}, but importing that name gives "
+                f"{found!r}, not the same function (a bound method, or a decorated or "
+                "rebound name?): put a top-level function that workers can import"
+            )
+    return f"{module}:{name}"
+
+
+def resolve_function(app: Any, reference: str) -> Callable[..., Any]:
+    """The function a reference names, if ``app`` admits its module."""
+    if reference.startswith(INHERITED_PREFIX):
+        token = reference[len(INHERITED_PREFIX) :]
+        try:
+            return INHERITED[token]
+        except KeyError:
+            raise LookupError(
+                f"this worker did not inherit function {token}: a ParallelSingleTaskQueue "
+                "function reaches only the local workers it forked"
+            ) from None
+    module, _, name = reference.partition(":")
+    if not function_allowed(app, module):
+        raise PermissionError(
+            f"workers may not run functions from module {module!r}: add it to the "
+            "app setting ordered_function_modules (or wrap the call in an "
+            "@ordered_task task)"
+        )
+    found: Any = importlib.import_module(module)
+    for part in name.split("."):
+        found = getattr(found, part)
+    if not callable(found):
+        raise TypeError(f"{reference} is not callable")
+    return found  # type: ignore[no-any-return]
+
+
+@shared_task(name=CALL_TASK_NAME, base=OrderedTask, bind=True)
+def call(self: OrderedTask, reference: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """Run the plain function ``reference`` names on ``args`` and ``kwargs``."""
+    return resolve_function(self.app, reference)(*args, **kwargs)
