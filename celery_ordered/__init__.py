@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .compat import ParallelQueue, ParallelSingleTaskQueue
+from .embedded import LocalCluster, RedisServer, local_cluster
 from .errors import (
     ConfigurationError,
     DispatchError,
@@ -25,6 +27,13 @@ __all__ = [
     # Streams
     "OrderedResultStream",
     "StreamStats",
+    # The parallel_queue API
+    "ParallelQueue",
+    "ParallelSingleTaskQueue",
+    # Zero-setup default
+    "LocalCluster",
+    "RedisServer",
+    "local_cluster",
     # Tasks
     "OrderedTask",
     "ordered_task",

@@ -143,6 +143,11 @@ class RedisServer:
             )
         return self
 
+    @property
+    def keeper_pid(self) -> int | None:
+        """pid of the keeper process that owns ``redis-server``."""
+        return self._keeper.pid if self._keeper is not None else None
+
     def is_running(self) -> bool:
         """Whether the keeper (and so Redis) is running."""
         return self._keeper is not None and self._keeper.poll() is None
@@ -210,7 +215,9 @@ class LocalCluster:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         self.workers = workers
-        self.app = app if app is not None else Celery(f"celery_ordered_local_{uuid.uuid4().hex[:8]}")
+        self.app = app if app is not None else Celery(
+            f"celery_ordered_local_{uuid.uuid4().hex[:8]}", set_as_current=False
+        )
         self.worker_init = worker_init
         self.serializer = serializer
         self.loglevel = loglevel
@@ -313,6 +320,11 @@ class LocalCluster:
     def is_running(self) -> bool:
         """Whether the worker is running."""
         return self._worker_pid is not None
+
+    @property
+    def worker_pid(self) -> int | None:
+        """pid of the worker's main process, which leads the workers' process group."""
+        return self._worker_pid
 
     def __enter__(self) -> LocalCluster:
         return self.start()

@@ -399,6 +399,22 @@ class OrderedResultStream:
                     )
                 self._proto.wait_ready(remaining)
 
+    def _prefetch_all(self) -> None:
+        """Read every outcome that has arrived into this consumer's buffer.
+
+        For owners of a private Redis (:mod:`celery_ordered.compat`) about to
+        stop it: what was read stays deliverable by :meth:`get`.
+        """
+        with self._consumer_lock:
+            while True:
+                try:
+                    self._fetch(timeout=0)
+                except (StreamExhausted, StreamEmpty):
+                    return
+
+    def _buffered_locally(self) -> int:
+        return len(self._buffer)
+
     def ack(self) -> None:
         """Tell Redis what this consumer has handed out so far.
 

@@ -1,0 +1,221 @@
+"""``ParallelQueue`` and ``ParallelSingleTaskQueue``: the parallel_queue API on Celery.
+
+Code written for the original ``parallel_queue`` package keeps working with
+only its import changed::
+
+    from celery_ordered import ParallelQueue
+
+    queue = ParallelQueue(daemon=True)
+    queue.put(index_document, doc)   # callables run on worker processes
+    queue.put(BatchDone(100))        # anything else passes through, in order
+    result = queue.get(timeout=1)    # results come back in the order put
+    queue.stop()
+    queue.join(timeout=2)
+
+By default a queue runs on a private :class:`~celery_ordered.embedded.LocalCluster`
+(its own Redis and worker processes, forked from the caller so functions
+defined in ``__main__`` work) and uses pickle, as the original did: tuples,
+custom classes and exceptions round-trip exactly. Pass ``app=`` to run the same
+code on a real Celery fleet instead (with that app's serializer).
+
+How the original's sizes map here:
+
+- ``consumer_buffer_max`` is the window: how many tasks may be dispatched
+  ahead of the consumer (default 10 x ``num_workers``, as in the original).
+  It bounds everything in between, workers' queues included.
+- ``out_q_max`` caps how many ready results the consumer reads per round trip.
+- ``in_q_max`` and ``worker_q_max`` are accepted for compatibility; Celery's
+  broker holds the queued tasks, and the window already bounds them.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+
+from .embedded import LocalCluster
+from .errors import StreamEmpty, StreamExhausted
+from .stream import DEFAULT_PREFETCH, OrderedResultStream
+from .task import CALL_TASK_NAME, INHERITED, INHERITED_PREFIX, function_reference
+
+#: Window per worker when ``consumer_buffer_max`` is not given.
+DEFAULT_BUFFER_PER_WORKER = 10
+
+
+def _positive(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+    return value
+
+
+class ParallelQueue:
+    """An ordered parallel queue: ``put`` tasks in, ``get`` results out in order.
+
+    Args:
+        num_workers: worker processes of the private cluster (default: CPU count).
+        daemon: accepted as in the original; the workers never outlive the
+            queue, whether it is stopped, garbage-collected or its process killed.
+        in_q_max, worker_q_max: accepted for compatibility (see the module docs).
+        out_q_max: most ready results read per round trip to Redis.
+        worker_init_f: called with no arguments in each local worker process
+            as it starts.
+        consumer_buffer_max: the window (default 10 x ``num_workers``).
+        app: run on this Celery app's workers instead of a private cluster.
+        name: the stream's name (default: a unique one).
+    """
+
+    def __init__(
+        self,
+        num_workers: int | None = None,
+        daemon: bool = False,
+        in_q_max: int | None = None,
+        out_q_max: int | None = None,
+        worker_q_max: int | None = None,
+        worker_init_f: Callable[[], Any] | None = None,
+        consumer_buffer_max: int | None = None,
+        *,
+        app: Celery | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.num_workers = _positive("num_workers", num_workers) or os.cpu_count() or 1
+        self.daemon = daemon
+        self.in_q_max = _positive("in_q_max", in_q_max)
+        self.worker_q_max = _positive("worker_q_max", worker_q_max)
+        out_q_max = _positive("out_q_max", out_q_max)
+        window = _positive("consumer_buffer_max", consumer_buffer_max)
+        if window is None:
+            window = DEFAULT_BUFFER_PER_WORKER * self.num_workers
+        self._cluster: LocalCluster | None = None
+        self._stopped = False
+        if app is None:
+            self._before_fork()
+            self._cluster = LocalCluster(
+                self.num_workers, worker_init=worker_init_f, serializer="pickle"
+            ).start()
+            app = self._cluster.app
+        elif worker_init_f is not None:
+            raise ValueError(
+                "worker_init_f runs only in a private cluster's workers; with app=, "
+                "connect your function to celery.signals.worker_process_init instead"
+            )
+        self.app = app
+        self._stream = OrderedResultStream(
+            app, name, window=window, prefetch=out_q_max or DEFAULT_PREFETCH
+        )
+
+    def _before_fork(self) -> None:
+        """Hook for subclasses: runs before the private workers are forked."""
+
+    def __repr__(self) -> str:
+        where = "private cluster" if self._cluster is not None else f"app {self.app.main!r}"
+        return f"<{type(self).__name__} {self._stream.name!r} on {where}>"
+
+    @property
+    def stream(self) -> OrderedResultStream:
+        """The :class:`~celery_ordered.OrderedResultStream` underneath."""
+        return self._stream
+
+    def put(self, task: Any, *args: Any, timeout: float | None = None, **kwargs: Any) -> int:
+        """Put ``task(*args, **kwargs)`` in, or a non-callable as a marker.
+
+        Blocks while the window is full; raises ``queue.Full`` after
+        ``timeout`` seconds. Returns the task's sequence number.
+        """
+        return self._stream.put(task, *args, timeout=timeout, **kwargs)
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The next result in the order put; ``queue.Empty`` after ``timeout`` seconds.
+
+        A task's exception is raised here, at its position, with a
+        ``stack_trace`` attribute holding the worker's traceback text.
+        Once the queue is stopped and every result was taken, raises
+        ``queue.Empty`` (given a timeout) or
+        :class:`~celery_ordered.StreamExhausted` (without one, instead of
+        blocking forever).
+        """
+        if self._stopped and not self._stream._buffered_locally():
+            return self._nothing_left(timeout)
+        try:
+            return self._stream.get(timeout=timeout)
+        except StreamExhausted:
+            return self._nothing_left(timeout)
+
+    def _nothing_left(self, timeout: float | None) -> Any:
+        if timeout is not None:
+            raise StreamEmpty(
+                f"queue {self._stream.name!r} is stopped and every result was taken",
+                stream=self._stream.name,
+            )
+        raise StreamExhausted(
+            f"queue {self._stream.name!r} is stopped and every result was taken",
+            stream=self._stream.name,
+        )
+
+    def stop(self) -> None:
+        """Signal that nothing more will be put; returns at once."""
+        if not self._stopped:
+            self._stream.close()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for every task to finish, then shut the workers down.
+
+        Returns after ``timeout`` seconds even if work remains: check
+        :meth:`is_alive`. Results not yet taken stay available to :meth:`get`.
+        """
+        if self._stopped:
+            return
+        self._stream.join(timeout)
+        if self._stream.is_alive():
+            return
+        if self._cluster is not None:
+            self._stream._prefetch_all()
+            self._cluster.stop()
+            self._after_stop()
+        self._stopped = True
+
+    def _after_stop(self) -> None:
+        """Hook for subclasses: runs once the private workers are gone."""
+
+    def is_alive(self) -> bool:
+        """False once stopped and joined (every task finished)."""
+        return not self._stopped and self._stream.is_alive()
+
+
+class ParallelSingleTaskQueue(ParallelQueue):
+    """A :class:`ParallelQueue` bound to one function: ``put(*args)`` runs ``task_fn(*args)``.
+
+    The function reaches the private workers by inheritance (they are forked
+    after it is registered), not by pickling: closures, nested functions and
+    callable objects holding ``multiprocessing`` primitives all work. With
+    ``app=`` it must be a top-level function the fleet's workers can import.
+    """
+
+    def __init__(self, task_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if not callable(task_fn):
+            raise TypeError(f"task_fn must be callable, got {task_fn!r}")
+        self.task_fn = task_fn
+        self._token = uuid.uuid4().hex
+        self._reference: str | None = None
+        super().__init__(*args, **kwargs)
+        if self._reference is None:  # on a fleet: by name
+            self._reference = function_reference(task_fn)
+
+    def _before_fork(self) -> None:
+        INHERITED[self._token] = self.task_fn
+        self._reference = INHERITED_PREFIX + self._token
+        weakref.finalize(self, INHERITED.pop, self._token, None)
+
+    def _after_stop(self) -> None:
+        INHERITED.pop(self._token, None)
+
+    def put(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> int:  # type: ignore[override]
+        """Put ``task_fn(*args, **kwargs)`` in; returns its sequence number."""
+        signature = self.app.tasks[CALL_TASK_NAME].s(self._reference, list(args), kwargs)
+        return self._stream.put(signature, timeout=timeout)

@@ -1,0 +1,205 @@
+"""The main job: index documents in parallel, report each batch in order.
+
+This is the story the original ``parallel_queue`` was written for: many
+documents of uneven cost are indexed in parallel, and "batch N done" may be
+logged only once every document of batch N is done, in order, while later
+batches are already running. Run it with ``celery-ordered demo`` (or
+``python -m celery_ordered demo``): on a fresh machine it starts a private
+Redis and local workers; given ``--broker-url``/``--redis-url`` it runs on
+a fleet started with ``celery -A celery_ordered.demo worker``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+from celery import Celery
+
+from .task import ordered_task
+
+#: The app fleet workers run (``celery -A celery_ordered.demo worker``); it
+#: reads its broker and Redis from the environment.
+app = Celery(
+    "celery_ordered.demo",
+    broker=os.environ.get("CELERY_BROKER_URL"),
+    set_as_current=False,
+)
+app.conf.ordered_redis_url = os.environ.get("CELERY_ORDERED_REDIS_URL")
+
+
+@ordered_task(name="celery_ordered.demo.index_document")
+def index_document(doc_id: int, cost_ms: float) -> dict[str, Any]:
+    """Index one document: work for ``cost_ms`` ms, return its id and a digest."""
+    time.sleep(cost_ms / 1000.0)  # stands in for I/O: a search engine, an API
+    digest = hashlib.blake2s(str(doc_id).encode(), digest_size=4).hexdigest()
+    return {"doc": doc_id, "digest": digest, "worker": os.getpid()}
+
+
+def document_costs(documents: int, seed: int) -> list[float]:
+    """Uneven costs in ms: most documents are quick, a few are slow."""
+    rng = random.Random(seed)
+    costs = []
+    for _ in range(documents):
+        if rng.random() < 0.02:
+            costs.append(rng.uniform(40.0, 120.0))  # the odd huge document
+        else:
+            costs.append(rng.expovariate(1 / 2.0))
+    return costs
+
+
+@dataclass
+class DemoReport:
+    """What one run of the demo measured."""
+
+    documents: int
+    batches: int
+    workers: str
+    window: int
+    elapsed: float
+    startup: float | None
+    peak_out_of_order: int
+    in_order: bool
+
+    @property
+    def throughput(self) -> float:
+        """Documents per second over the run."""
+        return self.documents / self.elapsed if self.elapsed else 0.0
+
+    def lines(self) -> Iterator[str]:
+        """The summary, line by line."""
+        yield "Summary"
+        yield f"  documents         {self.documents} in {self.batches} batches"
+        yield f"  workers           {self.workers}"
+        yield f"  window            {self.window}"
+        startup = f" (+ {self.startup:.2f} s start-up)" if self.startup is not None else ""
+        yield f"  elapsed           {self.elapsed:.2f} s{startup}"
+        yield f"  throughput        {self.throughput:,.0f} documents/s"
+        yield (
+            f"  out of order      at most {self.peak_out_of_order} result(s) waited "
+            "for an earlier one"
+        )
+        yield "  order             " + (
+            "every result in submission order: ok" if self.in_order else "OUT OF ORDER"
+        )
+
+
+class Progress:
+    """A progress bar on a terminal; a line every 10% elsewhere (logs, CI)."""
+
+    def __init__(self, total: int, out: IO[str], width: int = 30) -> None:
+        self.total = total
+        self.out = out
+        self.width = width
+        self.tty = out.isatty()
+        self.began = time.monotonic()
+        self._last_decile = -1
+        self._last_draw = 0.0
+
+    def update(self, done: int) -> None:
+        """Show ``done`` of ``total``."""
+        now = time.monotonic()
+        rate = done / (now - self.began) if now > self.began else 0.0
+        filled = self.width * done // self.total if self.total else self.width
+        bar = "#" * filled + "." * (self.width - filled)
+        text = f"[{bar}] {done:>6}/{self.total} documents  {rate:8,.0f}/s"
+        if self.tty:
+            if done == self.total or now - self._last_draw > 0.05:
+                self.out.write("\r" + text)
+                self._last_draw = now
+                if done == self.total:
+                    self.out.write("\n")
+                self.out.flush()
+        else:
+            decile = 10 * done // self.total if self.total else 10
+            if decile != self._last_decile:
+                self._last_decile = decile
+                self.out.write(text + "\n")
+                self.out.flush()
+
+    def say(self, line: str) -> None:
+        """Print a line above the bar."""
+        if self.tty:
+            self.out.write("\r" + " " * (self.width + 45) + "\r")
+        self.out.write(line + "\n")
+
+
+def run_demo(
+    stream_app: Celery,
+    *,
+    documents: int,
+    batch_size: int,
+    window: int | None,
+    seed: int,
+    workers_label: str,
+    startup: float | None,
+    out: IO[str] = sys.stdout,
+    quiet_batches: bool = False,
+) -> DemoReport:
+    """Put every document and a batch marker after each batch; consume in order."""
+    import threading
+
+    from .stream import OrderedResultStream
+
+    stream = OrderedResultStream(stream_app, window=window)
+    costs = document_costs(documents, seed)
+    batches = (documents + batch_size - 1) // batch_size
+    producer_error: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            for start in range(0, documents, batch_size):
+                count = 0
+                for doc_id in range(start, min(start + batch_size, documents)):
+                    stream.put(index_document, doc_id, costs[doc_id])
+                    count += 1
+                stream.put({"batch": start // batch_size, "documents": count})
+        except BaseException as exc:  # reported by the consumer below
+            producer_error.append(exc)
+        finally:
+            stream.close()
+
+    progress = Progress(documents, out)
+    began = time.monotonic()
+    producer = threading.Thread(target=produce, name="demo-producer", daemon=True)
+    producer.start()
+    expected_doc = 0
+    expected_batch = 0
+    in_order = True
+    try:
+        for outcome in stream:
+            if "batch" in outcome:
+                in_order &= outcome["batch"] == expected_batch
+                if not quiet_batches:
+                    progress.say(
+                        f"batch {outcome['batch']:>3} done: {outcome['documents']} documents"
+                    )
+                expected_batch += 1
+            else:
+                in_order &= outcome["doc"] == expected_doc
+                expected_doc += 1
+                progress.update(expected_doc)
+        elapsed = time.monotonic() - began
+        window_used = stream.stats().window
+    finally:
+        producer.join()
+        stream.delete()
+    if producer_error:
+        raise producer_error[0]
+    in_order &= expected_doc == documents and expected_batch == batches
+    return DemoReport(
+        documents=documents,
+        batches=batches,
+        workers=workers_label,
+        window=window_used,
+        elapsed=elapsed,
+        startup=startup,
+        peak_out_of_order=stream.peak_out_of_order,
+        in_order=in_order,
+    )
