@@ -29,9 +29,7 @@ def main() -> None:
     help="Run on a fleet: the Celery broker its workers "
     "(celery -A celery_ordered.demo worker) consume from.",
 )
-@click.option(
-    "--redis-url", default=None, help="Run on a fleet: the Redis that holds the stream."
-)
+@click.option("--redis-url", default=None, help="Run on a fleet: the Redis that holds the stream.")
 @click.option("--quiet-batches", is_flag=True, help="Do not print a line per batch.")
 def demo(
     documents: int,

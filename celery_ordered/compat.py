@@ -215,7 +215,7 @@ class ParallelSingleTaskQueue(ParallelQueue):
     def _after_stop(self) -> None:
         INHERITED.pop(self._token, None)
 
-    def put(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> int:  # type: ignore[override]
+    def put(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> int:
         """Put ``task_fn(*args, **kwargs)`` in; returns its sequence number."""
         signature = self.app.tasks[CALL_TASK_NAME].s(self._reference, list(args), kwargs)
         return self._stream.put(signature, timeout=timeout)

@@ -77,12 +77,12 @@ def _as_redis_url(url: Any) -> str | None:
         url = url[0] if url else None
     if not isinstance(url, str):
         return None
-    url = url.split(";")[0].strip()
-    if not url.startswith(_REDIS_SCHEMES):
+    text: str = url.split(";")[0].strip()
+    if not text.startswith(_REDIS_SCHEMES):
         return None
-    if url.startswith("redis+socket://"):
-        return "unix://" + url[len("redis+socket://") :]
-    return url
+    if text.startswith("redis+socket://"):
+        return "unix://" + text[len("redis+socket://") :]
+    return text
 
 
 def resolve_redis_url(app: Celery, redis_url: str | None = None) -> str:
@@ -91,8 +91,7 @@ def resolve_redis_url(app: Celery, redis_url: str | None = None) -> str:
         found = _as_redis_url(redis_url)
         if found is None:
             raise ConfigurationError(
-                f"redis_url {redis_url!r} is not a Redis URL: use redis://, rediss:// "
-                "or unix://"
+                f"redis_url {redis_url!r} is not a Redis URL: use redis://, rediss:// or unix://"
             )
         return found
     for setting in ("ordered_redis_url", "result_backend", "broker_url"):

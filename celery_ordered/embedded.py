@@ -215,8 +215,10 @@ class LocalCluster:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         self.workers = workers
-        self.app = app if app is not None else Celery(
-            f"celery_ordered_local_{uuid.uuid4().hex[:8]}", set_as_current=False
+        self.app = (
+            app
+            if app is not None
+            else Celery(f"celery_ordered_local_{uuid.uuid4().hex[:8]}", set_as_current=False)
         )
         self.worker_init = worker_init
         self.serializer = serializer
@@ -225,7 +227,7 @@ class LocalCluster:
         self.redis = RedisServer(start_timeout=start_timeout)
         self._worker_pid: int | None = None
         self._death_w: int | None = None
-        self._finalizer: weakref.finalize | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
         #: Seconds ``start()`` took (Redis up, then the worker ready).
         self.startup_seconds: float | None = None
 
@@ -308,7 +310,9 @@ class LocalCluster:
         death_w, self._death_w = self._death_w, None
         _stop_processes(pid, death_w, self.redis, timeout if graceful else None)
 
-    def stop_workers(self, *, graceful: bool = False, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
+    def stop_workers(
+        self, *, graceful: bool = False, timeout: float = DEFAULT_STOP_TIMEOUT
+    ) -> None:
         """Stop only the worker; Redis stays up for what is left to read."""
         pid, self._worker_pid = self._worker_pid, None
         death_w, self._death_w = self._death_w, None
@@ -365,7 +369,7 @@ def _run_worker(cluster: LocalCluster, ready_w: int, death_r: int) -> None:  # p
         # stderr; a quiet cluster says nothing of its own.
         import celery.apps.worker
 
-        celery.apps.worker.safe_say = lambda *args, **kwargs: None  # type: ignore[attr-defined]
+        celery.apps.worker.safe_say = lambda *args, **kwargs: None
     worker = cluster.app.Worker(
         pool_cls="prefork",
         concurrency=cluster.workers,

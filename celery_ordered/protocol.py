@@ -31,7 +31,7 @@ _SCRIPTS = ("claim", "publish", "pop", "close", "stats")
 
 @functools.cache
 def _lua(name: str) -> str:
-    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text("utf-8")
+    return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
 
 
 _registered: weakref.WeakKeyDictionary[redis.Redis, dict[str, Any]] = weakref.WeakKeyDictionary()
@@ -125,9 +125,7 @@ class Protocol:
         """Close the stream to claims; returns the number of claims made."""
         k = self.keys
         return int(
-            self._run["close"](
-                keys=[k.seq, k.next, k.results, k.closed, k.ready, k.done, k.space]
-            )
+            self._run["close"](keys=[k.seq, k.next, k.results, k.closed, k.ready, k.done, k.space])
         )
 
     def stats(self) -> RawStats:

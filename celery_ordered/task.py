@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Any, Callable, TypeVar, overload
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
 
 import redis
 from celery import Task, shared_task
@@ -44,18 +45,21 @@ INHERITED: dict[str, Callable[..., Any]] = {}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class OrderedTask(Task):  # type: ignore[misc]
+class OrderedTask(Task):
     """Base class of tasks whose outcome can go into an ordered stream.
 
     Use it through :func:`ordered_task`, or as ``@app.task(base=OrderedTask)``.
 
-    Stream dispatches are acknowledged late (:attr:`acks_late`), so a message
-    whose worker dies mid-task is delivered again; the stream keeps only the
-    first outcome for each number, so a second run never duplicates a result.
+    Messages are acknowledged late (:attr:`acks_late`) and given back to the
+    broker when their worker process dies (:attr:`reject_on_worker_lost`), so
+    a task killed mid-run is run again; the stream keeps only the first
+    outcome for each number, so a second run never duplicates a result.
     """
 
     #: Acknowledge a stream's message after the task ran, not before.
     acks_late = True
+    #: Requeue the message when the worker process running it dies.
+    reject_on_worker_lost = True
 
     def _stream_target(self) -> tuple[str, int, str] | None:
         request = self.request

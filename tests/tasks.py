@@ -6,9 +6,18 @@ import os
 import time
 from typing import Any
 
+import functools
+
 import redis
+from celery import shared_task
 
 from celery_ordered import ordered_task
+
+
+@functools.cache
+def _client(redis_url: str) -> redis.Redis:
+    """One client per URL per worker process."""
+    return redis.Redis.from_url(redis_url)
 
 
 class CustomError(Exception):
@@ -74,7 +83,7 @@ def record_start(redis_url: str, progress_key: str, log_key: str, index: int, se
     this task appends ``"index:progress"`` to ``log_key`` as it starts, so a
     test can check the window from the worker's side.
     """
-    client = redis.Redis.from_url(redis_url)
+    client = _client(redis_url)
     progress = int(client.get(progress_key) or 0)
     client.rpush(log_key, f"{index}:{progress}")
     time.sleep(seconds)
@@ -89,3 +98,33 @@ def plain_add(x: int, y: int = 0) -> int:
 def plain_fail(message: str) -> None:
     """A plain function that raises KeyError."""
     raise KeyError(message)
+
+
+@ordered_task
+def gate(redis_url: str, key: str, value: Any, seconds: float = 30) -> Any:
+    """Wait until the test pushes to ``key`` (a Redis list), then return ``value``.
+
+    A task that finishes exactly when the test says so: the test holds a
+    number in flight as long as it needs, without sleeping. Raises
+    TimeoutError if the test never releases it within ``seconds``.
+    """
+    if _client(redis_url).blpop([key], timeout=seconds) is None:
+        raise TimeoutError(f"gate {key} was not opened within {seconds}s")
+    return value
+
+
+@shared_task
+def plain_celery_add(x: int, y: int) -> int:
+    """An ordinary Celery task (not @ordered_task): streams must refuse it."""
+    return x + y
+
+
+class Holder:
+    """A class whose methods are not plain functions (for refused puts)."""
+
+    def method(self, x: int) -> int:
+        return x
+
+    @staticmethod
+    def static(x: int) -> int:
+        return x
