@@ -62,6 +62,7 @@ class Batch:
     closed_at: int | None
     stored: int
     start: int
+    window: int
     members: list[bytes]
 
 
@@ -110,7 +111,8 @@ class Protocol:
         """Acknowledge below ``ack`` and read the gapless run from ``start``."""
         k = self.keys
         reply = self._run["pop"](
-            keys=[k.next, k.results, k.closed, k.space, k.ready], args=[ack, start, limit]
+            keys=[k.next, k.results, k.closed, k.space, k.ready, k.window],
+            args=[ack, start, limit],
         )
         closed = int(reply[1])
         return Batch(
@@ -118,7 +120,8 @@ class Protocol:
             closed_at=None if closed < 0 else closed,
             stored=int(reply[2]),
             start=int(reply[3]),
-            members=list(reply[4:]),
+            window=int(reply[4]),
+            members=list(reply[5:]),
         )
 
     def close(self) -> int:

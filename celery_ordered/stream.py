@@ -38,7 +38,7 @@ from .errors import (
     UnsendableError,
 )
 from .keys import validate_name
-from .protocol import WAIT_SLICE, Protocol
+from .protocol import WAIT_SLICE, Batch, Protocol
 from .task import (
     CALL_TASK_NAME,
     HEADER_SEQ,
@@ -177,6 +177,8 @@ class OrderedResultStream:
         self._buffer: collections.deque[bytes] = collections.deque()
         self._read = -1
         self._delivered = -1
+        self._acked = -1
+        self._ack_every = 1
         self._consumer_lock = threading.Lock()
         #: The most outcomes ever seen waiting out of order by this consumer.
         self.peak_out_of_order = 0
@@ -281,6 +283,16 @@ class OrderedResultStream:
                     )
                 if claim.count:
                     return claim.first
+                if self._delivered > self._acked and self._consumer_lock.acquire(blocking=False):
+                    # This object's own consumer has handed out outcomes it has
+                    # not acknowledged: do it now, or put and get from one
+                    # thread would wait on each other. (A consumer inside get()
+                    # holds the lock, and acknowledges by itself.)
+                    try:
+                        self._pop(0)
+                    finally:
+                        self._consumer_lock.release()
+                    continue
                 remaining = WAIT_SLICE if deadline is None else deadline - time.monotonic()
                 if remaining <= 0:
                     raise StreamFull(
@@ -347,6 +359,10 @@ class OrderedResultStream:
         with self._consumer_lock:
             if not self._buffer:
                 self._fetch(timeout)
+            elif self._delivered - self._acked >= self._ack_every:
+                # Free window space before the buffer runs dry, so producers
+                # keep going while this consumer works through its buffer.
+                self._pop(0)
             member = self._buffer.popleft()
             try:
                 outcome = codec.decode(member, self.accept)
@@ -371,8 +387,7 @@ class OrderedResultStream:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._redis_errors():
             while True:
-                batch = self._proto.pop(self._delivered, self._read, self.prefetch)
-                self._delivered = batch.next if self._delivered < batch.next else self._delivered
+                batch = self._pop(self.prefetch)
                 if batch.members:
                     self._buffer.extend(batch.members)
                     self._read = batch.start + len(batch.members)
@@ -399,6 +414,15 @@ class OrderedResultStream:
                     )
                 self._proto.wait_ready(remaining)
 
+    def _pop(self, limit: int) -> Batch:
+        """Acknowledge what was handed out; read up to ``limit`` more (lock held)."""
+        with self._redis_errors():
+            batch = self._proto.pop(self._delivered, self._read, limit)
+        self._delivered = max(self._delivered, batch.next)
+        self._acked = batch.next
+        self._ack_every = max(1, (batch.window or self._default_window) // 2)
+        return batch
+
     def _prefetch_all(self) -> None:
         """Read every outcome that has arrived into this consumer's buffer.
 
@@ -421,9 +445,8 @@ class OrderedResultStream:
         :meth:`get` does this on its next round trip by itself; call it before
         pausing a consumer for long, so producers see the window free up.
         """
-        with self._consumer_lock, self._redis_errors():
-            batch = self._proto.pop(self._delivered, self._read, 0)
-            self._delivered = max(self._delivered, batch.next)
+        with self._consumer_lock:
+            self._pop(0)
 
     def __iter__(self) -> OrderedResultStream:
         return self
@@ -508,28 +531,61 @@ class OrderedResultStream:
     def map(
         self, task: Callable[..., Any] | Task, iterable: Any, *, timeout: float | None = None
     ) -> Iterator[Any]:
-        """Put ``task(item)`` for each item, yielding outcomes in order meanwhile.
+        """Put ``task(item)`` for each item; iterate over the outcomes in order.
 
-        Lazy over ``iterable`` like ``multiprocessing.Pool.imap``: at most a
-        window's worth is in flight, so an endless generator works. The stream
-        is closed when ``iterable`` is exhausted.
+        Lazy over ``iterable`` like ``multiprocessing.Pool.imap``: it is read
+        only as window space frees up, so an endless generator works. A failed
+        item raises at its position and the iteration goes on after it
+        (``next()`` again). The stream is closed once ``iterable`` is exhausted.
+        ``timeout`` applies to each wait for an outcome or for window space.
         """
-        items = iter(iterable)
-        pending = 0
-        for item in items:
-            while True:
+        return _OrderedMap(self, task, iter(iterable), timeout)
+
+
+_NOTHING = object()
+
+
+class _OrderedMap:
+    """The iterator :meth:`OrderedResultStream.map` returns."""
+
+    def __init__(
+        self, stream: OrderedResultStream, task: Any, items: Iterator[Any], timeout: float | None
+    ) -> None:
+        self.stream = stream
+        self.task = task
+        self.items: Iterator[Any] | None = items
+        self.timeout = timeout
+        self.pending = 0  # put, not yet handed out
+        self.held: Any = _NOTHING  # taken from items, not yet put
+
+    def __iter__(self) -> _OrderedMap:
+        return self
+
+    def _fill(self) -> None:
+        """Put items while the window has room (at least one if none is pending)."""
+        while self.items is not None:
+            if self.held is _NOTHING:
                 try:
-                    self.put(task, item, timeout=0 if pending else timeout)
-                    break
-                except StreamFull:
-                    if not pending:
-                        raise
-                    # No room: hand out the oldest outcome, free its place, retry.
-                    pending -= 1
-                    value = self.get(timeout=timeout)
-                    self.ack()
-                    yield value
-            pending += 1
-        self.close()
-        for _ in range(pending):
-            yield self.get(timeout=timeout)
+                    self.held = next(self.items)
+                except StopIteration:
+                    self.items = None
+                    self.stream.close()
+                    return
+            try:
+                self.stream.put(self.task, self.held, timeout=0 if self.pending else self.timeout)
+            except StreamFull:
+                if self.pending:
+                    return  # hand out an outcome first; the held item goes in next time
+                raise
+            except Exception:
+                self.held = _NOTHING  # refused: raise for this item, go on with the next
+                raise
+            self.held = _NOTHING
+            self.pending += 1
+
+    def __next__(self) -> Any:
+        self._fill()
+        if not self.pending:
+            raise StopIteration
+        self.pending -= 1
+        return self.stream.get(timeout=self.timeout)

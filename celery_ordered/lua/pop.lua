@@ -6,11 +6,12 @@
 -- KEYS[3]  closed   string  the number of claims when the stream was closed
 -- KEYS[4]  space    list    wake token for blocked producers
 -- KEYS[5]  ready    list    wake token for a blocked consumer
+-- KEYS[6]  window   string  the cap (returned, so the consumer knows when to acknowledge)
 -- ARGV[1]  ack      every number below it has been delivered; -1: keep the cursor
 -- ARGV[2]  from     first number to read; -1 (or anything below the cursor): the cursor
 -- ARGV[3]  max      most outcomes to return
 --
--- Returns {next, closed (-1 if open), stored, from, member1, member2, ...}:
+-- Returns {next, closed (-1 if open), stored, from, window, member1, member2, ...}:
 -- `stored` counts the outcomes still held after the acknowledgement, and the
 -- members are those of numbers from, from+1, ... with no gap.
 local nxt = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -28,7 +29,8 @@ if from < nxt then
   from = nxt
 end
 local reply = {nxt, tonumber(redis.call('GET', KEYS[3]) or '-1'),
-               redis.call('ZCARD', KEYS[2]), from}
+               redis.call('ZCARD', KEYS[2]), from,
+               tonumber(redis.call('GET', KEYS[6]) or '0')}
 local found = redis.call('ZRANGEBYSCORE', KEYS[2], from, from + tonumber(ARGV[3]) - 1,
                          'WITHSCORES')
 local expected = from

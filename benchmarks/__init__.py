@@ -1,0 +1,1 @@
+"""Benchmarks of celery-ordered against plain Celery and multiprocessing (see README.md)."""

@@ -1,0 +1,107 @@
+"""The Celery app and tasks the benchmark worker runs.
+
+Configured from the environment that ``benchmarks/run.py`` sets for itself,
+its consumer subprocesses and its worker:
+
+``BENCH_REDIS_URL``   redis-py URL: result backend and stream store
+``BENCH_BROKER_URL``  kombu URL of the same Redis (the broker)
+``BENCH_QUEUE``       the run's own queue, so no other worker takes its tasks
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import redis
+from celery import Celery
+
+from celery_ordered import ordered_task
+
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+BROKER_URL = os.environ.get("BENCH_BROKER_URL", REDIS_URL)
+QUEUE = os.environ.get("BENCH_QUEUE", "celery-ordered-bench")
+
+
+def _backend_url(url: str) -> str:
+    # Celery's Redis backend spells a unix socket socket:///path.
+    for prefix in ("unix://", "redis+socket://"):
+        if url.startswith(prefix):
+            return "socket://" + url[len(prefix) :]
+    return url
+
+
+app = Celery("benchmarks", set_as_current=True)
+app.conf.update(
+    broker_url=BROKER_URL,
+    result_backend=_backend_url(REDIS_URL),
+    ordered_redis_url=REDIS_URL,
+    task_default_queue=QUEUE,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    # Celery's defaults otherwise; remote control off so the run creates no
+    # pidbox keys in a shared Redis.
+    worker_enable_remote_control=False,
+    worker_send_task_events=False,
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+)
+
+
+@functools.cache
+def _client(url: str) -> redis.Redis:
+    """One client per worker process."""
+    return redis.Redis.from_url(url)
+
+
+@app.task(ignore_result=True)
+def count(counter_key: str, done_key: str, total: int) -> None:
+    """INCR a counter; the task that brings it to ``total`` pushes to ``done_key``."""
+    client = _client(REDIS_URL)
+    if client.incr(counter_key) == total:
+        client.rpush(done_key, 1)
+
+
+@app.task
+def noop(x: int) -> int:
+    """A trivial plain Celery task."""
+    return x
+
+
+@app.task
+def sleep(seconds: float) -> float:
+    """A plain Celery task that sleeps ``seconds``."""
+    time.sleep(seconds)
+    return seconds
+
+
+@ordered_task
+def ordered_noop(x: int) -> int:
+    """A trivial ordered task."""
+    return x
+
+
+@ordered_task
+def ordered_sleep(seconds: float) -> float:
+    """An ordered task that sleeps ``seconds``."""
+    time.sleep(seconds)
+    return seconds
+
+
+@ordered_task
+def ordered_stamp(x: int) -> float:
+    """An ordered task whose value is the wall-clock time just before it returns."""
+    return time.time()
+
+
+@app.task
+def stamp(x: int) -> float:
+    """A plain Celery task whose value is the wall-clock time just before it returns."""
+    return time.time()
+
+
+def square(x: int) -> int:
+    """The trivial function of the multiprocessing rows."""
+    return x * x
