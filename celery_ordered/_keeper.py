@@ -1,12 +1,13 @@
 """Keeps a private redis-server alive exactly as long as its owner.
 
-Run as ``python -m celery_ordered._keeper BINARY DIRECTORY [ARG ...]`` by
+Run as ``python -m celery_ordered._keeper BINARY DIRECTORY KEEP [ARG ...]`` by
 :class:`celery_ordered.embedded.RedisServer`, with a pipe as standard input.
 It starts ``redis-server`` (which cannot watch its owner itself), says
 ``ready`` on standard output once Redis accepts connections, then waits for
 standard input to close. That happens when the owner stops the server, and
 also when the owner dies, however it dies (SIGKILL included): the kernel
-closes the pipe. The keeper then stops Redis and removes DIRECTORY.
+closes the pipe. The keeper then stops Redis and removes DIRECTORY, unless
+KEEP is ``1`` (a directory the owner chose, to restart Redis on its data).
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ def _stop(signum: int, frame: object) -> None:
 
 def main(argv: list[str]) -> int:
     """Run the keeper; returns the exit status."""
-    binary, directory, *args = argv
+    binary, directory, keep, *args = argv
+
+    def clean_up() -> None:
+        if keep != "1":
+            shutil.rmtree(directory, ignore_errors=True)
+
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
     try:
         server = subprocess.Popen(
@@ -51,7 +57,7 @@ def main(argv: list[str]) -> int:
         )
     except OSError as exc:
         print(f"failed: cannot run {binary}: {exc}", flush=True)
-        shutil.rmtree(directory, ignore_errors=True)
+        clean_up()
         return 1
     assert server.stdout is not None
     log: list[bytes] = []
@@ -63,7 +69,7 @@ def main(argv: list[str]) -> int:
         server.wait()
         text = b"".join(log[-20:]).decode("utf-8", "replace").replace("\n", " | ")
         print(f"failed: redis-server exited with {server.returncode}: {text}", flush=True)
-        shutil.rmtree(directory, ignore_errors=True)
+        clean_up()
         return 1
     # Keep reading Redis's log so that it never blocks on a full pipe.
     threading.Thread(target=lambda: [None for _ in server.stdout], daemon=True).start()  # type: ignore[union-attr]
@@ -78,7 +84,7 @@ def main(argv: list[str]) -> int:
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()
-    shutil.rmtree(directory, ignore_errors=True)
+    clean_up()
     return 0
 
 

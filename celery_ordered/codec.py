@@ -29,6 +29,10 @@ ERROR = b"e"
 MARKER = b"m"
 LOST = b"l"
 
+#: Largest encoded value accepted, in bytes: arguments, results and markers
+#: sit in Redis while their task is in flight, once per task of the window.
+MAX_PAYLOAD = 16 * 1024 * 1024
+
 #: Serializers that can carry exception objects exactly.
 EXCEPTION_CAPABLE = frozenset({"pickle"})
 
@@ -64,6 +68,12 @@ def encode(obj: Any, serializer: str, what: str = "value") -> Encoded:
         ) from exc
     if isinstance(body, str):
         body = body.encode(content_encoding or "utf-8")
+    if len(body) > MAX_PAYLOAD:
+        raise UnsendableError(
+            f"the {what} encodes to {len(body) / 2**20:.1f} MiB, over the limit of "
+            f"{MAX_PAYLOAD / 2**20:.0f} MiB: store the data elsewhere (a file, object "
+            "storage, a database row) and pass a reference to it"
+        )
     return Encoded(content_type, content_encoding or "binary", body)
 
 

@@ -72,7 +72,10 @@ class RedisServer:
 
     It listens on a unix socket in a private temporary directory (mode 700,
     socket mode 700) and, when ``port`` is given, on 127.0.0.1 too. Extra
-    ``redis-server`` arguments (``"--requirepass", "secret"``) go in ``args``.
+    ``redis-server`` arguments (``"--requirepass", "secret"``,
+    ``"--appendonly", "yes"``) go in ``args``. Given a ``directory``, Redis
+    works there and leaves it in place when stopped, so a new server started
+    on it finds the data it persisted.
     """
 
     def __init__(
@@ -81,18 +84,27 @@ class RedisServer:
         port: int | None = None,
         args: tuple[str, ...] = (),
         binary: str | None = None,
+        directory: str | None = None,
         start_timeout: float = DEFAULT_START_TIMEOUT,
     ) -> None:
         self.port = port
         self.args = tuple(args)
         self.binary = binary
         self.start_timeout = start_timeout
-        self.directory: str | None = None
+        self._keep = directory is not None
+        self.directory: str | None = directory
         self._keeper: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
         return f"<RedisServer {self.url if self.directory else '-'} {state}>"
+
+    @property
+    def tcp_url(self) -> str:
+        """redis-py URL of the server's TCP port (``redis://127.0.0.1:PORT/0``)."""
+        if not self.port:
+            raise RuntimeError("the server has no TCP port: pass port=")
+        return f"redis://127.0.0.1:{self.port}/0"
 
     @property
     def socket_path(self) -> str:
@@ -116,7 +128,9 @@ class RedisServer:
         if self._keeper is not None:
             return self
         binary = self.binary or find_redis_server()
-        self.directory = tempfile.mkdtemp(prefix="celery-ordered-redis-")
+        if not self._keep:
+            self.directory = tempfile.mkdtemp(prefix="celery-ordered-redis-")
+        assert self.directory is not None
         argv = [
             "--port", str(self.port or 0),
             "--bind", "127.0.0.1",
@@ -129,7 +143,15 @@ class RedisServer:
             *self.args,
         ]  # fmt: skip
         self._keeper = subprocess.Popen(
-            [sys.executable, "-m", "celery_ordered._keeper", binary, self.directory, *argv],
+            [
+                sys.executable,
+                "-m",
+                "celery_ordered._keeper",
+                binary,
+                self.directory,
+                "1" if self._keep else "0",
+                *argv,
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -167,7 +189,7 @@ class RedisServer:
             keeper.wait()
         if keeper.stdout is not None:
             keeper.stdout.close()
-        if self.directory:
+        if self.directory and not self._keep:
             shutil.rmtree(self.directory, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:

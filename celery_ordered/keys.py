@@ -97,8 +97,22 @@ class StreamKeys:
         """Wake list for ``join()``: every claimed number is filled."""
         return self._key("done")
 
+    @property
+    def pending(self) -> str:
+        """Hash of dispatch records for numbers whose outcome has not arrived."""
+        return self._key("pending")
+
+    @property
+    def deadlines(self) -> str:
+        """Sorted set of unfilled numbers scored by when they count as lost."""
+        return self._key("deadlines")
+
+    def claim(self, claim_id: str) -> str:
+        """Short-lived key that makes a retried claim return the same numbers."""
+        return self._key(f"claim:{claim_id}")
+
     def all(self) -> tuple[str, ...]:
-        """Every key of the stream."""
+        """Every key of the stream (but the short-lived claim keys)."""
         return (
             self.seq,
             self.next,
@@ -108,6 +122,8 @@ class StreamKeys:
             self.ready,
             self.space,
             self.done,
+            self.pending,
+            self.deadlines,
         )
 
 

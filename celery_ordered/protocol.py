@@ -26,7 +26,7 @@ from .keys import StreamKeys
 #: blocked ``BLPOP`` would time out first.
 WAIT_SLICE = 2.0
 
-_SCRIPTS = ("claim", "publish", "pop", "close", "stats")
+_SCRIPTS = ("claim", "publish", "pop", "close", "stats", "reclaim")
 
 
 @functools.cache
@@ -76,26 +76,60 @@ class RawStats:
     stored: int
     contiguous: int
     closed_at: int | None
+    #: Redis's clock, in ms, when the snapshot was taken.
+    now_ms: int
+    #: When the number the consumer waits for was claimed (ms), if known.
+    head_claimed_ms: int | None
+
+
+@dataclass(frozen=True)
+class Overdue:
+    """One number :meth:`Protocol.reclaim` found overdue."""
+
+    seq: int
+    lost: bool
+    record: bytes
 
 
 class Protocol:
     """The operations on one stream's state in Redis."""
 
-    def __init__(self, client: redis.Redis, name: str) -> None:
+    def __init__(self, client: redis.Redis, name: str, *, ttl: float | None = None) -> None:
         self.client = client
         self.keys = StreamKeys(name)
+        #: ms every key lives after its last use; 0: forever.
+        self.ttl_ms = int(ttl * 1000) if ttl else 0
         self._run = _scripts(client)
         socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
         self.wait_slice = WAIT_SLICE
         if socket_timeout:
             self.wait_slice = min(WAIT_SLICE, max(0.05, float(socket_timeout) / 2))
 
-    def claim(self, wanted: int, default_window: int) -> Claim:
-        """Claim up to ``wanted`` numbers if the window allows (see claim.lua)."""
+    def claim(
+        self,
+        records: list[bytes],
+        default_window: int,
+        *,
+        claim_id: str,
+        lost_after: float | None = None,
+    ) -> Claim:
+        """Claim up to ``len(records)`` numbers if the window allows (see claim.lua).
+
+        ``records`` says what each number is for (dispatched again if its
+        outcome is overdue by ``lost_after`` seconds); ``claim_id`` makes a
+        retry of this same call, after a lost reply, return the same numbers.
+        """
         k = self.keys
         first, count = self._run["claim"](
-            keys=[k.seq, k.next, k.window, k.closed, k.space], args=[wanted, default_window]
-        )
+            keys=[
+                k.seq, k.next, k.window, k.closed, k.space, k.pending, k.deadlines,
+                k.claim(claim_id),
+            ],
+            args=[
+                len(records), default_window, int((lost_after or 0) * 1000), self.ttl_ms,
+                *records,
+            ],
+        )  # fmt: skip
         return Claim(int(first), int(count), closed=int(first) < 0)
 
     def publish(self, seq: int, member: bytes) -> int:
@@ -103,7 +137,8 @@ class Protocol:
         k = self.keys
         return int(
             self._run["publish"](
-                keys=[k.seq, k.next, k.results, k.ready, k.closed, k.done], args=[seq, member]
+                keys=[k.seq, k.next, k.results, k.ready, k.closed, k.done, k.pending, k.deadlines],
+                args=[seq, member, self.ttl_ms],
             )
         )
 
@@ -112,7 +147,7 @@ class Protocol:
         k = self.keys
         reply = self._run["pop"](
             keys=[k.next, k.results, k.closed, k.space, k.ready, k.window],
-            args=[ack, start, limit],
+            args=[ack, start, limit, self.ttl_ms],
         )
         closed = int(reply[1])
         return Batch(
@@ -128,14 +163,17 @@ class Protocol:
         """Close the stream to claims; returns the number of claims made."""
         k = self.keys
         return int(
-            self._run["close"](keys=[k.seq, k.next, k.results, k.closed, k.ready, k.done, k.space])
+            self._run["close"](
+                keys=[k.seq, k.next, k.results, k.closed, k.ready, k.done, k.space],
+                args=[self.ttl_ms],
+            )
         )
 
     def stats(self) -> RawStats:
         """One consistent snapshot of the stream's counters."""
         k = self.keys
-        claimed, nxt, window, stored, contiguous, closed = self._run["stats"](
-            keys=[k.seq, k.next, k.window, k.results, k.closed]
+        claimed, nxt, window, stored, contiguous, closed, now, head = self._run["stats"](
+            keys=[k.seq, k.next, k.window, k.results, k.closed, k.pending]
         )
         return RawStats(
             int(claimed),
@@ -144,7 +182,21 @@ class Protocol:
             int(stored),
             int(contiguous),
             None if int(closed) < 0 else int(closed),
+            int(now),
+            None if int(head) < 0 else int(head),
         )
+
+    def reclaim(self, lost_after: float, limit: int, batch: int = 100) -> list[Overdue]:
+        """Numbers overdue for an outcome: to dispatch again, or (past ``limit``) lost."""
+        k = self.keys
+        reply = self._run["reclaim"](
+            keys=[k.next, k.results, k.pending, k.deadlines],
+            args=[int(lost_after * 1000), limit, batch],
+        )
+        return [
+            Overdue(int(reply[i + 1]), reply[i] == b"lost", reply[i + 2])
+            for i in range(0, len(reply), 3)
+        ]
 
     def set_window(self, window: int, *, only_if_unset: bool = False) -> None:
         """Store the window cap and wake blocked producers to look at it."""
@@ -153,6 +205,9 @@ class Protocol:
             pipe.set(k.window, window, nx=only_if_unset)
             pipe.rpush(k.space, 1)
             pipe.ltrim(k.space, 0, 0)
+            if self.ttl_ms:
+                pipe.pexpire(k.window, self.ttl_ms)
+                pipe.pexpire(k.space, self.ttl_ms)
             pipe.execute()
 
     def exists(self) -> bool:

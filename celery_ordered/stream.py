@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -22,8 +23,12 @@ from .config import (
     client_for,
     default_window,
     function_allowed,
+    lost_after,
+    max_redispatches,
+    redis_retry_for,
     resolve_redis_url,
     serializer_for,
+    stream_ttl,
     validate_window,
 )
 from .errors import (
@@ -31,6 +36,7 @@ from .errors import (
     DispatchError,
     OrderedStreamError,
     RedisUnavailable,
+    ResultLost,
     StreamClosedError,
     StreamEmpty,
     StreamExhausted,
@@ -50,6 +56,18 @@ from .task import (
 
 #: How many ready outcomes a consumer reads from Redis in one round trip.
 DEFAULT_PREFETCH = 256
+
+#: ``apply_async`` options a dispatch record keeps for a re-dispatch.
+RECORDED_OPTIONS = frozenset(
+    {"queue", "routing_key", "exchange", "priority", "expires", "time_limit",
+     "soft_time_limit", "serializer", "compression"}
+)  # fmt: skip
+
+#: Status of a dispatch record: a task to send, or a marker to publish.
+RECORD_TASK = b"T"
+RECORD_MARKER = b"M"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,12 +94,21 @@ class StreamStats:
 class _Prepared:
     """What ``put`` validated and encoded before claiming a number."""
 
+    record: bytes
     marker: codec.Encoded | None = None
     task: Task | None = None
     task_name: str = ""
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] | None = None
     options: dict[str, Any] | None = None
+
+
+def _default_lost_after(app: Celery) -> float:
+    return lost_after(app)
+
+
+def _default_redispatches(app: Celery) -> int:
+    return max_redispatches(app)
 
 
 def _check_timeout(timeout: float | None) -> float | None:
@@ -125,6 +152,14 @@ class OrderedResultStream:
         task_options: options for every ``apply_async`` of this stream, such as
             ``{"queue": "reports"}``.
         prefetch: how many ready outcomes the consumer reads per round trip.
+        ack_every: the consumer acknowledges what it handed out every this many
+            outcomes (None: half the window). After a consumer crash, at most
+            this many are handed out again; 1 makes that only the one in hand.
+        lost_after: seconds after its dispatch when a task's missing outcome is
+            overdue: it is dispatched again, up to ``max_redispatches`` times,
+            then its place gets a :class:`~celery_ordered.ResultLost` error.
+            Default: the app's ``ordered_lost_after``, else one hour.
+        max_redispatches: default: the app's ``ordered_max_redispatches``, else 3.
     """
 
     def __init__(
@@ -139,6 +174,9 @@ class OrderedResultStream:
         accept: list[str] | None = None,
         task_options: dict[str, Any] | None = None,
         prefetch: int = DEFAULT_PREFETCH,
+        ack_every: int | None = None,
+        lost_after: float | None = None,
+        max_redispatches: int | None = None,
     ) -> None:
         self.app: Celery = app if app is not None else current_app
         self.name = validate_name(name) if name is not None else f"stream-{uuid.uuid4().hex}"
@@ -148,7 +186,7 @@ class OrderedResultStream:
                 "over-determined: pass one of them"
             )
         if client is None:
-            client = client_for(resolve_redis_url(self.app, redis_url))
+            client = client_for(resolve_redis_url(self.app, redis_url), redis_retry_for(self.app))
         self.redis = client
         self.serializer = serializer or serializer_for(self.app)
         if self.serializer not in registry._encoders:
@@ -163,8 +201,21 @@ class OrderedResultStream:
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
         self.prefetch = prefetch
+        if ack_every is not None and (
+            isinstance(ack_every, bool) or not isinstance(ack_every, int) or ack_every < 1
+        ):
+            raise ValueError(f"ack_every must be None or an int >= 1, got {ack_every!r}")
+        self.ack_every = ack_every
+        self.lost_after = _check_timeout(lost_after) or _default_lost_after(self.app)
+        self.max_redispatches = (
+            max_redispatches if max_redispatches is not None else _default_redispatches(self.app)
+        )
+        if isinstance(self.max_redispatches, bool) or self.max_redispatches < 0:
+            raise ValueError(f"max_redispatches must be an int >= 0, got {max_redispatches!r}")
+        self._task_accept = prepare_accept_content(self.app.conf.accept_content or ["json"])
         self._default_window = default_window(self.app)
-        self._proto = Protocol(client, self.name)
+        self._proto = Protocol(client, self.name, ttl=stream_ttl(self.app))
+        self._next_reclaim = 0.0
         with self._redis_errors():
             if window is not None:
                 self._proto.set_window(validate_window(window))
@@ -190,9 +241,17 @@ class OrderedResultStream:
     def _redis_errors(self) -> Iterator[None]:
         try:
             yield
+        except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
+            raise RedisUnavailable(
+                f"Redis refused the credentials for stream {self.name!r}: {exc}; check the "
+                "user and password in the Redis URL",
+                stream=self.name,
+            ) from exc
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RedisUnavailable(
-                f"Redis for stream {self.name!r} did not answer: {exc}", stream=self.name
+                f"Redis for stream {self.name!r} did not answer: {exc} (retried for "
+                f"{redis_retry_for(self.app):g}s; app setting ordered_redis_retry_for)",
+                stream=self.name,
             ) from exc
 
     # -- producing ---------------------------------------------------------
@@ -222,7 +281,7 @@ class OrderedResultStream:
                 f"put() on stream {self.name!r} after close(): open a new stream for more work",
                 stream=self.name,
             )
-        seq = self._claim(timeout)
+        seq = self._claim(prepared.record, timeout)
         self._send(prepared, seq)
         return seq
 
@@ -234,7 +293,8 @@ class OrderedResultStream:
                     "marker, and a marker takes no arguments. Put the marker alone, or "
                     "put a callable task with its arguments"
                 )
-            return _Prepared(marker=codec.encode(task, self.serializer, what="marker"))
+            marker = codec.encode(task, self.serializer, what="marker")
+            return _Prepared(record=marker.member(0, RECORD_MARKER), marker=marker)
         options = dict(self.task_options)
         if isinstance(task, Signature):
             options.update(task.options)
@@ -266,14 +326,33 @@ class OrderedResultStream:
             )
         serializer = options.get("serializer") or getattr(found, "serializer", None)
         serializer = serializer or self.app.conf.task_serializer
-        codec.encode((list(args), kwargs), serializer, what=f"arguments of {name}")
-        return _Prepared(task=found, task_name=name, args=args, kwargs=kwargs, options=options)
+        recorded = {
+            key: getattr(value, "name", value)  # a kombu Queue or Exchange: by name
+            for key, value in options.items()
+            if key in RECORDED_OPTIONS
+        }
+        record = codec.encode(
+            {"task": name, "args": list(args), "kwargs": kwargs, "options": recorded},
+            serializer,
+            what=f"arguments of {name}",
+        )
+        return _Prepared(
+            record=record.member(0, RECORD_TASK),
+            task=found,
+            task_name=name,
+            args=args,
+            kwargs=kwargs,
+            options=options,
+        )
 
-    def _claim(self, timeout: float | None) -> int:
+    def _claim(self, record: bytes, timeout: float | None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
+        claim_id = uuid.uuid4().hex
         with self._redis_errors():
             while True:
-                claim = self._proto.claim(1, self._default_window)
+                claim = self._proto.claim(
+                    [record], self._default_window, claim_id=claim_id, lost_after=self.lost_after
+                )
                 if claim.closed:
                     self._closed_here = True
                     raise StreamClosedError(
@@ -307,15 +386,15 @@ class OrderedResultStream:
             with self._redis_errors():
                 self._proto.publish(seq, prepared.marker.member(seq, codec.MARKER))
             return
-        headers = {HEADER_STREAM: self.name, HEADER_SEQ: seq, HEADER_SERIALIZER: self.serializer}
-        options = dict(prepared.options or {})
-        options["headers"] = {**(options.get("headers") or {}), **headers}
-        options["ignore_result"] = True
         try:
-            if prepared.task is not None:
-                prepared.task.apply_async(prepared.args, prepared.kwargs, **options)
-            else:
-                self.app.send_task(prepared.task_name, prepared.args, prepared.kwargs, **options)
+            self._dispatch(
+                prepared.task,
+                prepared.task_name,
+                prepared.args,
+                prepared.kwargs or {},
+                prepared.options or {},
+                seq,
+            )
         except Exception as exc:
             error = DispatchError(
                 f"sending task {prepared.task_name!r} for stream {self.name!r} failed: {exc!r}",
@@ -325,11 +404,104 @@ class OrderedResultStream:
             self._fill_with_error(seq, error, prepared.task_name)
             raise error from exc
 
+    def _dispatch(
+        self,
+        task: Task | None,
+        name: str,
+        args: Any,
+        kwargs: dict[str, Any],
+        options: dict[str, Any],
+        seq: int,
+    ) -> None:
+        headers = {HEADER_STREAM: self.name, HEADER_SEQ: seq, HEADER_SERIALIZER: self.serializer}
+        options = dict(options)
+        options["headers"] = {**(options.get("headers") or {}), **headers}
+        options["ignore_result"] = True
+        if task is not None:
+            task.apply_async(args, kwargs, **options)
+        else:
+            self.app.send_task(name, args, kwargs, **options)
+
     def _fill_with_error(self, seq: int, error: BaseException, task_name: str) -> None:
         payload = codec.exception_payload(error, "", self.serializer, task_name)
         encoded = codec.encode(payload, self.serializer)
         with self._redis_errors():
             self._proto.publish(seq, encoded.member(seq, codec.ERROR))
+
+    def reclaim(self) -> int:
+        """Dispatch again the tasks whose outcome is overdue; give up on hopeless ones.
+
+        A number whose outcome has not arrived ``lost_after`` seconds after its
+        dispatch (its message purged, expired or lost with a broker, its
+        producer dead between claim and send, its result never published) is
+        dispatched again from what ``put`` recorded, up to ``max_redispatches``
+        times; then its place is filled with a :class:`~celery_ordered.ResultLost`
+        error, so the stream moves on. Consumers and :meth:`join` call this by
+        themselves while they wait; it is safe from any number of processes.
+        Returns how many numbers it acted on.
+        """
+        with self._redis_errors():
+            overdue = self._proto.reclaim(self.lost_after, self.max_redispatches)
+        for item in overdue:
+            self._act_on_overdue(item.seq, item.lost, item.record)
+        return len(overdue)
+
+    def _act_on_overdue(self, seq: int, lost: bool, record: bytes) -> None:
+        _, status, content_type, content_encoding, body = record.split(b":", 4)
+        if status == RECORD_MARKER:
+            # The producer died between claiming and publishing a marker: the
+            # record holds the encoded marker, which goes in as it is.
+            encoded = codec.Encoded(content_type.decode(), content_encoding.decode(), body)
+            with self._redis_errors():
+                self._proto.publish(seq, encoded.member(seq, codec.MARKER))
+            return
+        try:
+            dispatch = codec.decode(record, self._task_accept).value
+            name = str(dispatch["task"])
+        except Exception as exc:  # unreadable: nothing can be sent again
+            logger.error("stream %s: dispatch record of %d is unreadable: %r", self.name, seq, exc)
+            lost, name, dispatch = True, "?", {}
+        if lost:
+            logger.warning(
+                "stream %s: no outcome for %d (%s) after %d re-dispatches: filled as lost",
+                self.name, seq, name, self.max_redispatches,
+            )  # fmt: skip
+            error = ResultLost(
+                f"task {name!r} at position {seq} of stream {self.name!r} gave no outcome "
+                f"within {self.lost_after:g}s, {self.max_redispatches} times over: its "
+                "message or its worker was lost",
+                stream=self.name,
+                seq=seq,
+                exc_type="ResultLost",
+                task_name=name,
+            )
+            payload = codec.exception_payload(error, "", self.serializer, name)
+            member = codec.encode(payload, self.serializer).member(seq, codec.LOST)
+            with self._redis_errors():
+                self._proto.publish(seq, member)
+            return
+        logger.warning("stream %s: outcome of %d (%s) is overdue: dispatching again",
+                       self.name, seq, name)  # fmt: skip
+        try:
+            self._dispatch(
+                self.app.tasks.get(name),
+                name,
+                dispatch.get("args") or [],
+                dispatch.get("kwargs") or {},
+                dispatch.get("options") or {},
+                seq,
+            )
+        except Exception as exc:  # the broker is down: the number comes due again
+            logger.error("stream %s: re-dispatch of %d failed: %r", self.name, seq, exc)
+
+    def _maybe_reclaim(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_reclaim:
+            self._next_reclaim = now + self._reclaim_every()
+            self.reclaim()
+
+    def _reclaim_every(self) -> float:
+        return min(self._proto.wait_slice, max(0.05, self.lost_after / 4))
 
     def close(self) -> None:
         """Close the stream to further puts (idempotent; any process may do it).
@@ -412,7 +584,8 @@ class OrderedResultStream:
                         stream=self.name,
                         seq=batch.start,
                     )
-                self._proto.wait_ready(remaining)
+                if not self._proto.wait_ready(min(remaining, self._reclaim_every())):
+                    self._maybe_reclaim()
 
     def _pop(self, limit: int) -> Batch:
         """Acknowledge what was handed out; read up to ``limit`` more (lock held)."""
@@ -420,7 +593,7 @@ class OrderedResultStream:
             batch = self._proto.pop(self._delivered, self._read, limit)
         self._delivered = max(self._delivered, batch.next)
         self._acked = batch.next
-        self._ack_every = max(1, (batch.window or self._default_window) // 2)
+        self._ack_every = self.ack_every or max(1, (batch.window or self._default_window) // 2)
         return batch
 
     def _prefetch_all(self) -> None:
@@ -472,7 +645,8 @@ class OrderedResultStream:
                 remaining = WAIT_SLICE if deadline is None else deadline - time.monotonic()
                 if remaining <= 0:
                     return
-                self._proto.wait_done(remaining)
+                if not self._proto.wait_done(min(remaining, self._reclaim_every())):
+                    self._maybe_reclaim()
 
     def _finished(self) -> bool:
         raw = self._proto.stats()

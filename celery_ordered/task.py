@@ -19,11 +19,18 @@ from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 import redis
-from celery import Task, shared_task
-from celery.exceptions import Reject
+from celery import Task, shared_task, signals
+from celery.exceptions import NotRegistered, Reject
 
 from . import codec
-from .config import client_for, function_allowed, resolve_redis_url, serializer_for
+from .config import (
+    client_for,
+    function_allowed,
+    redis_retry_for,
+    resolve_redis_url,
+    serializer_for,
+    stream_ttl,
+)
 from .protocol import Protocol
 
 logger = logging.getLogger(__name__)
@@ -73,24 +80,12 @@ class OrderedTask(Task):
     def _publish(self, target: tuple[str, int, str], status: bytes, value: Any) -> None:
         stream, seq, serializer = target
         try:
-            encoded = codec.encode(value, serializer, what=f"result of {self.name}")
-        except Exception as exc:  # the result cannot travel: its place holds why
-            status = codec.ERROR
-            encoded = codec.encode(
-                codec.exception_payload(exc, "", serializer, self.name), serializer
-            )
-        client = client_for(resolve_redis_url(self.app))
-        try:
-            stored = Protocol(client, stream).publish(seq, encoded.member(seq, status))
+            publish_outcome(self.app, stream, seq, serializer, status, value, self.name)
         except redis.RedisError as exc:
             # Leave the message unacknowledged and put it back: another
             # attempt publishes once Redis answers again.
             logger.error("could not publish %s[%d] to Redis: %r", stream, seq, exc)
             raise Reject(exc, requeue=True) from exc
-        if stored == 0:
-            logger.debug("dropped a duplicate or late outcome for %s[%d]", stream, seq)
-        elif stored < 0:
-            logger.warning("stream %s has no number %d (deleted?): outcome dropped", stream, seq)
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
         """Publish the return value when the task came from a stream."""
@@ -110,6 +105,52 @@ class OrderedTask(Task):
             )
             self._publish(target, codec.ERROR, payload)
         super().on_failure(exc, task_id, args, kwargs, einfo)
+
+
+def publish_outcome(
+    app: Any, stream: str, seq: int, serializer: str, status: bytes, value: Any, task_name: str
+) -> None:
+    """Publish one outcome into a stream from a worker (first outcome wins)."""
+    try:
+        encoded = codec.encode(value, serializer, what=f"result of {task_name}")
+    except Exception as exc:  # the result cannot travel: its place holds why
+        status = codec.ERROR
+        encoded = codec.encode(codec.exception_payload(exc, "", serializer, task_name), serializer)
+    client = client_for(resolve_redis_url(app), redis_retry_for(app))
+    stored = Protocol(client, stream, ttl=stream_ttl(app)).publish(seq, encoded.member(seq, status))
+    if stored == 0:
+        logger.debug("dropped a duplicate or late outcome for %s[%d]", stream, seq)
+    elif stored < 0:
+        logger.warning("stream %s has no number %d (deleted?): outcome dropped", stream, seq)
+
+
+@signals.task_unknown.connect(weak=False)
+def _publish_unknown_task(
+    sender: Any = None, message: Any = None, name: str = "?", **_: Any
+) -> None:
+    """A worker got a stream's task it does not know: fill its place with the error.
+
+    Celery rejects such a message for good, so without this the stream would
+    wait for it until its outcome counts as overdue.
+    """
+    headers = getattr(message, "headers", None) or {}
+    stream = headers.get(HEADER_STREAM)
+    if stream is None or sender is None:
+        return
+    app = sender.app
+    serializer = str(headers.get(HEADER_SERIALIZER) or serializer_for(app))
+    error = NotRegistered(
+        f"task {name!r} is not registered on worker {getattr(sender, 'hostname', '?')}: "
+        "import its module in the worker's app (include=[...] or imports=[...]), or "
+        "route the stream's tasks to workers that have it"
+    )
+    payload = codec.exception_payload(error, "", serializer, name)
+    try:
+        publish_outcome(
+            app, str(stream), int(headers[HEADER_SEQ]), serializer, codec.ERROR, payload, name
+        )
+    except Exception:  # never break the worker's consumer over this
+        logger.exception("could not publish the unknown-task error for %s", stream)
 
 
 @overload

@@ -7,6 +7,7 @@
 -- KEYS[5]  ready    list    wake token for a blocked consumer
 -- KEYS[6]  done     list    wake token for join()
 -- KEYS[7]  space    list    wake token for blocked producers (they must see the close)
+-- ARGV[1]  ttl      ms every key of the stream lives after its last use (0: forever)
 --
 -- Returns the number of claims at which the stream closed.
 local closed = redis.call('GET', KEYS[4])
@@ -23,5 +24,11 @@ local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
 if nxt + redis.call('ZCARD', KEYS[3]) >= tonumber(closed)
     and redis.call('LLEN', KEYS[6]) == 0 then
   redis.call('RPUSH', KEYS[6], 1)
+end
+local ttl = tonumber(ARGV[1])
+if ttl > 0 then
+  for i = 1, #KEYS do
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
 end
 return tonumber(closed)

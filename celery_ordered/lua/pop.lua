@@ -10,6 +10,7 @@
 -- ARGV[1]  ack      every number below it has been delivered; -1: keep the cursor
 -- ARGV[2]  from     first number to read; -1 (or anything below the cursor): the cursor
 -- ARGV[3]  max      most outcomes to return
+-- ARGV[4]  ttl      ms every key of the stream lives after its last use (0: forever)
 --
 -- Returns {next, closed (-1 if open), stored, from, window, member1, member2, ...}:
 -- `stored` counts the outcomes still held after the acknowledgement, and the
@@ -27,6 +28,12 @@ end
 local from = tonumber(ARGV[2])
 if from < nxt then
   from = nxt
+end
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  for i = 1, #KEYS do
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
 end
 local reply = {nxt, tonumber(redis.call('GET', KEYS[3]) or '-1'),
                redis.call('ZCARD', KEYS[2]), from,

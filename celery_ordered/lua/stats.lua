@@ -5,9 +5,13 @@
 -- KEYS[3]  window   string  the cap
 -- KEYS[4]  results  zset    outcomes scored by their number
 -- KEYS[5]  closed   string  the number of claims when closed
+-- KEYS[6]  pending  hash    number -> dispatch record; 't:<number>' -> claim time (ms)
 --
--- Returns {claimed, next, window (0 if unset), stored, contiguous, closed (-1 if open)}
+-- Returns {claimed, next, window (0 if unset), stored, contiguous, closed (-1 if open),
+--          now (ms), when `next` was claimed (ms, -1 if unknown)}
 -- where `contiguous` counts stored outcomes from `next` on with no gap.
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
 local stored = redis.call('ZCARD', KEYS[4])
 local contiguous = 0
@@ -22,4 +26,5 @@ if stored > 0 then
 end
 return {tonumber(redis.call('GET', KEYS[1]) or '0'), nxt,
         tonumber(redis.call('GET', KEYS[3]) or '0'), stored, contiguous,
-        tonumber(redis.call('GET', KEYS[5]) or '-1')}
+        tonumber(redis.call('GET', KEYS[5]) or '-1'),
+        now, tonumber(redis.call('HGET', KEYS[6], 't:' .. nxt) or '-1')}
