@@ -1,0 +1,26 @@
+"""Plain functions for the fault-injection tests, run through celery_ordered.call."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+
+
+def tracked_square(x: int, seconds: float, redis_url: str, key: str) -> int:
+    """Square ``x`` slowly, noting which process runs it and how often it ran.
+
+    ``{key}:started`` gets ``"pid:x"`` as each run starts; ``{key}:runs``
+    counts how many times each number started.
+    """
+    client = redis.Redis.from_url(redis_url)
+    client.hincrby(f"{key}:runs", str(x), 1)
+    client.rpush(f"{key}:started", f"{os.getpid()}:{x}")
+    time.sleep(seconds)
+    return x * x
+
+
+def square(x: int) -> int:
+    """Square ``x``."""
+    return x * x
