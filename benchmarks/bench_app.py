@@ -25,10 +25,9 @@ QUEUE = os.environ.get("BENCH_QUEUE", "celery-ordered-bench")
 
 
 def _backend_url(url: str) -> str:
-    # Celery's Redis backend spells a unix socket socket:///path.
-    for prefix in ("unix://", "redis+socket://"):
-        if url.startswith(prefix):
-            return "socket://" + url[len(prefix) :]
+    # Celery spells the Redis backend on a unix socket redis+socket:///path.
+    if url.startswith("unix://"):
+        return "redis+socket://" + url[len("unix://") :]
     return url
 
 
