@@ -109,14 +109,21 @@ def exception_payload(
 ) -> dict[str, Any]:
     """The mapping that carries ``exc`` to the consumer."""
     cls = type(exc)
+    exc_type, exc_module, args = cls.__qualname__, cls.__module__, exc.args
+    if cls.__name__ == "UnpickleableExceptionWrapper" and hasattr(exc, "exc_cls_name"):
+        # Celery hands on_failure this stand-in for an exception that does
+        # not pickle: name the original class, not the wrapper.
+        exc_type = str(getattr(exc, "exc_cls_name", exc_type))
+        exc_module = str(getattr(exc, "exc_module", exc_module))
+        args = tuple(getattr(exc, "exc_args", ()) or ())
     payload: dict[str, Any] = {
-        "exc_type": cls.__qualname__,
-        "exc_module": cls.__module__,
-        "exc_message": _json_safe(exc.args),
+        "exc_type": exc_type,
+        "exc_module": exc_module,
+        "exc_message": _json_safe(args),
         "stack_trace": stack_trace,
         "task_name": task_name,
     }
-    if serializer in EXCEPTION_CAPABLE:
+    if serializer in EXCEPTION_CAPABLE and exc_type == cls.__qualname__:
         try:
             dumps(exc, serializer=serializer)
         except Exception:  # an exception that does not pickle: the mapping will do

@@ -230,6 +230,7 @@ class OrderedResultStream:
         self._delivered = -1
         self._acked = -1
         self._ack_every = 1
+        self._window_seen = window or self._default_window
         self._consumer_lock = threading.Lock()
         #: The most outcomes ever seen waiting out of order by this consumer.
         self.peak_out_of_order = 0
@@ -593,7 +594,8 @@ class OrderedResultStream:
             batch = self._proto.pop(self._delivered, self._read, limit)
         self._delivered = max(self._delivered, batch.next)
         self._acked = batch.next
-        self._ack_every = self.ack_every or max(1, (batch.window or self._default_window) // 2)
+        self._window_seen = batch.window or self._default_window
+        self._ack_every = self.ack_every or max(1, self._window_seen // 2)
         return batch
 
     def _prefetch_all(self) -> None:
@@ -729,15 +731,20 @@ class _OrderedMap:
         self.task = task
         self.items: Iterator[Any] | None = items
         self.timeout = timeout
-        self.pending = 0  # put, not yet handed out
+        # One slot per item taken, in order: None for an item put (its
+        # outcome comes from the stream), or the error that refused it.
+        self.slots: collections.deque[BaseException | None] = collections.deque()
+        self.pending = 0  # slots that wait on the stream
         self.held: Any = _NOTHING  # taken from items, not yet put
 
     def __iter__(self) -> _OrderedMap:
         return self
 
     def _fill(self) -> None:
-        """Put items while the window has room (at least one if none is pending)."""
+        """Put items while the window has room (at least one if nothing is pending)."""
         while self.items is not None:
+            if self.pending and self.pending >= self.stream._window_seen:
+                return  # full by this iterator's own count: no round trip to learn it
             if self.held is _NOTHING:
                 try:
                     self.held = next(self.items)
@@ -751,15 +758,23 @@ class _OrderedMap:
                 if self.pending:
                     return  # hand out an outcome first; the held item goes in next time
                 raise
-            except Exception:
-                self.held = _NOTHING  # refused: raise for this item, go on with the next
-                raise
+            except OrderedStreamError as exc:
+                if isinstance(exc, (StreamClosedError, RedisUnavailable)):
+                    raise
+                self.slots.append(exc)  # refused: raised at this item's place
+            except (TypeError, ValueError) as exc:
+                self.slots.append(exc)
+            else:
+                self.slots.append(None)
+                self.pending += 1
             self.held = _NOTHING
-            self.pending += 1
 
     def __next__(self) -> Any:
         self._fill()
-        if not self.pending:
+        if not self.slots:
             raise StopIteration
+        refused = self.slots.popleft()
+        if refused is not None:
+            raise refused
         self.pending -= 1
         return self.stream.get(timeout=self.timeout)
