@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any
-
-import functools
 
 import redis
 from celery import shared_task
@@ -76,7 +75,9 @@ def pid() -> int:
 
 
 @ordered_task
-def record_start(redis_url: str, progress_key: str, log_key: str, index: int, seconds: float) -> int:
+def record_start(
+    redis_url: str, progress_key: str, log_key: str, index: int, seconds: float
+) -> int:
     """Log how far the consumer had got when this task started, then work.
 
     The consumer stores how many results it has taken in ``progress_key``;
@@ -128,3 +129,23 @@ class Holder:
     @staticmethod
     def static(x: int) -> int:
         return x
+
+
+@ordered_task
+def die_once(redis_url: str, key: str, value: Any) -> Any:
+    """Kill this worker process the first time it runs (per ``key``), then return ``value``.
+
+    The process dies mid-task, as on an OOM kill; the task's message must run
+    again for the stream to get an outcome at this number.
+    """
+    if _client(redis_url).set(key, 1, nx=True, ex=120):
+        os._exit(1)
+    return value
+
+
+@ordered_task
+def check_positive(x: int) -> int:
+    """Return ``x``, or raise ValueError when it is negative."""
+    if x < 0:
+        raise ValueError(f"{x} is negative")
+    return x

@@ -1,0 +1,168 @@
+"""``celery-ordered demo``: the README's batch-indexing story, run end to end."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from celery_ordered import RedisServer, __version__
+from celery_ordered.cli import main
+from tests.processes import no_leftovers
+
+pytestmark = pytest.mark.usefixtures(no_leftovers.__name__)
+
+BATCH_LINE = re.compile(r"^batch +(\d+) done: (\d+) documents$", re.MULTILINE)
+ORDER_OK = "order             every result in submission order: ok"
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without any Celery or test settings: a fresh machine's."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("CELERY_", "CO_TEST_"))
+    }
+
+
+def run_demo(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(
+        command,
+        cwd=cwd,
+        env=env or clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def batches(output: str) -> list[tuple[int, int]]:
+    return [(int(b), int(d)) for b, d in BATCH_LINE.findall(output)]
+
+
+def test_the_demo_logs_every_batch_in_order(tmp_path):
+    out = run_demo(
+        [
+            sys.executable, "-m", "celery_ordered", "demo",
+            "--documents", "300", "--batch-size", "50", "--workers", "2",
+        ],
+        cwd=tmp_path,
+    )  # fmt: skip
+
+    assert out.startswith("Starting a private Redis and local Celery workers...")
+    assert "2 worker processes" in out
+    assert batches(out) == [(k, 50) for k in range(6)]
+    assert "300/300 documents" in out  # the progress bar reached the end
+    summary = out[out.index("Summary") :]
+    assert "documents         300 in 6 batches" in summary
+    assert "window            20" in summary  # 10 x workers
+    assert ORDER_OK in summary
+    assert list(tmp_path.iterdir()) == []  # it wrote nothing where it ran
+
+
+def test_the_console_script_with_an_uneven_last_batch(tmp_path):
+    script = shutil.which("celery-ordered", path=os.path.dirname(sys.executable))
+    if script is None:
+        pytest.skip("the celery-ordered console script is not installed next to Python")
+
+    out = run_demo(
+        [script, "demo", "--documents", "7", "--batch-size", "3", "--workers", "1"],
+        cwd=tmp_path,
+    )
+
+    assert batches(out) == [(0, 3), (1, 3), (2, 1)]
+    assert "documents         7 in 3 batches" in out
+    assert ORDER_OK in out
+
+
+def test_quiet_batches_prints_only_progress_and_summary():
+    result = CliRunner().invoke(
+        main,
+        ["demo", "--documents", "40", "--batch-size", "10", "--workers", "1", "--quiet-batches"],
+    )
+
+    assert result.exit_code == 0, result.output
+    assert batches(result.output) == []
+    assert "documents         40 in 4 batches" in result.output
+    assert ORDER_OK in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--broker-url", "redis://127.0.0.1:1/0"],
+        ["--redis-url", "redis://127.0.0.1:1/0"],
+    ],
+    ids=["broker-only", "redis-only"],
+)
+def test_a_fleet_run_needs_both_urls(args):
+    result = CliRunner().invoke(main, ["demo", *args])
+
+    assert result.exit_code == 2
+    assert "needs both --broker-url and --redis-url" in result.output
+    assert "Running on the fleet" not in result.output
+    assert "Starting a private Redis" not in result.output
+
+
+@pytest.mark.parametrize("option", ["--documents", "--batch-size"])
+def test_sizes_below_one_are_refused(option):
+    result = CliRunner().invoke(main, ["demo", option, "0"])
+
+    assert result.exit_code == 2
+    assert "must be at least 1" in result.output
+
+
+def test_version():
+    result = CliRunner().invoke(main, ["--version"])
+
+    assert result.exit_code == 0
+    assert result.output.strip() == f"celery-ordered, version {__version__}"
+
+
+def test_the_demo_runs_on_a_fleet(tmp_path):
+    # The fleet: a Celery worker of the demo app, on a Redis of the test's own.
+    with RedisServer() as server:
+        env = {
+            **clean_env(),
+            "CELERY_BROKER_URL": server.broker_url,
+            "CELERY_ORDERED_REDIS_URL": server.url,
+            "C_FORCE_ROOT": "1",
+        }
+        with (tmp_path / "worker.log").open("wb") as log:
+            worker = subprocess.Popen(
+                [
+                    sys.executable, "-m", "celery", "-A", "celery_ordered.demo", "worker",
+                    "--pool=prefork", "--concurrency=2", "--loglevel=WARNING",
+                    "--without-gossip", "--without-mingle", "--without-heartbeat",
+                ],
+                cwd=tmp_path,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        try:
+            out = run_demo(
+                [
+                    sys.executable, "-m", "celery_ordered", "demo",
+                    "--documents", "60", "--batch-size", "20", "--window", "8",
+                    "--broker-url", server.broker_url, "--redis-url", server.url,
+                ],
+                cwd=tmp_path,
+            )  # fmt: skip
+        finally:
+            worker.terminate()
+            worker.wait(timeout=60)
+
+    assert out.startswith(f"Running on the fleet behind {server.broker_url}")
+    assert "Starting a private Redis" not in out
+    assert batches(out) == [(0, 20), (1, 20), (2, 20)]
+    assert "window            8" in out
+    assert ORDER_OK in out

@@ -1,0 +1,366 @@
+"""The zero-setup default: a private Redis and local Celery workers.
+
+These tests never use the machine's Redis: a private cluster must work where
+none is reachable, and must not outlive its owner however the owner ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from celery_ordered import (
+    LocalCluster,
+    OrderedResultStream,
+    RedisServer,
+    local_cluster,
+)
+from tests.processes import ROOT, Owner, alive, footprint, no_leftovers, wait_gone
+
+pytestmark = pytest.mark.usefixtures(no_leftovers.__name__)
+
+RESULT_TIMEOUT = 30.0
+MACHINE_REDIS_PORT = 6379
+
+
+def double(x: int) -> int:
+    return 2 * x
+
+
+def redis_pid(url: str) -> int:
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.info("server")["process_id"])
+    finally:
+        client.close()
+
+
+# -- RedisServer ---------------------------------------------------------------
+
+
+def test_redis_server_is_private_and_gone_once_stopped():
+    with RedisServer() as server:
+        assert server.url == f"unix://{server.socket_path}"
+        assert server.broker_url == f"redis+socket://{server.socket_path}"
+        client = redis.Redis.from_url(server.url)
+        try:
+            assert client.set("greeting", "hello")
+            assert client.get("greeting") == b"hello"
+            info = client.info("server")
+        finally:
+            client.close()
+        directory, keeper, server_pid = server.directory, server.keeper_pid, info["process_id"]
+        assert "running" in repr(server)
+        assert server.is_running()
+        assert info["tcp_port"] == 0  # a unix socket only: nothing listens on TCP
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(server.socket_path).st_mode) == 0o700
+        assert alive(keeper)
+        assert alive(server_pid)
+
+    assert not server.is_running()
+    assert "stopped" in repr(server)
+    assert not os.path.exists(directory)
+    wait_gone({keeper, server_pid})
+    server.stop()  # idempotent
+
+
+def _python_for(user: str) -> str | None:
+    """A Python interpreter ``user`` may run, if any."""
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        try:
+            ran = subprocess.run(
+                [candidate, "-c", "pass"], user=user, cwd="/", capture_output=True, timeout=30
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if ran.returncode == 0:
+            return candidate
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_another_local_user_cannot_reach_the_private_redis():
+    python = _python_for("nobody")
+    if python is None:
+        pytest.skip("no Python interpreter that user nobody may run")
+    probe = (
+        "import socket, sys\n"
+        "client = socket.socket(socket.AF_UNIX)\n"
+        "try:\n"
+        "    client.connect(sys.argv[1])\n"
+        "except OSError as exc:\n"
+        "    print(type(exc).__name__)\n"
+        "else:\n"
+        "    print('connected')\n"
+    )
+    with RedisServer() as server:
+        done = subprocess.run(
+            [python, "-c", probe, server.socket_path],
+            user="nobody",
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=RESULT_TIMEOUT,
+        )
+
+    assert done.stdout.strip() == "PermissionError", done.stdout + done.stderr
+
+
+def test_redis_server_reports_a_binary_that_cannot_run(tmp_path):
+    from celery_ordered import ConfigurationError
+
+    fake = tmp_path / "redis-server"
+    fake.write_text("#!/bin/sh\necho 'this is not redis' >&2\nexit 3\n")
+    fake.chmod(0o755)
+
+    with pytest.raises(ConfigurationError, match="did not start"):
+        RedisServer(binary=str(fake)).start()
+
+
+# -- LocalCluster --------------------------------------------------------------
+
+
+def test_local_cluster_runs_a_stream_in_order_and_leaves_nothing():
+    with local_cluster(2) as cluster:
+        assert cluster.is_running()
+        assert cluster.startup_seconds is not None
+        assert cluster.startup_seconds > 0
+        assert cluster.app.conf.broker_url.startswith("redis+socket://")
+        assert cluster.app.conf.ordered_redis_url.startswith("unix://")
+        fp = footprint(cluster)
+        assert len(fp.pool_pids) == 2  # the worker leads a group of its pool processes
+        fp.assert_running()
+
+        stream = OrderedResultStream(cluster.app, window=8)
+        for i in range(30):
+            stream.put(double, i, timeout=RESULT_TIMEOUT)
+            if i >= 7:
+                assert stream.get(timeout=RESULT_TIMEOUT) == 2 * (i - 7)
+        stream.close()
+        assert list(stream) == [2 * i for i in range(23, 30)]
+
+    assert not cluster.is_running()
+    fp.wait_gone()
+
+
+def test_stop_workers_keeps_what_is_left_readable():
+    cluster = LocalCluster(1).start()
+    try:
+        stream = OrderedResultStream(cluster.app, window=8)
+        for i in range(5):
+            stream.put(double, i)
+        stream.close()
+        stream.join(timeout=RESULT_TIMEOUT)
+        assert not stream.is_alive()
+        fp = footprint(cluster)
+
+        cluster.stop_workers()
+
+        wait_gone({fp.worker_pid}, groups={fp.worker_pid})
+        assert not cluster.is_running()
+        assert alive(fp.keeper_pid)
+        assert alive(fp.redis_pid)
+        assert list(stream) == [0, 2, 4, 6, 8]
+    finally:
+        cluster.stop()
+    fp.wait_gone()
+
+
+def test_an_error_in_the_with_block_still_stops_the_cluster():
+    seen = []
+
+    def run() -> None:
+        with local_cluster(1) as cluster:
+            seen.append(footprint(cluster))
+            raise KeyError("boom")
+
+    with pytest.raises(KeyError, match="boom"):
+        run()
+
+    seen[0].wait_gone()
+
+
+@pytest.mark.parametrize("workers", [0, -1, True, 1.5, "2"])
+def test_local_cluster_refuses_a_bad_worker_count(workers):
+    with pytest.raises(ValueError, match="workers"):
+        LocalCluster(workers)
+
+
+# -- no Redis on the machine ---------------------------------------------------
+
+
+def _remote_ports(pid: int) -> set[int]:
+    """Remote TCP ports of the sockets ``pid`` holds open."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    except FileNotFoundError:
+        return set()
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        path = Path(f"/proc/{pid}/net/{table}")
+        if not path.exists():
+            continue
+        for row in path.read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[2].rsplit(":", 1)[1], 16))
+    return ports
+
+
+OWNER_OF_A_CLUSTER = """
+from celery_ordered import OrderedResultStream, local_cluster
+
+def triple(x):
+    return 3 * x
+
+with local_cluster(2) as cluster:
+    stream = OrderedResultStream(cluster.app, window=4)
+    results = list(stream.map(triple, range(10)))
+    report(cluster, results=results, owner=os.getpid())
+    block()
+"""
+
+
+def test_a_local_cluster_never_connects_to_a_tcp_redis():
+    owner = Owner(OWNER_OF_A_CLUSTER)
+    try:
+        fp = owner.footprint()
+        assert fp.extra["results"] == [3 * i for i in range(10)]
+        ports = {pid: _remote_ports(pid) for pid in {fp.extra["owner"], *fp.pids}}
+    finally:
+        owner.kill()
+    fp.wait_gone()
+
+    assert not {pid: p for pid, p in ports.items() if MACHINE_REDIS_PORT in p}
+    assert not any(ports.values())  # no TCP connection at all: the socket is a unix one
+
+
+NO_NETWORK_SCRIPT = """
+import os, socket, sys
+sys.path.insert(0, {root!r})
+try:
+    socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
+except OSError:
+    print("machine redis: unreachable", flush=True)
+else:
+    print("machine redis: answers", flush=True)
+
+from celery_ordered import OrderedResultStream, ParallelQueue, local_cluster
+
+def triple(x):
+    return 3 * x
+
+with local_cluster(1) as cluster:
+    stream = OrderedResultStream(cluster.app, window=4)
+    print("stream:", list(stream.map(triple, range(6))), flush=True)
+    directory = cluster.redis.directory
+print("directory removed:", not os.path.exists(directory), flush=True)
+
+queue = ParallelQueue(num_workers=1)
+queue.put(triple, 14)
+print("queue:", queue.get(timeout=60), flush=True)
+queue.stop()
+queue.join(timeout=60)
+print("queue alive:", queue.is_alive(), flush=True)
+"""
+
+
+def _network_namespace_available() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    try:
+        probe = subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(
+    not _network_namespace_available(), reason="needs unshare -rn (a private network)"
+)
+def test_works_on_a_machine_where_no_redis_is_reachable(tmp_path):
+    # A private network namespace: no interface is up, 127.0.0.1 included.
+    done = subprocess.run(
+        ["unshare", "-rn", sys.executable, "-c", NO_NETWORK_SCRIPT.format(root=str(ROOT))],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "machine redis: unreachable",
+        "stream: [0, 3, 6, 9, 12, 15]",
+        "directory removed: True",
+        "queue: 42",
+        "queue alive: False",
+    ]
+
+
+# -- the owner's death ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ending", "sig"),
+    [
+        ("block()", signal.SIGKILL),
+        ("block()", signal.SIGTERM),
+        ("pass  # falls off the end without stopping anything", None),
+    ],
+    ids=["sigkill", "sigterm", "exit-without-stop"],
+)
+def test_the_owners_end_takes_the_cluster_down(ending, sig):
+    body = f"""
+from celery_ordered import LocalCluster
+cluster = LocalCluster(2).start()
+report(cluster)
+{ending}
+"""
+    owner = Owner(body)
+    try:
+        fp = owner.footprint()
+        if sig is not None:
+            fp.assert_running()
+            owner.kill(sig)
+        else:
+            assert owner.wait() == 0
+            assert "Traceback" not in owner.stderr()
+    finally:
+        owner.kill()
+    fp.wait_gone()
+
+
+BARE_REDIS_OWNER = """
+from celery_ordered import RedisServer
+server = RedisServer().start()
+print("SERVER", json.dumps([server.keeper_pid, server.url, server.directory]), flush=True)
+block()
+"""
+
+
+def test_killing_the_owner_of_a_bare_redis_server_ends_it():
+    owner = Owner(BARE_REDIS_OWNER)
+    try:
+        keeper, url, directory = json.loads(owner.read_line("SERVER "))
+        server_pid = redis_pid(url)
+        assert alive(keeper)
+        assert alive(server_pid)
+    finally:
+        owner.kill()
+
+    wait_gone({keeper, server_pid}, paths={directory})

@@ -1,0 +1,229 @@
+"""The Redis scripts, through Protocol and raw, against the real Redis."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from importlib import resources
+from typing import Any
+
+import pytest
+import redis
+
+from celery_ordered.keys import StreamKeys
+from celery_ordered.protocol import Protocol
+from tests.tasks import echo
+
+
+def member(seq: int, value: Any, status: str = "r") -> bytes:
+    """A sorted-set member as the workers write it."""
+    return f"{seq}:{status}:application/json:utf-8:".encode() + json.dumps(value).encode()
+
+
+@pytest.fixture
+def name(redis_client: redis.Redis) -> Any:
+    """A fresh stream name; its keys are removed afterwards."""
+    name = f"test-scripts-{uuid.uuid4().hex}"
+    yield name
+    redis_client.delete(*StreamKeys(name).all())
+
+
+@pytest.fixture
+def proto(redis_client: redis.Redis, name: str) -> Protocol:
+    return Protocol(redis_client, name)
+
+
+def stream_keys(client: redis.Redis, name: str) -> list[bytes]:
+    return sorted(client.scan_iter(match=f"co:{{{name}}}:*"))
+
+
+def test_claim_respects_the_window(proto):
+    first = proto.claim(5, 3)  # no window stored yet: 3 is the default
+    assert (first.first, first.count, first.closed) == (0, 3, False)
+    assert proto.stats().window == 3
+    full = proto.claim(1, 3)
+    assert (full.first, full.count, full.closed) == (3, 0, False)
+    # Deliver two: two numbers free up.
+    proto.publish(0, member(0, "a"))
+    proto.publish(1, member(1, "b"))
+    proto.pop(2, -1, 0)
+    again = proto.claim(5, 3)
+    assert (again.first, again.count) == (3, 2)
+    assert proto.stats().claimed == 5
+
+
+def test_claim_after_close_claims_nothing(proto):
+    assert proto.claim(2, 10).count == 2
+    assert proto.close() == 2
+    claim = proto.claim(1, 10)
+    assert claim.closed
+    assert claim.count == 0
+    assert proto.stats().claimed == 2
+    assert proto.close() == 2  # idempotent: still the number at the first close
+
+
+def test_publish_first_outcome_wins_and_duplicates_are_dropped(proto, redis_client):
+    proto.claim(3, 10)
+    assert proto.publish(0, member(0, "first")) == 1
+    assert proto.publish(0, member(0, "second")) == 0  # duplicate: already filled
+    assert redis_client.zcard(proto.keys.results) == 1
+    assert proto.publish(7, member(7, "never claimed")) == -1
+    assert redis_client.zcard(proto.keys.results) == 1
+
+    batch = proto.pop(-1, -1, 10)
+    assert batch.members == [member(0, "first")]
+    # Delivered: acknowledge, then a late outcome for it is dropped too.
+    batch = proto.pop(1, 1, 10)
+    assert batch.next == 1
+    assert redis_client.zcard(proto.keys.results) == 0
+    assert proto.publish(0, member(0, "late")) == 0
+    assert redis_client.zcard(proto.keys.results) == 0
+
+    assert proto.publish(1, member(1, "one")) == 1
+    assert proto.publish(2, member(2, "two")) == 1
+    assert proto.pop(-1, 1, 10).members == [member(1, "one"), member(2, "two")]
+    assert proto.pop(3, 3, 10).members == []  # acknowledge both
+    for seq in range(3):
+        assert proto.publish(seq, member(seq, "late again")) == 0
+    assert redis_client.zcard(proto.keys.results) == 0
+
+
+def test_pop_returns_only_the_gapless_run(proto):
+    proto.claim(5, 10)
+    for seq in (1, 2, 4):
+        proto.publish(seq, member(seq, seq))
+    batch = proto.pop(-1, -1, 10)
+    assert (batch.next, batch.start, batch.stored, batch.closed_at) == (0, 0, 3, None)
+    assert batch.members == []  # 0 is missing: nothing can go yet
+    stats = proto.stats()
+    assert (stats.stored, stats.contiguous) == (3, 0)
+
+    proto.publish(0, member(0, 0))
+    batch = proto.pop(-1, -1, 10)
+    assert batch.members == [member(s, s) for s in (0, 1, 2)]
+    # Reading on from 3 without acknowledging: 3 is missing.
+    batch = proto.pop(-1, 3, 10)
+    assert (batch.start, batch.members) == (3, [])
+    # The limit caps the run.
+    assert proto.pop(-1, 0, 2).members == [member(0, 0), member(1, 1)]
+
+    proto.publish(3, member(3, 3))
+    batch = proto.pop(3, 3, 10)  # acknowledge 0..2, read on from 3
+    assert (batch.next, batch.stored) == (3, 2)
+    assert batch.members == [member(3, 3), member(4, 4)]
+    assert proto.stats().contiguous == 2
+
+
+def test_stats_snapshot(proto):
+    assert proto.stats() == proto.stats()
+    raw = proto.stats()
+    assert (raw.claimed, raw.next, raw.window, raw.stored, raw.closed_at) == (0, 0, 0, 0, None)
+    proto.claim(4, 6)
+    proto.publish(2, member(2, "x"))
+    proto.publish(0, member(0, "y"))
+    raw = proto.stats()
+    assert (raw.claimed, raw.next, raw.window, raw.stored, raw.contiguous) == (4, 0, 6, 2, 1)
+    proto.close()
+    assert proto.stats().closed_at == 4
+
+
+def test_late_results_leave_no_garbage_and_delete_leaves_nothing(proto, redis_client, name):
+    proto.claim(2, 4)
+    proto.publish(0, member(0, "a"))
+    proto.publish(1, member(1, "b"))
+    proto.close()
+    assert len(proto.pop(2, -1, 10).members) == 0  # acknowledged both
+    assert redis_client.zcard(proto.keys.results) == 0
+    assert proto.publish(1, member(1, "late")) == 0
+    assert redis_client.zcard(proto.keys.results) == 0
+
+    assert proto.delete() > 0
+    assert stream_keys(redis_client, name) == []
+    # A worker finishing after the delete: dropped, and nothing is recreated.
+    assert proto.publish(0, member(0, "after delete")) == -1
+    assert proto.publish(5, member(5, "after delete")) == -1
+    assert stream_keys(redis_client, name) == []
+
+
+def test_duplicate_and_late_outcomes_never_reach_a_consumer(make_stream, redis_client):
+    stream = make_stream(window=8)
+    proto = Protocol(redis_client, stream.name)
+    first = stream.put("original")
+    # A second outcome for a number already filled (a redelivered task).
+    assert proto.publish(first, member(first, "duplicate")) == 0
+    second = stream.put({"n": 2})
+    assert stream.get(timeout=5) == "original"
+    assert stream.get(timeout=5) == {"n": 2}
+    stream.ack()
+    # Late outcomes for numbers already delivered.
+    assert proto.publish(first, member(first, "late")) == 0
+    assert proto.publish(second, member(second, "late")) == 0
+    stream.put("third")
+    stream.close()
+    assert list(stream) == ["third"]
+    stats = stream.stats()
+    assert (stats.claimed, stats.delivered, stats.buffered) == (3, 3, 0)
+    assert redis_client.zcard(StreamKeys(stream.name).results) == 0
+    assert proto.publish(first, member(first, "later still")) == 0
+    assert redis_client.zcard(StreamKeys(stream.name).results) == 0
+
+    stream.delete()
+    assert stream_keys(redis_client, stream.name) == []
+    assert proto.publish(first, member(first, "after delete")) == -1
+    assert stream_keys(redis_client, stream.name) == []
+
+
+# -- script cache and pipelines -----------------------------------------------------
+
+
+def test_streams_work_across_a_script_flush(worker, make_stream, redis_client):
+    stream = make_stream(window=4)
+    stream.put(echo, "before flush")
+    assert stream.get(timeout=30) == "before flush"
+    # Every cached script is gone: producer, consumer and the workers' publish
+    # must all load them again by themselves.
+    redis_client.script_flush()
+    stream.put(echo, "after flush")
+    assert stream.get(timeout=30) == "after flush"
+    redis_client.script_flush()
+    stream.close()
+    assert list(stream) == []
+    assert stream.stats().claimed == 2
+
+
+def _lua(script: str) -> str:
+    return resources.files("celery_ordered").joinpath("lua", f"{script}.lua").read_text()
+
+
+@pytest.mark.parametrize("flush_first", [False, True], ids=["cached", "after flush"])
+def test_scripts_run_inside_a_pipeline(redis_client, name, flush_first):
+    # As redis-py's own tests do: Script objects called with client=pipeline.
+    claim, publish, pop, close, stats = (
+        redis_client.register_script(_lua(s)) for s in ("claim", "publish", "pop", "close", "stats")
+    )
+    k = StreamKeys(name)
+    claim_keys = [k.seq, k.next, k.window, k.closed, k.space]
+    publish_keys = [k.seq, k.next, k.results, k.ready, k.closed, k.done]
+    if flush_first:
+        redis_client.script_flush()
+    with redis_client.pipeline() as pipe:
+        claim(keys=claim_keys, args=[3, 8], client=pipe)
+        publish(keys=publish_keys, args=[2, member(2, "c")], client=pipe)
+        publish(keys=publish_keys, args=[0, member(0, "a")], client=pipe)
+        publish(keys=publish_keys, args=[0, member(0, "dup")], client=pipe)
+        publish(keys=publish_keys, args=[1, member(1, "b")], client=pipe)
+        stats(keys=[k.seq, k.next, k.window, k.results, k.closed], client=pipe)
+        close(keys=[k.seq, k.next, k.results, k.closed, k.ready, k.done, k.space], client=pipe)
+        pop(
+            keys=[k.next, k.results, k.closed, k.space, k.ready, k.window],
+            args=[-1, -1, 10],
+            client=pipe,
+        )
+        results = pipe.execute()
+    claimed, *published, snapshot, closed_at, popped = results
+    assert claimed == [0, 3]
+    assert published == [1, 1, 0, 1]
+    assert snapshot == [3, 0, 8, 3, 3, -1]
+    assert closed_at == 3
+    assert popped[:4] == [0, 3, 3, 0]
+    assert popped[-3:] == [member(0, "a"), member(1, "b"), member(2, "c")]
