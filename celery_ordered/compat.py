@@ -94,6 +94,7 @@ class ParallelQueue:
             window = DEFAULT_BUFFER_PER_WORKER * self.num_workers
         self._cluster: LocalCluster | None = None
         self._stopped = False
+        self._private_redis_gone = False
         if app is None:
             self._before_fork()
             self._cluster = LocalCluster(
@@ -140,7 +141,7 @@ class ParallelQueue:
         :class:`~celery_ordered.StreamExhausted` (without one, instead of
         blocking forever).
         """
-        if self._stopped and not self._stream._buffered_locally():
+        if self._private_redis_gone and not self._stream._buffered_locally():
             return self._nothing_left(timeout)
         try:
             return self._stream.get(timeout=timeout)
@@ -177,6 +178,7 @@ class ParallelQueue:
         if self._cluster is not None:
             self._stream._prefetch_all()
             self._cluster.stop()
+            self._private_redis_gone = True
             self._after_stop()
         self._stopped = True
 

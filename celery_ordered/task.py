@@ -242,7 +242,17 @@ def resolve_function(app: Any, reference: str) -> Callable[..., Any]:
         )
     found: Any = importlib.import_module(module)
     for part in name.split("."):
-        found = getattr(found, part)
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            if module == "__main__":
+                raise LookupError(
+                    f"function {name} is not in this worker's __main__: local workers "
+                    "see only what __main__ defined before they were forked (define it "
+                    "before starting the queue or cluster), and other workers never see "
+                    "the producer's __main__ (move it into a module)"
+                ) from None
+            raise
     if not callable(found):
         raise TypeError(f"{reference} is not callable")
     return found  # type: ignore[no-any-return]
