@@ -33,8 +33,13 @@ class _Stop(Exception):
     pass
 
 
+_waiting = False
+
+
 def _stop(signum: int, frame: object) -> None:
-    raise _Stop
+    # SIGTERM ends the wait for EOF; once that wait is over it changes nothing.
+    if _waiting:
+        raise _Stop
 
 
 def main(argv: list[str]) -> int:
@@ -75,9 +80,15 @@ def main(argv: list[str]) -> int:
     threading.Thread(target=lambda: [None for _ in server.stdout], daemon=True).start()  # type: ignore[union-attr]
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle
+    global _waiting
+    _waiting = True
     print("ready", flush=True)
-    with contextlib.suppress(_Stop, OSError):
+    try:
         sys.stdin.buffer.read()  # returns at EOF: the owner is gone or done
+        _waiting = False
+    except (_Stop, OSError):
+        pass
+    _waiting = False
     server.terminate()
     try:
         server.wait(timeout=10)

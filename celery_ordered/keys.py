@@ -107,12 +107,13 @@ class StreamKeys:
         """Sorted set of unfilled numbers scored by when they count as lost."""
         return self._key("deadlines")
 
-    def claim(self, claim_id: str) -> str:
-        """Short-lived key that makes a retried claim return the same numbers."""
-        return self._key(f"claim:{claim_id}")
+    @property
+    def producers(self) -> str:
+        """Hash of each producer's last claim, so a retried claim is not doubled."""
+        return self._key("producers")
 
     def all(self) -> tuple[str, ...]:
-        """Every key of the stream (but the short-lived claim keys)."""
+        """Every key of the stream."""
         return (
             self.seq,
             self.next,
@@ -124,6 +125,7 @@ class StreamKeys:
             self.done,
             self.pending,
             self.deadlines,
+            self.producers,
         )
 
 

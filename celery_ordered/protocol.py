@@ -78,7 +78,8 @@ class RawStats:
     closed_at: int | None
     #: Redis's clock, in ms, when the snapshot was taken.
     now_ms: int
-    #: When the number the consumer waits for was claimed (ms), if known.
+    #: When the head-of-line blocker (number ``next + contiguous``, the first
+    #: one whose outcome is missing) was claimed, in ms; None if none waits.
     head_claimed_ms: int | None
 
 
@@ -110,24 +111,26 @@ class Protocol:
         records: list[bytes],
         default_window: int,
         *,
+        producer: str,
         claim_id: str,
         lost_after: float | None = None,
     ) -> Claim:
         """Claim up to ``len(records)`` numbers if the window allows (see claim.lua).
 
         ``records`` says what each number is for (dispatched again if its
-        outcome is overdue by ``lost_after`` seconds); ``claim_id`` makes a
-        retry of this same call, after a lost reply, return the same numbers.
+        outcome is overdue by ``lost_after`` seconds); ``claim_id``, unique per
+        call from ``producer``, makes a retry of this same call after a lost
+        reply return the same numbers.
         """
         k = self.keys
         first, count = self._run["claim"](
             keys=[
                 k.seq, k.next, k.window, k.closed, k.space, k.pending, k.deadlines,
-                k.claim(claim_id),
+                k.producers,
             ],
             args=[
                 len(records), default_window, int((lost_after or 0) * 1000), self.ttl_ms,
-                *records,
+                producer, claim_id, *records,
             ],
         )  # fmt: skip
         return Claim(int(first), int(count), closed=int(first) < 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import threading
 import time
 import uuid
@@ -88,6 +89,11 @@ class StreamStats:
     window: int
     #: Whether the stream is closed to further puts.
     closed: bool
+    #: The head-of-line blocker: the first number whose outcome is missing,
+    #: which everything behind it waits for (None if none is missing).
+    blocker: int | None = None
+    #: Seconds since the blocker was dispatched (None if unknown).
+    blocker_waited: float | None = None
 
 
 @dataclass(frozen=True)
@@ -216,6 +222,7 @@ class OrderedResultStream:
         self._default_window = default_window(self.app)
         self._proto = Protocol(client, self.name, ttl=stream_ttl(self.app))
         self._next_reclaim = 0.0
+        self._producer_id = uuid.uuid4().hex
         with self._redis_errors():
             if window is not None:
                 self._proto.set_window(validate_window(window))
@@ -352,7 +359,11 @@ class OrderedResultStream:
         with self._redis_errors():
             while True:
                 claim = self._proto.claim(
-                    [record], self._default_window, claim_id=claim_id, lost_after=self.lost_after
+                    [record],
+                    self._default_window,
+                    producer=f"{self._producer_id}-{os.getpid()}-{threading.get_ident()}",
+                    claim_id=claim_id,
+                    lost_after=self.lost_after,
                 )
                 if claim.closed:
                     self._closed_here = True
@@ -665,6 +676,7 @@ class OrderedResultStream:
             self.ack()
         with self._redis_errors():
             raw = self._proto.stats()
+        blocker = raw.next + raw.contiguous
         return StreamStats(
             claimed=raw.claimed,
             delivered=raw.next,
@@ -673,6 +685,12 @@ class OrderedResultStream:
             out_of_order=raw.stored - raw.contiguous,
             window=raw.window or self._default_window,
             closed=raw.closed_at is not None,
+            blocker=blocker if blocker < raw.claimed else None,
+            blocker_waited=(
+                (raw.now_ms - raw.head_claimed_ms) / 1000
+                if raw.head_claimed_ms is not None and blocker < raw.claimed
+                else None
+            ),
         )
 
     @property

@@ -499,11 +499,6 @@ def test_single_task_queue_runs_a_top_level_function_on_a_celery_fleet(app, work
     assert not queue.is_alive()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: on a fleet, join() marks the queue stopped without reading what "
-    "is left, so get() says 'every result was taken' (compat.py join/get)",
-)
 def test_results_not_taken_before_join_stay_gettable_on_a_celery_fleet(app, worker):
     from tests.tasks import echo
 
@@ -603,11 +598,6 @@ newer.join(timeout=60)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: a newer cluster's forked worker inherits the older keeper's "
-    "stdin pipe, so stopping the older queue waits 15 s for the keeper, then kills it",
-)
 def test_stopping_an_older_queue_is_prompt_while_a_newer_one_runs():
     owner = Owner(OLDER_AND_NEWER)
     try:

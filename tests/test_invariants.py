@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 import redis
 from celery import Signature
+from celery.exceptions import NotRegistered
 
-from celery_ordered import StreamEmpty, UnsendableError
+from celery_ordered import StreamEmpty
 from celery_ordered.keys import StreamKeys
 from celery_ordered.protocol import Protocol
 from celery_ordered.task import HEADER_SEQ, HEADER_SERIALIZER, HEADER_STREAM
@@ -199,30 +200,19 @@ def test_outcome_after_delete_leaves_nothing(
 # -- invariant 1: every claimed number is filled ---------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="library bug: a signature of a task no worker has registered is claimed and "
-    "sent; the worker discards the message and the number is never filled (stream stalls)",
-)
 def test_signature_of_an_unknown_task_does_not_stall_the_stream(make_stream, app):
     stream = make_stream(window=4)
     stream.put(echo, "before")
     unknown = Signature("tests.tasks.no_such_task", args=(1,), app=app)
-    try:
-        stream.put(unknown)
-        refused = False
-    except UnsendableError:
-        refused = True  # refused before a number was claimed: as good
+    stream.put(unknown)
     stream.put(echo, "after")
     stream.close()
 
     assert stream.get(timeout=30) == "before"
-    if not refused:
-        # Its number must be filled with an error, not left empty forever.
-        outcome = next_outcome(stream, timeout=3)
-        assert isinstance(outcome, Exception)
-        assert outcome.seq == 1
+    # Its number is filled with the worker's refusal, not left empty forever.
+    outcome = next_outcome(stream, timeout=30)
+    assert isinstance(outcome, NotRegistered)
+    assert outcome.seq == 1
     assert stream.get(timeout=30) == "after"
     assert list(stream) == []
 

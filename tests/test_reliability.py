@@ -357,3 +357,26 @@ def test_a_huge_argument_is_refused_before_a_number_is_claimed(make_stream: Any)
     stream.put("still usable")
     stream.close()
     assert list(stream) == ["still usable"]
+
+
+def test_stats_name_the_head_of_line_blocker_and_how_long_it_waited(
+    worker: Any, make_stream: Any, own_queue: str
+) -> None:
+    # Given a task nobody serves between two that run
+    stream = make_stream(lost_after=2.0, max_redispatches=0)
+    stream.put(echo, 0)
+    stuck = stream.put(echo.s(1).set(queue=own_queue))
+    stream.put(echo, 2)
+    stream.close()
+    assert stream.get(timeout=30) == 0
+    # Then stats name it as what everything behind it waits for
+    stats = stream.stats()
+    assert stats.blocker == stuck
+    assert stats.blocker_waited is not None
+    assert 0 <= stats.blocker_waited < 2.0
+    assert stats.in_flight >= 1
+    # And once its place is filled (here: given up as lost), nothing blocks
+    with pytest.raises(ResultLost):
+        stream.get(timeout=30)
+    assert stream.get(timeout=30) == 2
+    assert stream.stats().blocker is None

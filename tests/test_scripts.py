@@ -33,29 +33,40 @@ def proto(redis_client: redis.Redis, name: str) -> Protocol:
     return Protocol(redis_client, name)
 
 
+#: A dispatch record as put writes it (here: for a marker holding {}).
+RECORD = b"0:M:application/json:utf-8:{}"
+
+
+def claim_numbers(proto: Protocol, wanted: int, default_window: int) -> Any:
+    """Claim ``wanted`` numbers as one producer's single call."""
+    return proto.claim(
+        [RECORD] * wanted, default_window, producer="tests", claim_id=uuid.uuid4().hex
+    )
+
+
 def stream_keys(client: redis.Redis, name: str) -> list[bytes]:
     return sorted(client.scan_iter(match=f"co:{{{name}}}:*"))
 
 
 def test_claim_respects_the_window(proto):
-    first = proto.claim(5, 3)  # no window stored yet: 3 is the default
+    first = claim_numbers(proto, 5, 3)  # no window stored yet: 3 is the default
     assert (first.first, first.count, first.closed) == (0, 3, False)
     assert proto.stats().window == 3
-    full = proto.claim(1, 3)
+    full = claim_numbers(proto, 1, 3)
     assert (full.first, full.count, full.closed) == (3, 0, False)
     # Deliver two: two numbers free up.
     proto.publish(0, member(0, "a"))
     proto.publish(1, member(1, "b"))
     proto.pop(2, -1, 0)
-    again = proto.claim(5, 3)
+    again = claim_numbers(proto, 5, 3)
     assert (again.first, again.count) == (3, 2)
     assert proto.stats().claimed == 5
 
 
 def test_claim_after_close_claims_nothing(proto):
-    assert proto.claim(2, 10).count == 2
+    assert claim_numbers(proto, 2, 10).count == 2
     assert proto.close() == 2
-    claim = proto.claim(1, 10)
+    claim = claim_numbers(proto, 1, 10)
     assert claim.closed
     assert claim.count == 0
     assert proto.stats().claimed == 2
@@ -63,7 +74,7 @@ def test_claim_after_close_claims_nothing(proto):
 
 
 def test_publish_first_outcome_wins_and_duplicates_are_dropped(proto, redis_client):
-    proto.claim(3, 10)
+    claim_numbers(proto, 3, 10)
     assert proto.publish(0, member(0, "first")) == 1
     assert proto.publish(0, member(0, "second")) == 0  # duplicate: already filled
     assert redis_client.zcard(proto.keys.results) == 1
@@ -89,7 +100,7 @@ def test_publish_first_outcome_wins_and_duplicates_are_dropped(proto, redis_clie
 
 
 def test_pop_returns_only_the_gapless_run(proto):
-    proto.claim(5, 10)
+    claim_numbers(proto, 5, 10)
     for seq in (1, 2, 4):
         proto.publish(seq, member(seq, seq))
     batch = proto.pop(-1, -1, 10)
@@ -115,20 +126,23 @@ def test_pop_returns_only_the_gapless_run(proto):
 
 
 def test_stats_snapshot(proto):
-    assert proto.stats() == proto.stats()
     raw = proto.stats()
     assert (raw.claimed, raw.next, raw.window, raw.stored, raw.closed_at) == (0, 0, 0, 0, None)
-    proto.claim(4, 6)
+    assert raw.head_claimed_ms is None  # nothing claimed: nothing waits
+    assert raw.now_ms > 0
+    claim_numbers(proto, 4, 6)
     proto.publish(2, member(2, "x"))
     proto.publish(0, member(0, "y"))
     raw = proto.stats()
+    assert raw.head_claimed_ms is not None
+    assert 0 <= raw.now_ms - raw.head_claimed_ms < 60_000  # the head waits since its claim
     assert (raw.claimed, raw.next, raw.window, raw.stored, raw.contiguous) == (4, 0, 6, 2, 1)
     proto.close()
     assert proto.stats().closed_at == 4
 
 
 def test_late_results_leave_no_garbage_and_delete_leaves_nothing(proto, redis_client, name):
-    proto.claim(2, 4)
+    claim_numbers(proto, 2, 4)
     proto.publish(0, member(0, "a"))
     proto.publish(1, member(1, "b"))
     proto.close()
@@ -202,28 +216,32 @@ def test_scripts_run_inside_a_pipeline(redis_client, name, flush_first):
         redis_client.register_script(_lua(s)) for s in ("claim", "publish", "pop", "close", "stats")
     )
     k = StreamKeys(name)
-    claim_keys = [k.seq, k.next, k.window, k.closed, k.space]
-    publish_keys = [k.seq, k.next, k.results, k.ready, k.closed, k.done]
+    claim_keys = [k.seq, k.next, k.window, k.closed, k.space, k.pending, k.deadlines, k.producers]
+    publish_keys = [k.seq, k.next, k.results, k.ready, k.closed, k.done, k.pending, k.deadlines]
     if flush_first:
         redis_client.script_flush()
     with redis_client.pipeline() as pipe:
-        claim(keys=claim_keys, args=[3, 8], client=pipe)
-        publish(keys=publish_keys, args=[2, member(2, "c")], client=pipe)
-        publish(keys=publish_keys, args=[0, member(0, "a")], client=pipe)
-        publish(keys=publish_keys, args=[0, member(0, "dup")], client=pipe)
-        publish(keys=publish_keys, args=[1, member(1, "b")], client=pipe)
-        stats(keys=[k.seq, k.next, k.window, k.results, k.closed], client=pipe)
-        close(keys=[k.seq, k.next, k.results, k.closed, k.ready, k.done, k.space], client=pipe)
+        claim(keys=claim_keys, args=[3, 8, 0, 0, "p", "c1", RECORD, RECORD, RECORD], client=pipe)
+        publish(keys=publish_keys, args=[2, member(2, "c"), 0], client=pipe)
+        publish(keys=publish_keys, args=[0, member(0, "a"), 0], client=pipe)
+        publish(keys=publish_keys, args=[0, member(0, "dup"), 0], client=pipe)
+        publish(keys=publish_keys, args=[1, member(1, "b"), 0], client=pipe)
+        stats(keys=[k.seq, k.next, k.window, k.results, k.closed, k.pending], client=pipe)
+        close(
+            keys=[k.seq, k.next, k.results, k.closed, k.ready, k.done, k.space],
+            args=[0],
+            client=pipe,
+        )
         pop(
             keys=[k.next, k.results, k.closed, k.space, k.ready, k.window],
-            args=[-1, -1, 10],
+            args=[-1, -1, 10, 0],
             client=pipe,
         )
         results = pipe.execute()
     claimed, *published, snapshot, closed_at, popped = results
     assert claimed == [0, 3]
     assert published == [1, 1, 0, 1]
-    assert snapshot == [3, 0, 8, 3, 3, -1]
+    assert snapshot[:6] == [3, 0, 8, 3, 3, -1]
     assert closed_at == 3
     assert popped[:4] == [0, 3, 3, 0]
     assert popped[-3:] == [member(0, "a"), member(1, "b"), member(2, "c")]

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import redis
-from celery.utils.serialization import UnpickleableExceptionWrapper
 
 from celery_ordered import (
     DispatchError,
@@ -145,12 +144,6 @@ def test_task_exceptions_raise_at_their_position_with_remote_traceback(make_stre
         stream.get(timeout=30)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnpickleableExceptionWrapper,
-    reason="library bug: Celery hands on_failure an UnpickleableExceptionWrapper for "
-    "exceptions that do not pickle, and the payload names the wrapper, not the task's class",
-)
 def test_exception_that_cannot_be_rebuilt_raises_task_failed_naming_it(make_stream):
     stream = make_stream(window=8)
     stream.put(echo, "before")
@@ -776,12 +769,6 @@ def test_map_goes_on_after_a_failed_item(make_stream):
     assert stream.stats().closed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="library bug: map() raises an item's UnsendableError when it reads the item "
-    "ahead, before the outcomes of earlier items, so errors no longer line up with inputs",
-)
 def test_map_raises_an_item_it_cannot_send_at_its_position(make_stream):
     stream = make_stream(window=3)
     results = stream.map(echo, [1, object(), 3, 4])

@@ -9,22 +9,26 @@
 -- KEYS[6]  pending    hash    number -> dispatch record, and 't:<number>' -> when it
 --                             was claimed (ms), until its outcome arrives
 -- KEYS[7]  deadlines  zset    numbers scored by when they count as lost (ms)
--- KEYS[8]  claim      string  this call's claim id key: makes a retried call return
---                             the same numbers instead of claiming more
+-- KEYS[8]  producers  hash    producer id -> "<claim id>:<first>:<count>" of its last claim
 -- ARGV[1]  wanted     how many numbers the caller would like (>= 1)
 -- ARGV[2]  default    window to store when KEYS[3] is absent
 -- ARGV[3]  lost_after ms after which an unfilled number counts as lost (0: never)
 -- ARGV[4]  ttl        ms every key of the stream lives after its last use (0: forever)
--- ARGV[5..4+wanted]   one dispatch record per wanted number
+-- ARGV[5]  producer   id of the calling producer (one per process, thread and stream)
+-- ARGV[6]  claim id   unique per call: a retry of this call (its reply lost to a
+--                     connection error) returns the same numbers, never new ones
+-- ARGV[7..6+wanted]   one dispatch record per wanted number
 --
 -- Returns {first, count}:
 --   count >= 1   numbers first .. first+count-1 now belong to the caller
 --   count == 0   the window is full: wait on KEYS[5] and try again
 --   first == -1  the stream is closed: nothing was claimed
-local prior = redis.call('GET', KEYS[8])
+local prior = redis.call('HGET', KEYS[8], ARGV[5])
 if prior then
-  local first, count = string.match(prior, '^(%d+):(%d+)$')
-  return {tonumber(first), tonumber(count)}
+  local id, first, count = string.match(prior, '^([^:]+):(%d+):(%d+)$')
+  if id == ARGV[6] then
+    return {tonumber(first), tonumber(count)}
+  end
 end
 if redis.call('EXISTS', KEYS[4]) == 1 then
   return {-1, 0}
@@ -47,20 +51,20 @@ local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local due = now + lost_after
 for i = 0, count - 1 do
-  redis.call('HSET', KEYS[6], seq + i, ARGV[5 + i], 't:' .. (seq + i), now)
+  redis.call('HSET', KEYS[6], seq + i, ARGV[7 + i], 't:' .. (seq + i), now)
   if lost_after > 0 then
     redis.call('ZADD', KEYS[7], due, seq + i)
   end
 end
 -- A retry of this very call (its reply lost) gets the same numbers back.
-redis.call('SET', KEYS[8], seq .. ':' .. count, 'PX', 600000)
+redis.call('HSET', KEYS[8], ARGV[5], ARGV[6] .. ':' .. seq .. ':' .. count)
 if room > count and redis.call('LLEN', KEYS[5]) == 0 then
   -- Room is left: pass the wake-up on to any other blocked producer.
   redis.call('RPUSH', KEYS[5], 1)
 end
 local ttl = tonumber(ARGV[4])
 if ttl > 0 then
-  for i = 1, 7 do
+  for i = 1, #KEYS do
     redis.call('PEXPIRE', KEYS[i], ttl)
   end
 end

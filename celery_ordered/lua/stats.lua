@@ -8,8 +8,10 @@
 -- KEYS[6]  pending  hash    number -> dispatch record; 't:<number>' -> claim time (ms)
 --
 -- Returns {claimed, next, window (0 if unset), stored, contiguous, closed (-1 if open),
---          now (ms), when `next` was claimed (ms, -1 if unknown)}
--- where `contiguous` counts stored outcomes from `next` on with no gap.
+--          now (ms), when the head-of-line blocker was claimed (ms, -1 if none)}
+-- where `contiguous` counts stored outcomes from `next` on with no gap, and the
+-- head-of-line blocker is the first claimed number after them: the one
+-- everything behind it waits for.
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -27,4 +29,4 @@ end
 return {tonumber(redis.call('GET', KEYS[1]) or '0'), nxt,
         tonumber(redis.call('GET', KEYS[3]) or '0'), stored, contiguous,
         tonumber(redis.call('GET', KEYS[5]) or '-1'),
-        now, tonumber(redis.call('HGET', KEYS[6], 't:' .. nxt) or '-1')}
+        now, tonumber(redis.call('HGET', KEYS[6], 't:' .. (nxt + contiguous)) or '-1')}
