@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -48,9 +49,11 @@ from .keys import validate_name
 from .protocol import WAIT_SLICE, Batch, Protocol
 from .task import (
     CALL_TASK_NAME,
+    CHUNK_TASK_NAME,
     HEADER_SEQ,
     HEADER_SERIALIZER,
     HEADER_STREAM,
+    TASK_TARGET_PREFIX,
     OrderedTask,
     function_reference,
 )
@@ -723,7 +726,12 @@ class OrderedResultStream:
         self.close()
 
     def map(
-        self, task: Callable[..., Any] | Task, iterable: Any, *, timeout: float | None = None
+        self,
+        task: Callable[..., Any] | Task,
+        iterable: Any,
+        *,
+        chunksize: int = 1,
+        timeout: float | None = None,
     ) -> Iterator[Any]:
         """Put ``task(item)`` for each item; iterate over the outcomes in order.
 
@@ -732,8 +740,37 @@ class OrderedResultStream:
         item raises at its position and the iteration goes on after it
         (``next()`` again). The stream is closed once ``iterable`` is exhausted.
         ``timeout`` applies to each wait for an outcome or for window space.
+
+        With ``chunksize > 1``, up to that many items travel in one Celery
+        message, run one after the other on one worker, and come back as one
+        entry of the stream (the window then counts chunks); they are still
+        yielded one by one, in order, and an item's exception fails only that
+        item. A task given here is then called directly on the worker for each
+        item (no per-item retries, routing or signals); plain functions suit
+        chunks best.
         """
-        return _OrderedMap(self, task, iter(iterable), timeout)
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize must be an int >= 1, got {chunksize!r}")
+        if chunksize == 1:
+            return _OrderedMap(self, task, iter(iterable), timeout)
+        return _ChunkedMap(self, task, iter(iterable), timeout, chunksize)
+
+    def _chunk_target(self, task: Any) -> str:
+        """What a chunk runs: ``"task:NAME"`` or a plain function reference."""
+        if isinstance(task, Task):
+            return TASK_TARGET_PREFIX + str(task.name)
+        if isinstance(task, Signature) or not callable(task):
+            raise UnsendableError(
+                f"map(chunksize=...) needs a task or a top-level function, got {task!r}"
+            )
+        reference = function_reference(task)
+        module = reference.partition(":")[0]
+        if not function_allowed(self.app, module):
+            raise UnsendableError(
+                f"map({reference}): workers may not run plain functions from module "
+                f"{module!r}; add it to app.conf.ordered_function_modules"
+            )
+        return reference
 
 
 _NOTHING = object()
@@ -771,7 +808,11 @@ class _OrderedMap:
                     self.stream.close()
                     return
             try:
-                self.stream.put(self.task, self.held, timeout=0 if self.pending else self.timeout)
+                timeout = 0 if self.pending else self.timeout
+                if self.task is None:  # the items are ready-made signatures
+                    self.stream.put(self.held, timeout=timeout)
+                else:
+                    self.stream.put(self.task, self.held, timeout=timeout)
             except StreamFull:
                 if self.pending:
                     return  # hand out an outcome first; the held item goes in next time
@@ -796,3 +837,65 @@ class _OrderedMap:
             raise refused
         self.pending -= 1
         return self.stream.get(timeout=self.timeout)
+
+
+class _ChunkedMap:
+    """The iterator :meth:`OrderedResultStream.map` returns with ``chunksize > 1``."""
+
+    sizes: collections.deque[int]
+
+    def __init__(
+        self,
+        stream: OrderedResultStream,
+        task: Any,
+        items: Iterator[Any],
+        timeout: float | None,
+        chunksize: int,
+    ) -> None:
+        self.stream = stream
+        self.target = stream._chunk_target(task)
+        self.chunk_task = stream.app.tasks[CHUNK_TASK_NAME]
+        self.chunks = _OrderedMap(stream, None, self._chunked(items, chunksize), timeout)
+        # Outcomes of the chunk being handed out: ("r", value) or ("e", error).
+        self.outcomes: collections.deque[tuple[str, Any]] = collections.deque()
+        self.sizes = collections.deque()
+
+    def _chunked(self, items: Iterator[Any], size: int) -> Iterator[Any]:
+        while True:
+            chunk = list(itertools.islice(items, size))
+            if not chunk:
+                return
+            self.sizes.append(len(chunk))
+            yield self.chunk_task.s(self.target, chunk)
+
+    def __iter__(self) -> _ChunkedMap:
+        return self
+
+    def __next__(self) -> Any:
+        if not self.outcomes:
+            self._next_chunk()
+        kind, value = self.outcomes.popleft()
+        if kind == "e":
+            raise value
+        return value
+
+    def _next_chunk(self) -> None:
+        try:
+            entry = next(self.chunks)
+        except StopIteration:
+            raise
+        except Exception as exc:  # the whole chunk failed or was refused
+            size = self.sizes.popleft()
+            self.outcomes.extend(("e", exc) for _ in range(size))
+            return
+        size = self.sizes.popleft()
+        for kind, value in entry:
+            if kind == "e":
+                error = codec.rebuild_exception(
+                    value, stream=self.stream.name, seq=self.stream._delivered - 1
+                )
+                self.outcomes.append(("e", error))
+            else:
+                self.outcomes.append(("r", value))
+        if len(entry) != size:  # pragma: no cover - a worker of another version
+            raise OrderedStreamError(f"a chunk of {size} items came back with {len(entry)}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
@@ -41,6 +42,12 @@ HEADER_SERIALIZER = "co_ser"
 
 #: Name of the task that runs plain functions for streams.
 CALL_TASK_NAME = "celery_ordered.call"
+
+#: Name of the task that runs one function or task over a chunk of items.
+CHUNK_TASK_NAME = "celery_ordered.chunk"
+
+#: Prefix of a chunk target that names a registered task, not a function.
+TASK_TARGET_PREFIX = "task:"
 
 #: Prefix of a function reference that names a function inherited by forked
 #: workers rather than imported (see :mod:`celery_ordered.compat`).
@@ -262,3 +269,26 @@ def resolve_function(app: Any, reference: str) -> Callable[..., Any]:
 def call(self: OrderedTask, reference: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
     """Run the plain function ``reference`` names on ``args`` and ``kwargs``."""
     return resolve_function(self.app, reference)(*args, **kwargs)
+
+
+@shared_task(name=CHUNK_TASK_NAME, base=OrderedTask, bind=True)
+def chunk(self: OrderedTask, target: str, items: list[Any]) -> list[list[Any]]:
+    """Run ``target`` on each item; one ``["r", value]`` or ``["e", error]`` per item.
+
+    ``target`` is ``"task:NAME"`` (a registered task, called directly, not
+    sent) or a plain function reference. An item's exception fails only that
+    item: its traceback travels with it.
+    """
+    if target.startswith(TASK_TARGET_PREFIX):
+        function: Callable[..., Any] = self.app.tasks[target[len(TASK_TARGET_PREFIX) :]]
+    else:
+        function = resolve_function(self.app, target)
+    serializer = (self._stream_target() or ("", 0, serializer_for(self.app)))[2]
+    outcomes: list[list[Any]] = []
+    for item in items:
+        try:
+            outcomes.append(["r", function(item)])
+        except Exception as exc:
+            payload = codec.exception_payload(exc, traceback.format_exc(), serializer, target)
+            outcomes.append(["e", payload])
+    return outcomes

