@@ -24,3 +24,9 @@ def tracked_square(x: int, seconds: float, redis_url: str, key: str) -> int:
 def square(x: int) -> int:
     """Square ``x``."""
     return x * x
+
+
+def slow_square(x: int, seconds: float) -> int:
+    """Square ``x`` after ``seconds``."""
+    time.sleep(seconds)
+    return x * x
