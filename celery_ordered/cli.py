@@ -7,6 +7,7 @@ import sys
 import click
 
 from . import __version__
+from .commands import ordered
 
 
 @click.group()
@@ -91,6 +92,9 @@ def demo(
         click.echo(line)
     if not report.in_order:
         sys.exit(1)
+
+
+main.add_command(ordered)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,162 @@
+"""``celery ordered ...``: look at and steer streams from the command line.
+
+Plugged into Celery's own command through the ``celery.commands`` entry
+point, so ``celery -A proj ordered ls`` finds the Redis from the app's
+settings; also part of the standalone ``celery-ordered`` command, where
+``--redis-url`` says which Redis.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import click
+from celery import Celery
+
+from .config import client_for, redis_retry_for, resolve_redis_url
+from .errors import OrderedStreamError
+from .keys import KEY_PREFIX, name_from_key
+from .protocol import Protocol
+from .stream import OrderedResultStream, StreamStats
+
+
+class _Target:
+    """The app and Redis the commands work on."""
+
+    def __init__(self, app: Celery, redis_url: str | None) -> None:
+        self.app = app
+        self.redis_url = redis_url
+
+    def client(self) -> Any:
+        return client_for(resolve_redis_url(self.app, self.redis_url), redis_retry_for(self.app))
+
+    def names(self) -> list[str]:
+        found = {
+            name_from_key(key)
+            for key in self.client().scan_iter(match=f"{KEY_PREFIX}:{{*}}:window", count=1000)
+        }
+        return sorted(name for name in found if name)
+
+    def stream(self, name: str) -> OrderedResultStream:
+        if not Protocol(self.client(), name).exists():
+            raise click.ClickException(f"no stream named {name!r} in this Redis")
+        return OrderedResultStream(self.app, name, redis_url=self.redis_url)
+
+
+def _describe(stats: StreamStats) -> str:
+    state = "closed" if stats.closed else "open"
+    return (
+        f"{stats.delivered}/{stats.claimed} delivered, {stats.in_flight} in flight, "
+        f"{stats.buffered} buffered ({stats.out_of_order} out of order), "
+        f"window {stats.window}, {state}"
+    )
+
+
+@click.group(name="ordered")
+@click.option("--redis-url", default=None, help="Redis holding the streams [default: the app's].")
+@click.pass_context
+def ordered(ctx: click.Context, redis_url: str | None) -> None:
+    """Look at and steer celery-ordered streams."""
+    app = getattr(ctx.obj, "app", None)
+    if app is None:
+        app = Celery("celery_ordered.cli", set_as_current=False)
+    ctx.meta["celery_ordered"] = _Target(app, redis_url)
+
+
+def _target(ctx: click.Context) -> _Target:
+    target: _Target = ctx.meta["celery_ordered"]
+    return target
+
+
+@ordered.command(name="ls")
+@click.pass_context
+def list_streams(ctx: click.Context) -> None:
+    """List the streams in Redis, with their progress."""
+    target = _target(ctx)
+    names = target.names()
+    if not names:
+        click.echo("no streams")
+        return
+    width = max(len(name) for name in names)
+    for name in names:
+        click.echo(f"{name:<{width}}  {_describe(target.stream(name).stats())}")
+
+
+@ordered.command()
+@click.argument("name")
+@click.pass_context
+def inspect(ctx: click.Context, name: str) -> None:
+    """Show one stream's counters and its head-of-line blocker."""
+    stats = _target(ctx).stream(name).stats()
+    rows = [
+        ("claimed", stats.claimed),
+        ("delivered", stats.delivered),
+        ("in flight", stats.in_flight),
+        ("buffered", stats.buffered),
+        ("out of order", stats.out_of_order),
+        ("window", stats.window),
+        ("closed", "yes" if stats.closed else "no"),
+    ]
+    if stats.blocker is None:
+        rows.append(("blocker", "none: nothing is missing"))
+    else:
+        waited = "" if stats.blocker_waited is None else f", waiting {stats.blocker_waited:.1f} s"
+        rows.append(("blocker", f"number {stats.blocker}{waited}"))
+    for label, value in rows:
+        click.echo(f"{label:<13} {value}")
+
+
+@ordered.command()
+@click.argument("name")
+@click.option("--interval", default=0.5, show_default=True, help="Seconds between refreshes.")
+@click.option("--count", type=int, default=None, help="Stop after this many refreshes.")
+@click.pass_context
+def watch(ctx: click.Context, name: str, interval: float, count: int | None) -> None:
+    """A live view of one stream: progress bar and throughput, until it is done."""
+    stream = _target(ctx).stream(name)
+    pause = threading.Event()
+    began = time.monotonic()
+    first = stream.stats().delivered
+    shown = 0
+    while True:
+        stats = stream.stats()
+        elapsed = time.monotonic() - began
+        rate = (stats.delivered - first) / elapsed if elapsed > 0 else 0.0
+        total = max(stats.claimed, 1)
+        filled = 30 * stats.delivered // total
+        bar = "#" * filled + "." * (30 - filled)
+        click.echo(f"[{bar}] {_describe(stats)}, {rate:,.0f}/s")
+        shown += 1
+        done = stats.closed and stats.delivered >= stats.claimed
+        if done or (count is not None and shown >= count):
+            return
+        pause.wait(interval)
+
+
+@ordered.command()
+@click.argument("name")
+@click.argument("size", type=int)
+@click.pass_context
+def window(ctx: click.Context, name: str, size: int) -> None:
+    """Change a stream's window cap while it runs."""
+    stream = _target(ctx).stream(name)
+    try:
+        stream.set_window(size)
+    except (ValueError, TypeError, OrderedStreamError) as exc:
+        raise click.BadParameter(str(exc), param_hint="SIZE") from exc
+    click.echo(f"window of {name} is now {size}")
+
+
+@ordered.command()
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def purge(ctx: click.Context, name: str, yes: bool) -> None:
+    """Delete every key of a stream (late results are then dropped)."""
+    stream = _target(ctx).stream(name)
+    if not yes:
+        click.confirm(f"Delete stream {name} and all it holds?", abort=True)
+    stream.delete()
+    click.echo(f"deleted {name}")

@@ -1,0 +1,103 @@
+"""`celery -A proj ordered ...` and `celery-ordered ordered ...`, against real Redis."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+import redis
+from celery.bin.celery import celery as celery_command
+from click.testing import CliRunner
+
+from celery_ordered.cli import main as standalone
+from celery_ordered.keys import StreamKeys
+from tests.tasks import echo
+
+
+def run(*args: str, input: str | None = None) -> Any:
+    return CliRunner().invoke(celery_command, ["-A", "tests.celeryapp", "ordered", *args],
+                              input=input)  # fmt: skip
+
+
+@pytest.fixture
+def blocked_stream(worker: Any, make_stream: Any, redis_client: redis.Redis) -> Any:
+    """A stream whose number 1 went to a queue nobody serves: it blocks 2 and 3."""
+    queue = f"nobody-{uuid.uuid4().hex[:6]}"
+    stream = make_stream(window=9)
+    stream.put(echo, "zero")
+    stream.put(echo.s("one").set(queue=queue))
+    stream.put("two")
+    stream.put("three")
+    assert stream.get(timeout=30) == "zero"
+    stream.ack()  # what other processes see as delivered is what was acknowledged
+    yield stream
+    redis_client.delete(queue)
+
+
+def test_inspect_names_the_head_of_line_blocker(blocked_stream: Any) -> None:
+    result = run("inspect", blocked_stream.name)
+    assert result.exit_code == 0, result.output
+    assert "claimed       4" in result.output
+    assert "delivered     1" in result.output
+    assert "buffered      2" in result.output
+    assert "window        9" in result.output
+    assert "blocker       number 1, waiting" in result.output
+
+
+def test_ls_lists_streams_with_their_progress(blocked_stream: Any) -> None:
+    result = run("ls")
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if blocked_stream.name in line)
+    assert "1/4 delivered" in line
+    assert "window 9" in line
+
+
+def test_window_changes_the_cap_live_and_refuses_nonsense(blocked_stream: Any) -> None:
+    assert run("window", blocked_stream.name, "3").exit_code == 0
+    assert blocked_stream.window == 3
+    refused = run("window", blocked_stream.name, "0")
+    assert refused.exit_code == 2
+    assert "at least 1" in refused.output
+    assert blocked_stream.window == 3
+
+
+def test_watch_shows_progress_and_ends_with_the_stream(worker: Any, make_stream: Any) -> None:
+    stream = make_stream()
+    for i in range(5):
+        stream.put(echo, i)
+    stream.close()
+    assert list(stream) == list(range(5))
+    result = run("watch", stream.name, "--interval", "0.01")
+    assert result.exit_code == 0, result.output
+    assert "[##############################] 5/5 delivered" in result.output
+
+
+def test_watch_with_a_count_stops_on_an_open_stream(blocked_stream: Any) -> None:
+    result = run("watch", blocked_stream.name, "--count", "2", "--interval", "0.01")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("1/4 delivered") == 2
+
+
+def test_purge_asks_then_deletes_every_key(blocked_stream: Any, redis_client: Any) -> None:
+    keys = StreamKeys(blocked_stream.name).all()
+    kept = run("purge", blocked_stream.name, input="n\n")
+    assert kept.exit_code == 1
+    assert redis_client.exists(*keys) > 0
+    gone = run("purge", blocked_stream.name, "--yes")
+    assert gone.exit_code == 0, gone.output
+    assert redis_client.exists(*keys) == 0
+
+
+def test_an_unknown_stream_is_a_clear_error(redis_url: str) -> None:
+    result = run("inspect", f"no-such-{uuid.uuid4().hex}")
+    assert result.exit_code == 1
+    assert "no stream named" in result.output
+
+
+def test_the_standalone_command_takes_a_redis_url(blocked_stream: Any, redis_url: str) -> None:
+    result = CliRunner().invoke(
+        standalone, ["ordered", "--redis-url", redis_url, "inspect", blocked_stream.name]
+    )
+    assert result.exit_code == 0, result.output
+    assert "blocker       number 1" in result.output
