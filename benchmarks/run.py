@@ -331,6 +331,34 @@ def stream_map(ctx: Context, n: int) -> float:
     return elapsed
 
 
+#: The chunked rows map this many times more items, so that they run long
+#: enough to measure; they report items per second like the other rows.
+CHUNK_SCALE = 25
+
+
+def _stream_map_chunked(ctx: Context, n: int, chunksize: int) -> float:
+    stream = ctx.stream(f"map-{chunksize}")
+    items = n * CHUNK_SCALE
+    try:
+        began = time.perf_counter()
+        values = list(stream.map(ctx.tasks.square, range(items), chunksize=chunksize,
+                                 timeout=TIMEOUT))  # fmt: skip
+        elapsed = time.perf_counter() - began
+    finally:
+        stream.delete()
+    if values != [i * i for i in range(items)]:
+        raise BenchError(f"stream.map(chunksize={chunksize}) gave wrong values")
+    return elapsed / CHUNK_SCALE  # seconds per n items
+
+
+def stream_map_10(ctx: Context, n: int) -> float:
+    return _stream_map_chunked(ctx, n, 10)
+
+
+def stream_map_100(ctx: Context, n: int) -> float:
+    return _stream_map_chunked(ctx, n, 100)
+
+
 @contextlib.contextmanager
 def process_pool() -> Iterator[Any]:
     """A ``multiprocessing.Pool(PROCESSES)``, closed and joined when done."""
@@ -383,6 +411,8 @@ THROUGHPUT: list[tuple[str, str, Callable[[Context, int], float]]] = [
     ("celery_group_join", "celery, group().join()", celery_group_join),
     ("stream_thread", f"celery-ordered, put thread + iterate (w={WINDOW})", stream_thread),
     ("stream_map", f"celery-ordered, stream.map (w={WINDOW})", stream_map),
+    ("stream_map_10", f"celery-ordered, stream.map chunksize=10 (w={WINDOW})", stream_map_10),
+    ("stream_map_100", f"celery-ordered, stream.map chunksize=100 (w={WINDOW})", stream_map_100),
     ("mp_imap_1", "multiprocessing Pool(2).imap, chunksize=1", mp_imap_1),
     ("mp_imap_64", "multiprocessing Pool(2).imap, chunksize=64", mp_imap_64),
     ("futures_map", "ProcessPoolExecutor(2).map, chunksize=1", futures_map),

@@ -46,7 +46,7 @@ from .errors import (
     UnsendableError,
 )
 from .keys import validate_name
-from .protocol import WAIT_SLICE, Batch, Protocol
+from .protocol import WAIT_SLICE, Batch, Claim, Protocol
 from .task import (
     CALL_TASK_NAME,
     CHUNK_TASK_NAME,
@@ -357,12 +357,16 @@ class OrderedResultStream:
         )
 
     def _claim(self, record: bytes, timeout: float | None) -> int:
+        return self._claim_block([record], timeout).first
+
+    def _claim_block(self, records: list[bytes], timeout: float | None) -> Claim:
+        """Claim up to ``len(records)`` numbers in one round trip (at least one)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         claim_id = uuid.uuid4().hex
         with self._redis_errors():
             while True:
                 claim = self._proto.claim(
-                    [record],
+                    records,
                     self._default_window,
                     producer=f"{self._producer_id}-{os.getpid()}-{threading.get_ident()}",
                     claim_id=claim_id,
@@ -376,7 +380,7 @@ class OrderedResultStream:
                         stream=self.name,
                     )
                 if claim.count:
-                    return claim.first
+                    return claim
                 if self._delivered > self._acked and self._consumer_lock.acquire(blocking=False):
                     # This object's own consumer has handed out outcomes it has
                     # not acknowledged: do it now, or put and get from one
@@ -773,11 +777,12 @@ class OrderedResultStream:
         return reference
 
 
-_NOTHING = object()
-
-
 class _OrderedMap:
-    """The iterator :meth:`OrderedResultStream.map` returns."""
+    """The iterator :meth:`OrderedResultStream.map` returns.
+
+    It claims numbers in blocks: everything that fits the window goes out
+    with one claim (one round trip), then one send per item.
+    """
 
     def __init__(
         self, stream: OrderedResultStream, task: Any, items: Iterator[Any], timeout: float | None
@@ -786,47 +791,76 @@ class _OrderedMap:
         self.task = task
         self.items: Iterator[Any] | None = items
         self.timeout = timeout
-        # One slot per item taken, in order: None for an item put (its
-        # outcome comes from the stream), or the error that refused it.
+        # Items taken and checked, in order, not yet claimed: what put would
+        # send, or the error that refused the item.
+        self.backlog: collections.deque[_Prepared | BaseException] = collections.deque()
+        # One slot per item claimed or refused, in order: None for an item
+        # whose outcome comes from the stream, or the error that refused it.
         self.slots: collections.deque[BaseException | None] = collections.deque()
         self.pending = 0  # slots that wait on the stream
-        self.held: Any = _NOTHING  # taken from items, not yet put
+        self.closed = False
 
     def __iter__(self) -> _OrderedMap:
         return self
 
-    def _fill(self) -> None:
-        """Put items while the window has room (at least one if nothing is pending)."""
-        while self.items is not None:
-            if self.pending and self.pending >= self.stream._window_seen:
-                return  # full by this iterator's own count: no round trip to learn it
-            if self.held is _NOTHING:
-                try:
-                    self.held = next(self.items)
-                except StopIteration:
-                    self.items = None
-                    self.stream.close()
-                    return
+    def _take(self, wanted: int) -> None:
+        """Top the backlog up to ``wanted`` checked items."""
+        while self.items is not None and len(self.backlog) < wanted:
             try:
-                timeout = 0 if self.pending else self.timeout
+                item = next(self.items)
+            except StopIteration:
+                self.items = None
+                return
+            try:
                 if self.task is None:  # the items are ready-made signatures
-                    self.stream.put(self.held, timeout=timeout)
+                    prepared = self.stream._prepare(item, (), {})
                 else:
-                    self.stream.put(self.task, self.held, timeout=timeout)
+                    prepared = self.stream._prepare(self.task, (item,), {})
+            except (TypeError, ValueError) as exc:
+                self.backlog.append(exc)  # refused: raised at this item's place
+            else:
+                self.backlog.append(prepared)
+
+    def _fill(self) -> None:
+        """Claim and send what fits the window (at least one if nothing is pending)."""
+        while True:
+            room = self.stream._window_seen - self.pending
+            if self.pending and room <= 0:
+                return  # full by this iterator's own count: no round trip to learn it
+            self._take(max(room, 1))
+            while self.backlog and isinstance(self.backlog[0], BaseException):
+                self.slots.append(self.backlog.popleft())  # type: ignore[arg-type]
+            run: list[_Prepared] = []
+            for entry in self.backlog:
+                if isinstance(entry, BaseException) or len(run) >= max(room, 1):
+                    break
+                run.append(entry)
+            if not run:
+                if self.items is None and not self.backlog:
+                    if not self.closed:
+                        self.stream.close()
+                        self.closed = True
+                    return
+                continue
+            try:
+                claim = self.stream._claim_block(
+                    [prepared.record for prepared in run], 0 if self.pending else self.timeout
+                )
             except StreamFull:
                 if self.pending:
-                    return  # hand out an outcome first; the held item goes in next time
+                    return  # hand out an outcome first
                 raise
-            except OrderedStreamError as exc:
-                if isinstance(exc, (StreamClosedError, RedisUnavailable)):
-                    raise
-                self.slots.append(exc)  # refused: raised at this item's place
-            except (TypeError, ValueError) as exc:
-                self.slots.append(exc)
-            else:
+            for offset in range(claim.count):
+                prepared = self.backlog.popleft()
+                assert isinstance(prepared, _Prepared)
+                with contextlib.suppress(DispatchError):
+                    # A failed send fills its number with the error, which
+                    # comes out of the stream at this item's place.
+                    self.stream._send(prepared, claim.first + offset)
                 self.slots.append(None)
                 self.pending += 1
-            self.held = _NOTHING
+            if claim.count < len(run):
+                return  # the window filled up
 
     def __next__(self) -> Any:
         self._fill()
