@@ -18,7 +18,7 @@ from .errors import (
     TaskFailed,
     UnsendableError,
 )
-from .stream import OrderedResultStream, StreamStats
+from .stream import OrderedResultStream, StreamStats, imap
 from .task import OrderedTask, ordered_task
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __all__ = [
     # Streams
     "OrderedResultStream",
     "StreamStats",
+    "imap",
     # The parallel_queue API
     "ParallelQueue",
     "ParallelSingleTaskQueue",

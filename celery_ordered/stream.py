@@ -10,6 +10,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -317,15 +318,7 @@ class OrderedResultStream:
             name = task.name
             found = self.app.tasks.get(name, task)
         else:
-            reference = function_reference(task)
-            module = reference.partition(":")[0]
-            if not function_allowed(self.app, module):
-                raise UnsendableError(
-                    f"put({reference}): workers may not run plain functions from module "
-                    f"{module!r} (standard-library modules are refused unless listed). "
-                    "Add it to app.conf.ordered_function_modules, or wrap the call in an "
-                    "@ordered_task task"
-                )
+            reference = self._function_reference(task)
             name = CALL_TASK_NAME
             found = self.app.tasks[CALL_TASK_NAME]
             args, kwargs = (reference, list(args), kwargs), {}
@@ -767,12 +760,18 @@ class OrderedResultStream:
             raise UnsendableError(
                 f"map(chunksize=...) needs a task or a top-level function, got {task!r}"
             )
-        reference = function_reference(task)
+        return self._function_reference(task)
+
+    def _function_reference(self, function: Callable[..., Any]) -> str:
+        """The reference workers run ``function`` by, if this app lets them."""
+        reference = function_reference(function)
         module = reference.partition(":")[0]
         if not function_allowed(self.app, module):
             raise UnsendableError(
-                f"map({reference}): workers may not run plain functions from module "
-                f"{module!r}; add it to app.conf.ordered_function_modules"
+                f"{reference}: workers may not run plain functions from module "
+                f"{module!r} (standard-library modules are refused unless listed). "
+                "Add it to app.conf.ordered_function_modules, or wrap the call in an "
+                "@ordered_task task"
             )
         return reference
 
@@ -933,3 +932,58 @@ class _ChunkedMap:
                 self.outcomes.append(("r", value))
         if len(entry) != size:  # pragma: no cover - a worker of another version
             raise OrderedStreamError(f"a chunk of {size} items came back with {len(entry)}")
+
+
+def imap(
+    task: Callable[..., Any] | Task,
+    iterable: Any,
+    *,
+    app: Celery | None = None,
+    chunksize: int = 1,
+    window: int | None = None,
+    timeout: float | None = None,
+    **stream_options: Any,
+) -> Iterator[Any]:
+    """``task(item)`` for each item on Celery workers, outcomes in order.
+
+    Like ``multiprocessing.Pool.imap``, on a Celery app (default: the
+    current app): a private stream is made for the run and deleted when the
+    iteration ends, is closed or is garbage-collected. A failed item raises
+    at its position; ``chunksize`` and ``timeout`` are as for
+    :meth:`OrderedResultStream.map`, and ``stream_options`` go to
+    :class:`OrderedResultStream`.
+    """
+    stream = OrderedResultStream(app, window=window, **stream_options)
+    try:
+        outcomes = stream.map(task, iterable, chunksize=chunksize, timeout=timeout)
+    except BaseException:
+        stream.delete()
+        raise
+    return _PrivateStreamIterator(stream, outcomes)
+
+
+class _PrivateStreamIterator:
+    """Iterates over a private stream's outcomes; deletes the stream after."""
+
+    def __init__(self, stream: OrderedResultStream, outcomes: Iterator[Any]) -> None:
+        self.outcomes = outcomes
+        self._delete = weakref.finalize(self, _delete_quietly, stream)
+
+    def __iter__(self) -> _PrivateStreamIterator:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self.outcomes)
+        except StopIteration:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Delete the private stream now (also done at the end, or when collected)."""
+        self._delete()
+
+
+def _delete_quietly(stream: OrderedResultStream) -> None:
+    with contextlib.suppress(Exception):  # at garbage collection: nobody to tell
+        stream.delete()

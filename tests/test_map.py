@@ -74,3 +74,18 @@ def test_map_refuses_what_workers_cannot_run(make_stream: Any) -> None:
     with pytest.raises(ValueError, match="chunksize"):
         stream.map(echo, [1], chunksize=0)
     assert stream.stats().claimed == 0
+
+
+def test_module_level_imap_runs_on_a_private_stream_and_removes_it(
+    app: Any, worker: Any, redis_client: Any
+) -> None:
+    import celery_ordered
+
+    before = set(redis_client.scan_iter(match="co:{*}:window"))
+    results = celery_ordered.imap(inverse_or_fail, [1, 2, 0, 4], app=app, chunksize=2, window=2)
+    seen = outcomes(results)
+    assert seen[:2] == [1.0, 0.5]
+    assert isinstance(seen[2], CustomError)
+    assert seen[3] == 0.25
+    # The iteration ended: the private stream is gone.
+    assert set(redis_client.scan_iter(match="co:{*}:window")) == before
