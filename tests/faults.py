@@ -30,3 +30,11 @@ def slow_square(x: int, seconds: float) -> int:
     """Square ``x`` after ``seconds``."""
     time.sleep(seconds)
     return x * x
+
+
+def where(x: int) -> list[object]:
+    """``[x, this worker's node name]``, after 20 ms of work."""
+    from celery import current_task
+
+    time.sleep(0.02)  # work that keeps a node busy, so the other takes the next
+    return [x, current_task.request.hostname]
