@@ -26,14 +26,14 @@ from .config import (
     client_for,
     default_window,
     function_allowed,
-    lost_after,
-    max_redispatches,
     redis_retry_for,
     resolve_redis_url,
     serializer_for,
     stream_ttl,
     validate_window,
 )
+from .config import lost_after as configured_lost_after
+from .config import max_redispatches as configured_max_redispatches
 from .errors import (
     ConfigurationError,
     DispatchError,
@@ -111,14 +111,6 @@ class _Prepared:
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] | None = None
     options: dict[str, Any] | None = None
-
-
-def _default_lost_after(app: Celery) -> float:
-    return lost_after(app)
-
-
-def _default_redispatches(app: Celery) -> int:
-    return max_redispatches(app)
 
 
 def _check_timeout(timeout: float | None) -> float | None:
@@ -216,12 +208,23 @@ class OrderedResultStream:
         ):
             raise ValueError(f"ack_every must be None or an int >= 1, got {ack_every!r}")
         self.ack_every = ack_every
-        self.lost_after = _check_timeout(lost_after) or _default_lost_after(self.app)
-        self.max_redispatches = (
-            max_redispatches if max_redispatches is not None else _default_redispatches(self.app)
-        )
-        if isinstance(self.max_redispatches, bool) or self.max_redispatches < 0:
+        if lost_after is not None and not _check_timeout(lost_after):
+            raise ValueError(
+                "lost_after must be more than 0 seconds: it is how long a task may take "
+                "before it is dispatched again"
+            )
+        self.lost_after = lost_after or configured_lost_after(self.app)
+        if max_redispatches is not None and (
+            isinstance(max_redispatches, bool)
+            or not isinstance(max_redispatches, int)
+            or max_redispatches < 0
+        ):
             raise ValueError(f"max_redispatches must be an int >= 0, got {max_redispatches!r}")
+        self.max_redispatches = (
+            max_redispatches
+            if max_redispatches is not None
+            else configured_max_redispatches(self.app)
+        )
         self._task_accept = prepare_accept_content(self.app.conf.accept_content or ["json"])
         self._default_window = default_window(self.app)
         self._proto = Protocol(client, self.name, ttl=stream_ttl(self.app))

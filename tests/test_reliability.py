@@ -440,3 +440,20 @@ def test_a_tls_redis_url_works(tmp_path: Path, unused_tcp_port: int) -> None:
         assert list(stream) == ["over", "tls"]
         with pytest.raises(redis.ConnectionError):
             redis.Redis(port=unused_tcp_port, socket_timeout=2, retry=None).ping()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lost_after": 0}, "more than 0 seconds"),
+        ({"lost_after": -1}, "timeout must be None"),
+        ({"max_redispatches": -1}, "max_redispatches must be an int >= 0"),
+        ({"max_redispatches": "3"}, "max_redispatches must be an int >= 0"),
+        ({"ack_every": 0}, "ack_every must be None or an int >= 1"),
+    ],
+)
+def test_reliability_settings_are_checked_at_the_call(
+    make_stream: Any, options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_stream(**options)
