@@ -116,13 +116,6 @@ class RedisServer:
         return f"<RedisServer {self.url if self.directory else '-'} {state}>"
 
     @property
-    def tcp_url(self) -> str:
-        """redis-py URL of the server's TCP port (``redis://127.0.0.1:PORT/0``)."""
-        if not self.port:
-            raise RuntimeError("the server has no TCP port: pass port=")
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
     def socket_path(self) -> str:
         """Path of the unix socket."""
         if self.directory is None:

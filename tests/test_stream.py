@@ -166,24 +166,6 @@ def test_exception_that_cannot_be_rebuilt_raises_task_failed_naming_it(make_stre
     assert "in fail_two_args" in failed.stack_trace
     assert isinstance(failed.__cause__, RemoteTraceback)
     assert stream.get(timeout=30) == "after"
-
-
-def test_exception_that_cannot_be_rebuilt_still_fails_at_its_position(make_stream):
-    # What holds today, whichever class the consumer sees: an error at its
-    # place carrying the worker's traceback, and the stream goes on.
-    stream = make_stream(window=8)
-    stream.put(echo, "before")
-    two_args_seq = stream.put(fail_two_args, 7)
-    stream.put(echo, "after")
-    stream.close()
-
-    assert stream.get(timeout=30) == "before"
-    with pytest.raises(Exception, match="7: detail") as info:
-        stream.get(timeout=30)
-    assert info.value.seq == two_args_seq
-    assert "NeedsTwoArgs" in info.value.stack_trace
-    assert "in fail_two_args" in info.value.stack_trace
-    assert stream.get(timeout=30) == "after"
     assert list(stream) == []
 
 
