@@ -18,6 +18,7 @@ from .errors import (
     TaskFailed,
     UnsendableError,
 )
+from .progress import Progress, ProgressBar, progress_bar
 from .stream import OrderedResultStream, StreamStats, imap
 from .task import OrderedTask, ordered_task
 
@@ -28,6 +29,10 @@ __all__ = [
     "OrderedResultStream",
     "StreamStats",
     "imap",
+    # Progress
+    "Progress",
+    "ProgressBar",
+    "progress_bar",
     # The parallel_queue API
     "ParallelQueue",
     "ParallelSingleTaskQueue",

@@ -8,6 +8,7 @@ settings; also part of the standalone ``celery-ordered`` command, where
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Any
@@ -18,6 +19,7 @@ from celery import Celery
 from .config import client_for, redis_retry_for, resolve_redis_url
 from .errors import OrderedStreamError
 from .keys import KEY_PREFIX, name_from_key
+from .progress import progress_bar
 from .protocol import Protocol
 from .stream import OrderedResultStream, StreamStats
 
@@ -112,27 +114,47 @@ def inspect(ctx: click.Context, name: str) -> None:
 @click.argument("name")
 @click.option("--interval", default=0.5, show_default=True, help="Seconds between refreshes.")
 @click.option("--count", type=int, default=None, help="Stop after this many refreshes.")
+@click.option(
+    "--bar/--lines",
+    default=None,
+    help="A live progress bar (tqdm when installed), or a line per refresh. "
+    "Default: a bar on a terminal, lines elsewhere.",
+)
 @click.pass_context
-def watch(ctx: click.Context, name: str, interval: float, count: int | None) -> None:
+def watch(
+    ctx: click.Context, name: str, interval: float, count: int | None, bar: bool | None
+) -> None:
     """A live view of one stream: progress bar and throughput, until it is done."""
     stream = _target(ctx).stream(name)
+    out = sys.stdout
+    if bar is None:
+        bar = out.isatty()
     pause = threading.Event()
     began = time.monotonic()
     first = stream.stats().delivered
     shown = 0
-    while True:
-        stats = stream.stats()
-        elapsed = time.monotonic() - began
-        rate = (stats.delivered - first) / elapsed if elapsed > 0 else 0.0
-        total = max(stats.claimed, 1)
-        filled = 30 * stats.delivered // total
-        bar = "#" * filled + "." * (30 - filled)
-        click.echo(f"[{bar}] {_describe(stats)}, {rate:,.0f}/s")
-        shown += 1
-        done = stats.closed and stats.delivered >= stats.claimed
-        if done or (count is not None and shown >= count):
-            return
-        pause.wait(interval)
+    live = progress_bar(desc="delivered", file=out) if bar else None
+    try:
+        while True:
+            stats = stream.stats()
+            if live is not None:
+                live.set_total(stats.claimed)
+                live.update(stats.delivered)
+            else:
+                elapsed = time.monotonic() - began
+                rate = (stats.delivered - first) / elapsed if elapsed > 0 else 0.0
+                filled = 30 * stats.delivered // max(stats.claimed, 1)
+                line = "#" * filled + "." * (30 - filled)
+                click.echo(f"[{line}] {_describe(stats)}, {rate:,.0f}/s")
+            shown += 1
+            done = stats.closed and stats.delivered >= stats.claimed
+            if done or (count is not None and shown >= count):
+                break
+            pause.wait(interval)
+    finally:
+        if live is not None:
+            live.close()
+            click.echo(_describe(stats))
 
 
 @ordered.command()

@@ -22,6 +22,7 @@ from typing import IO, Any
 
 from celery import Celery
 
+from .progress import ProgressBar
 from .task import ordered_task
 
 #: The app fleet workers run (``celery -A celery_ordered.demo worker``); it
@@ -90,46 +91,6 @@ class DemoReport:
         )
 
 
-class Progress:
-    """A progress bar on a terminal; a line every 10% elsewhere (logs, CI)."""
-
-    def __init__(self, total: int, out: IO[str], width: int = 30) -> None:
-        self.total = total
-        self.out = out
-        self.width = width
-        self.tty = out.isatty()
-        self.began = time.monotonic()
-        self._last_decile = -1
-        self._last_draw = 0.0
-
-    def update(self, done: int) -> None:
-        """Show ``done`` of ``total``."""
-        now = time.monotonic()
-        rate = done / (now - self.began) if now > self.began else 0.0
-        filled = self.width * done // self.total if self.total else self.width
-        bar = "#" * filled + "." * (self.width - filled)
-        text = f"[{bar}] {done:>6}/{self.total} documents  {rate:8,.0f}/s"
-        if self.tty:
-            if done == self.total or now - self._last_draw > 0.05:
-                self.out.write("\r" + text)
-                self._last_draw = now
-                if done == self.total:
-                    self.out.write("\n")
-                self.out.flush()
-        else:
-            decile = 10 * done // self.total if self.total else 10
-            if decile != self._last_decile:
-                self._last_decile = decile
-                self.out.write(text + "\n")
-                self.out.flush()
-
-    def say(self, line: str) -> None:
-        """Print a line above the bar."""
-        if self.tty:
-            self.out.write("\r" + " " * (self.width + 45) + "\r")
-        self.out.write(line + "\n")
-
-
 def run_demo(
     stream_app: Celery,
     *,
@@ -165,7 +126,7 @@ def run_demo(
         finally:
             stream.close()
 
-    progress = Progress(documents, out)
+    progress = ProgressBar(documents, desc="documents", file=out)
     began = time.monotonic()
     producer = threading.Thread(target=produce, name="demo-producer", daemon=True)
     producer.start()
@@ -188,6 +149,7 @@ def run_demo(
         elapsed = time.monotonic() - began
         window_used = stream.stats().window
     finally:
+        progress.close()
         producer.join()
         stream.delete()
     if producer_error:

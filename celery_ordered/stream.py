@@ -47,6 +47,7 @@ from .errors import (
     UnsendableError,
 )
 from .keys import validate_name
+from .progress import Progress
 from .protocol import WAIT_SLICE, Batch, Claim, Protocol
 from .task import (
     CALL_TASK_NAME,
@@ -162,6 +163,11 @@ class OrderedResultStream:
             then its place gets a :class:`~celery_ordered.ResultLost` error.
             Default: the app's ``ordered_lost_after``, else one hour.
         max_redispatches: default: the app's ``ordered_max_redispatches``, else 3.
+        progress: called with a :class:`~celery_ordered.Progress` after each
+            outcome this consumer hands out (a failed task's too), such as
+            :func:`~celery_ordered.progress_bar`. It runs in the consuming
+            thread, so keep it quick; an exception it raises is logged and
+            the stream goes on.
     """
 
     def __init__(
@@ -179,6 +185,7 @@ class OrderedResultStream:
         ack_every: int | None = None,
         lost_after: float | None = None,
         max_redispatches: int | None = None,
+        progress: Callable[[Progress], object] | None = None,
     ) -> None:
         self.app: Celery = app if app is not None else current_app
         self.name = validate_name(name) if name is not None else f"stream-{uuid.uuid4().hex}"
@@ -225,6 +232,15 @@ class OrderedResultStream:
             if max_redispatches is not None
             else configured_max_redispatches(self.app)
         )
+        if progress is not None and not callable(progress):
+            raise TypeError(
+                f"progress must be a callable taking a celery_ordered.Progress, such as "
+                f"celery_ordered.progress_bar(), got {progress!r}"
+            )
+        self._progress = progress
+        self._began = time.monotonic()
+        self._handed_out = 0
+        self._closed_at: int | None = None
         self._task_accept = prepare_accept_content(self.app.conf.accept_content or ["json"])
         self._default_window = default_window(self.app)
         self._proto = Protocol(client, self.name, ttl=stream_ttl(self.app))
@@ -543,6 +559,34 @@ class OrderedResultStream:
         closed and everything put was delivered.
         """
         timeout = _check_timeout(timeout)
+        if self._progress is None:
+            return self._get(timeout)
+        before = self._handed_out
+        try:
+            return self._get(timeout)
+        finally:
+            if self._handed_out != before:
+                self._tell_progress()
+
+    def _tell_progress(self) -> None:
+        assert self._progress is not None
+        elapsed = time.monotonic() - self._began
+        report = Progress(
+            delivered=self._delivered,
+            total=self._closed_at,
+            elapsed=elapsed,
+            rate=self._handed_out / elapsed if elapsed > 0 else 0.0,
+        )
+        try:
+            self._progress(report)
+        except Exception:
+            logger.exception(
+                "stream %r: the progress callback %r failed; the stream goes on",
+                self.name,
+                self._progress,
+            )
+
+    def _get(self, timeout: float | None) -> Any:
         with self._consumer_lock:
             if not self._buffer:
                 self._fetch(timeout)
@@ -551,6 +595,7 @@ class OrderedResultStream:
                 # keep going while this consumer works through its buffer.
                 self._pop(0)
             member = self._buffer.popleft()
+            self._handed_out += 1
             try:
                 outcome = codec.decode(member, self.accept)
             except Exception as exc:
@@ -608,6 +653,8 @@ class OrderedResultStream:
             batch = self._proto.pop(self._delivered, self._read, limit)
         self._delivered = max(self._delivered, batch.next)
         self._acked = batch.next
+        if batch.closed_at is not None:
+            self._closed_at = batch.closed_at
         self._window_seen = batch.window or self._default_window
         self._ack_every = self.ack_every or max(1, self._window_seen // 2)
         return batch

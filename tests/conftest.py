@@ -178,3 +178,20 @@ def make_stream(app: Any, redis_client: redis.Redis) -> Iterator[Callable[..., A
     for stream in made:
         with contextlib.suppress(Exception):
             stream.delete()
+
+
+def require_tool(name: str, why: str) -> str:
+    """The path of program ``name``; skips the test when it is missing.
+
+    CI sets ``CO_REQUIRE_TOOLS=1`` (it installs every tool), so there a
+    missing program fails the test instead of skipping it.
+    """
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed ({why})"
+        if os.environ.get("CO_REQUIRE_TOOLS") == "1":
+            pytest.fail(message + "; CO_REQUIRE_TOOLS=1 requires it")
+        pytest.skip(message)
+    return path
