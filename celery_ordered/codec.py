@@ -70,8 +70,8 @@ def encode(obj: Any, serializer: str, what: str = "value") -> Encoded:
         body = body.encode(content_encoding or "utf-8")
     if len(body) > MAX_PAYLOAD:
         raise UnsendableError(
-            f"the {what} encodes to {len(body) / 2**20:.1f} MiB, over the limit of "
-            f"{MAX_PAYLOAD / 2**20:.0f} MiB: store the data elsewhere (a file, object "
+            f"{what} too large: {len(body) / 2**20:.1f} MiB encoded, over the limit of "
+            f"{MAX_PAYLOAD / 2**20:.0f} MiB; store the data elsewhere (a file, object "
             "storage, a database row) and pass a reference to it"
         )
     return Encoded(content_type, content_encoding or "binary", body)

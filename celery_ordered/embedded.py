@@ -289,6 +289,9 @@ class LocalCluster:
         return self
 
     def _configure_app(self) -> None:
+        # An app used before (say, with an earlier cluster) keeps its broker
+        # connections; drop them, or its sends would go to the old server.
+        _forget_broker_connections(self.app)
         accept = sorted({self.serializer, "json"})
         self.app.conf.update(
             broker_url=self.redis.broker_url,
@@ -346,6 +349,7 @@ class LocalCluster:
         pid, self._worker_pid = self._worker_pid, None
         death_w, self._death_w = self._death_w, None
         _stop_processes(pid, death_w, self.redis, timeout if graceful else None)
+        _forget_broker_connections(self.app)
 
     def stop_workers(
         self, *, graceful: bool = False, timeout: float = DEFAULT_STOP_TIMEOUT
@@ -418,6 +422,18 @@ def _run_worker(cluster: LocalCluster, ready_w: int, death_r: int) -> None:  # p
         hostname=f"local-{os.getpid()}@{socket.gethostname()}",
     )
     worker.start()
+
+
+def _forget_broker_connections(app: Celery) -> None:
+    """Close and drop ``app``'s pooled broker connections (rebuilt on next use)."""
+    pool = app._pool
+    if pool is not None:
+        with contextlib.suppress(Exception):
+            pool.force_close_all()
+    app._pool = None
+    amqp = app.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
 
 
 def _stop_processes(

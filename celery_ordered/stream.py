@@ -334,8 +334,7 @@ class OrderedResultStream:
             name = task.task
             found = self.app.tasks.get(name)
         elif isinstance(task, Task):
-            name = task.name
-            found = self.app.tasks.get(name, task)
+            name, found = self._task_in_app(task)
         else:
             reference = self._function_reference(task)
             name = CALL_TASK_NAME
@@ -367,6 +366,24 @@ class OrderedResultStream:
             kwargs=kwargs,
             options=options,
         )
+
+    def _task_in_app(self, task: Task) -> tuple[str, Task]:
+        """``task`` as this stream's app knows it: its name and its instance.
+
+        An ``@ordered_task`` is a proxy that resolves through the *current*
+        app, which is per thread: put from another thread, a task defined in
+        a script (``__main__``) would get another app's name for it, and be
+        sent where no worker knows it. Look it up in the stream's app instead.
+        """
+        name = str(task.name)
+        found = self.app.tasks.get(name)
+        if found is None and task.app is not self.app:
+            function = getattr(task, "__wrapped__", None)
+            if function is not None:
+                own_name = self.app.gen_task_name(function.__name__, function.__module__)
+                if own_name in self.app.tasks:
+                    return own_name, self.app.tasks[own_name]
+        return name, found if found is not None else task
 
     def _claim(self, record: bytes, timeout: float | None) -> int:
         return self._claim_block([record], timeout).first
@@ -497,10 +514,11 @@ class OrderedResultStream:
                 "stream %s: no outcome for %d (%s) after %d re-dispatches: filled as lost",
                 self.name, seq, name, self.max_redispatches,
             )  # fmt: skip
+            dispatches = self.max_redispatches + 1
+            each = "its one dispatch" if dispatches == 1 else f"each of its {dispatches} dispatches"
             error = ResultLost(
                 f"task {name!r} at position {seq} of stream {self.name!r} gave no outcome "
-                f"within {self.lost_after:g}s, {self.max_redispatches} times over: its "
-                "message or its worker was lost",
+                f"within {self.lost_after:g}s of {each}: its message or its worker was lost",
                 stream=self.name,
                 seq=seq,
                 exc_type="ResultLost",

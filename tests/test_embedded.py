@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from celery import Celery
 
 from celery_ordered import (
     LocalCluster,
@@ -151,6 +152,53 @@ def test_local_cluster_runs_a_stream_in_order_and_leaves_nothing():
 
     assert not cluster.is_running()
     fp.wait_gone()
+
+
+def test_one_app_serves_one_local_cluster_after_another():
+    app = Celery(f"reused-{os.getpid()}", set_as_current=False)
+    for round_ in range(2):
+        with local_cluster(1, app=app):
+            stream = OrderedResultStream(app)
+            for i in range(3):
+                stream.put(double, i + round_)
+            stream.close()
+            assert list(stream) == [2 * (i + round_) for i in range(3)]
+
+
+SCRIPT_TASK_FROM_A_THREAD = """
+import threading
+from celery import Celery
+from celery_ordered import OrderedResultStream, local_cluster, ordered_task
+
+app = Celery("script")
+
+@ordered_task
+def square(x):
+    return x * x
+
+with local_cluster(1, app=app):
+    stream = OrderedResultStream(app)
+    def produce():
+        with stream:
+            for i in range(4):
+                stream.put(square, i)
+    producer = threading.Thread(target=produce)
+    producer.start()
+    print([stream.get(timeout=60) for _ in range(4)])
+    producer.join()
+"""
+
+
+def test_a_script_task_put_from_another_thread_reaches_the_streams_app():
+    # The task proxy resolves through the current app, which is per thread:
+    # in the producer thread it is not ``app``, and would name the task
+    # ``__main__.square`` instead of ``script.square``, which no worker knows.
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT_TASK_FROM_A_THREAD],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[0, 1, 4, 9]"
 
 
 def test_stop_workers_keeps_what_is_left_readable():
