@@ -15,6 +15,7 @@ from .errors import (
     StreamEmpty,
     StreamExhausted,
     StreamFull,
+    StreamNotFound,
     TaskFailed,
     UnsendableError,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "StreamEmpty",
     "StreamExhausted",
     "StreamFull",
+    "StreamNotFound",
     "TaskFailed",
     "UnsendableError",
     # Version

@@ -17,10 +17,9 @@ import click
 from celery import Celery
 
 from .config import client_for, redis_retry_for, resolve_redis_url
-from .errors import OrderedStreamError
+from .errors import OrderedStreamError, StreamNotFound
 from .keys import KEY_PREFIX, name_from_key
 from .progress import progress_bar
-from .protocol import Protocol
 from .stream import OrderedResultStream, StreamStats
 
 
@@ -42,9 +41,10 @@ class _Target:
         return sorted(name for name in found if name)
 
     def stream(self, name: str) -> OrderedResultStream:
-        if not Protocol(self.client(), name).exists():
-            raise click.ClickException(f"no stream named {name!r} in this Redis")
-        return OrderedResultStream(self.app, name, redis_url=self.redis_url)
+        try:
+            return OrderedResultStream(self.app, name, redis_url=self.redis_url, create=False)
+        except StreamNotFound:
+            raise click.ClickException(f"no stream named {name!r} in this Redis") from None
 
 
 def _describe(stats: StreamStats) -> str:

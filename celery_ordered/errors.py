@@ -9,6 +9,7 @@
     ├── StreamFull             (also queue.Full): put() timed out on a full window
     ├── StreamEmpty            (also queue.Empty): get() timed out
     ├── StreamExhausted        get() on a closed stream with nothing left
+    ├── StreamNotFound         (also LookupError): create=False and no such stream
     ├── DispatchError          sending a claimed task failed; its place holds this error
     ├── RedisUnavailable       Redis could not be reached
     └── TaskFailed             a task failed and its exception class could not be rebuilt
@@ -62,6 +63,13 @@ class StreamEmpty(OrderedStreamError, queue.Empty):
 
 class StreamExhausted(OrderedStreamError):
     """``get()`` on a closed stream whose every result has been delivered."""
+
+
+class StreamNotFound(OrderedStreamError, LookupError):
+    """``OrderedResultStream(..., create=False)`` names no stream in that Redis.
+
+    Never created, deleted, or expired after ``ordered_stream_ttl`` unused.
+    """
 
 
 class DispatchError(OrderedStreamError):

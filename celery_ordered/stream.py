@@ -44,6 +44,7 @@ from .errors import (
     StreamEmpty,
     StreamExhausted,
     StreamFull,
+    StreamNotFound,
     UnsendableError,
 )
 from .keys import validate_name
@@ -163,6 +164,9 @@ class OrderedResultStream:
             then its place gets a :class:`~celery_ordered.ResultLost` error.
             Default: the app's ``ordered_lost_after``, else one hour.
         max_redispatches: default: the app's ``ordered_max_redispatches``, else 3.
+        create: False to attach only to a stream that exists (raising
+            :class:`~celery_ordered.StreamNotFound` otherwise), as a web view
+            following a job by the name a client sent should.
         progress: called with a :class:`~celery_ordered.Progress` after each
             outcome this consumer hands out (a failed task's too), such as
             :func:`~celery_ordered.progress_bar`. It runs in the consuming
@@ -185,6 +189,7 @@ class OrderedResultStream:
         ack_every: int | None = None,
         lost_after: float | None = None,
         max_redispatches: int | None = None,
+        create: bool = True,
         progress: Callable[[Progress], object] | None = None,
     ) -> None:
         self.app: Celery = app if app is not None else current_app
@@ -247,9 +252,16 @@ class OrderedResultStream:
         self._next_reclaim = 0.0
         self._producer_id = uuid.uuid4().hex
         with self._redis_errors():
+            if not create and not self._proto.exists():
+                raise StreamNotFound(
+                    f"no stream named {self.name!r} in this Redis: it was never created, "
+                    "was deleted, or expired unused (ordered_stream_ttl); check the name, "
+                    "or pass create=True to start it",
+                    stream=self.name,
+                )
             if window is not None:
                 self._proto.set_window(validate_window(window))
-            else:
+            elif create:
                 self._proto.set_window(self._default_window, only_if_unset=True)
         self._closed_here = False
         # Consumer state: outcomes read from Redis but not yet handed out, the
@@ -710,6 +722,12 @@ class OrderedResultStream:
             return self.get()
         except StreamExhausted:
             raise StopIteration from None
+
+    @property
+    def position(self) -> int:
+        """How far this consumer has got: the position after the last outcome it
+        handed out (0 before the first; where it resumed, for an attached one)."""
+        return max(self._delivered, 0)
 
     # -- lifecycle and inspection -------------------------------------------
 

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import redis
 
-from celery_ordered import OrderedResultStream, StreamClosedError, StreamExhausted
+from celery_ordered import OrderedResultStream, StreamClosedError, StreamExhausted, StreamNotFound
+from celery_ordered.keys import StreamKeys
 from tests.tasks import echo, fail, sleep_echo
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -250,3 +251,28 @@ def test_close_from_another_handle_ends_a_waiting_consumer(make_stream):
     assert returned_at - closed_at < 1.5
     with pytest.raises(StreamClosedError):
         consumer.put(echo, "late")
+
+
+def test_create_false_refuses_a_stream_that_does_not_exist_and_creates_nothing(app, redis_client):
+    name = f"never-made-{uuid.uuid4().hex}"
+    with pytest.raises(StreamNotFound, match=r"no stream named .*create=True") as caught:
+        OrderedResultStream(app, name, create=False)
+    assert isinstance(caught.value, LookupError)
+    assert caught.value.stream == name
+    assert redis_client.exists(*StreamKeys(name).all()) == 0
+
+
+def test_create_false_attaches_where_the_last_consumer_left_off(make_stream, app):
+    stream = make_stream(window=6)
+    for i in range(5):
+        stream.put(echo, i)
+    stream.close()
+    assert [stream.get(timeout=30) for _ in range(2)] == [0, 1]
+    assert stream.position == 2
+    stream.ack()
+
+    attached = OrderedResultStream(app, stream.name, create=False)
+    assert attached.window == 6
+    assert attached.position == 0  # nothing handed out by this consumer yet
+    assert list(attached) == [2, 3, 4]
+    assert attached.position == 5

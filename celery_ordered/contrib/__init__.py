@@ -1,0 +1,10 @@
+"""Web framework integrations: stream a job's outcomes as an HTTP response.
+
+- :mod:`celery_ordered.contrib.flask`: ``stream_response(stream)`` returns a
+  ``flask.Response`` (``pip install 'celery-ordered[flask]'``).
+- :mod:`celery_ordered.contrib.django`: ``stream_response(request, stream)``
+  returns a ``StreamingHttpResponse``, under WSGI and ASGI
+  (``pip install 'celery-ordered[django]'``).
+
+Both are thin: the formats live in :mod:`celery_ordered.web`.
+"""

@@ -1,0 +1,1 @@
+"""An app that runs ordered jobs on Celery and streams their outcomes."""

@@ -1,0 +1,5 @@
+"""The project's URLs: the jobs app."""
+
+from django.urls import include, path
+
+urlpatterns = [path("jobs/", include("jobs.urls"))]

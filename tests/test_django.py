@@ -1,0 +1,390 @@
+"""Django: the example project's view and command, and the helper under WSGI and ASGI.
+
+Django is configured once for this process, from the example project's
+settings (examples/django_project), pointed at the tests' Redis; nothing
+else in the test suite uses Django. Real workers run every task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from django.http import HttpRequest, HttpResponse
+from django.urls import path
+
+from celery_ordered import OrderedResultStream, StreamClosedError
+from celery_ordered.contrib.django import stream_response
+from tests.conftest import ROOT
+from tests.tasks import echo, gate
+
+EXAMPLE = ROOT / "examples" / "django_project"
+OPEN = b": open\n\n"
+KEEP_ALIVE = b": keep-alive\n\n"
+
+
+def stream_view(request: HttpRequest, name: str) -> HttpResponse:
+    """Stream the tests' stream ``name`` (this module is the URLconf of some tests)."""
+    from tests.celeryapp import app
+
+    stream = OrderedResultStream(app, name)
+    on_disconnect = request.GET.get("on_disconnect", "keep")
+    return stream_response(request, stream, heartbeat=0.05, on_disconnect=on_disconnect)
+
+
+urlpatterns = [path("stream/<str:name>", stream_view)]
+
+
+@pytest.fixture(scope="module")
+def project(redis_url: str) -> Iterator[Any]:
+    """Django set up with the example project's settings; yields its Celery app."""
+    import django
+    from celery import current_app
+    from django.test.utils import setup_test_environment, teardown_test_environment
+
+    previous_app = current_app._get_current_object()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(EXAMPLE))  # the project's modules: project, jobs
+        with pytest.MonkeyPatch.context() as env:
+            # Read once, as the settings load; not left for worker processes to inherit.
+            env.setenv("DJANGO_SETTINGS_MODULE", "project.settings")
+            env.setenv("REDIS_URL", redis_url)
+            env.setenv("BROKER_URL", os.environ["CO_TEST_BROKER_URL"])
+            django.setup()
+        setup_test_environment()
+        from project.celery import app as celery_app
+
+        saved_queue = celery_app.conf.task_default_queue
+        celery_app.conf.task_default_queue = f"django-example-{uuid.uuid4().hex[:8]}"
+        try:
+            yield celery_app
+        finally:
+            celery_app.conf.task_default_queue = saved_queue
+            teardown_test_environment()
+            previous_app.set_current()  # Celery("project") made itself the current app
+
+
+@pytest.fixture(scope="module")
+def project_worker(project: Any, redis_url: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``celery -A project worker``, as the example's README starts it, on its queue."""
+    log = Path(tempfile.mkstemp(prefix="co-django-worker-", suffix=".log")[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+        "REDIS_URL": redis_url,
+        "BROKER_URL": os.environ["CO_TEST_BROKER_URL"],
+        "C_FORCE_ROOT": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "project", "worker",
+         "-Q", project.conf.task_default_queue, "--concurrency=3", "--loglevel=WARNING",
+         "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        cwd=EXAMPLE, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        from jobs.tasks import process
+
+        stream = OrderedResultStream(project)
+        try:
+            stream.put(process, 0, 0.0)
+            assert stream.get(timeout=60)["item"] == 0
+        except Exception as exc:
+            raise RuntimeError(f"the example's worker did not answer:\n{log.read_text()}") from exc
+        finally:
+            stream.delete()
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.unlink()
+
+
+@pytest.fixture
+def gate_key(redis_client: redis.Redis) -> Iterator[str]:
+    key = f"test-gate-{uuid.uuid4().hex}"
+    yield key
+    redis_client.rpush(key, 1)  # never leave a worker waiting
+    redis_client.expire(key, 60)
+
+
+def expected_job(items: int, batch: int) -> list[dict[str, Any]]:
+    """What the example's job streams, position by position (without worker pids)."""
+    expected: list[dict[str, Any]] = []
+    for item in range(items):
+        if item and item % 13 == 0:
+            error = {"type": "ValueError", "message": f"item {item} is unlucky"}
+            expected.append({"position": len(expected), "error": error})
+        else:
+            expected.append({"position": len(expected), "item": item})
+        if item % batch == batch - 1 or item == items - 1:
+            first = item - item % batch
+            marker = {"marker": f"batch {item // batch} done: items {first}-{item}"}
+            expected.append({"position": len(expected), "value": marker})
+    return expected
+
+
+def without_details(outcome: dict[str, Any]) -> dict[str, Any]:
+    """An outcome with a task's result reduced to its item (pids and times vary)."""
+    value = outcome.get("value")
+    if isinstance(value, dict) and "item" in value:
+        return {"position": outcome["position"], "item": value["item"]}
+    return outcome
+
+
+@pytest.mark.usefixtures("project_worker")
+def test_the_example_view_streams_a_job_as_ndjson_in_order() -> None:
+    from django.test import Client
+
+    response = Client().get("/jobs/run", {"items": 14, "batch": 7})
+
+    assert response.status_code == 200
+    assert response.streaming
+    assert response["Content-Type"] == "application/x-ndjson"
+    assert response["Cache-Control"] == "no-cache"
+    assert response["X-Accel-Buffering"] == "no"
+    lines = [json.loads(line) for line in b"".join(response.streaming_content).splitlines()]
+    assert [without_details(line) for line in lines[:-1]] == expected_job(14, 7)
+    assert lines[-1] == {"end": True, "total": 16}
+
+
+@pytest.mark.usefixtures("project_worker")
+def test_the_example_view_streams_server_sent_events_too() -> None:
+    from django.test import Client
+
+    response = Client().get("/jobs/run", {"items": 5, "batch": 5, "format": "sse"})
+
+    assert response["Content-Type"] == "text/event-stream; charset=utf-8"
+    body = b"".join(response.streaming_content).decode()
+    events = [block for block in body.split("\n\n") if block and not block.startswith(":")]
+    assert [block.split("\n")[:2] for block in events] == [
+        *([f"id: {n}", "event: result"] for n in range(6)),
+        ["event: end", 'data: {"end":true,"total":6}'],
+    ]
+
+
+@pytest.mark.usefixtures("project")
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [("items=0", b"items must be 1 to 10000"), ("batch=x", b"whole numbers"),
+     ("format=xml", b"format must be ndjson or sse")],
+)  # fmt: skip
+def test_the_example_view_refuses_bad_queries(query: str, words: bytes) -> None:
+    from django.test import Client
+
+    response = Client().get(f"/jobs/run?{query}")
+
+    assert response.status_code == 400
+    assert words in response.content
+
+
+@pytest.mark.usefixtures("project_worker")
+def test_run_ordered_job_reports_batches_in_order_with_a_progress_bar() -> None:
+    from django.core.management import call_command
+
+    out = io.StringIO()
+    call_command("run_ordered_job", items=14, batch=7, stdout=out)
+
+    lines = out.getvalue().splitlines()
+    said = [line for line in lines if not line.startswith("[")]
+    assert said == [
+        "batch 0 done: items 0-6",
+        "position 14: ValueError: item 13 is unlucky",
+        "batch 1 done: items 7-13",
+        "14 items, 1 failed, every outcome in order",
+    ]
+    bars = [line for line in lines if line.startswith("[")]
+    assert bars[-1].startswith("[" + "#" * 30 + "] 16/16 outcomes")
+    counts = [int(bar.split("] ")[1].split("/")[0]) for bar in bars]
+    assert counts == sorted(counts), "the bar only moves forward"
+    assert len(bars) >= 5, "a line at each 10% step, off a terminal"
+
+
+@pytest.mark.usefixtures("project")
+def test_run_ordered_job_refuses_an_empty_job() -> None:
+    from django.core.management import CommandError, call_command
+
+    with pytest.raises(CommandError, match="at least 1"):
+        call_command("run_ordered_job", items=0, stdout=io.StringIO())
+
+
+def test_run_ordered_job_runs_with_zero_setup() -> None:
+    env = {
+        key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "BROKER_URL")
+    }
+    run = subprocess.run(
+        [sys.executable, "manage.py", "run_ordered_job", "--local", "--items", "6", "--batch", "3"],
+        cwd=EXAMPLE, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    said = [line for line in run.stdout.splitlines() if not line.startswith("[")]
+    assert said == [
+        "batch 0 done: items 0-2",
+        "batch 1 done: items 3-5",
+        "6 items, 0 failed, every outcome in order",
+    ]
+
+
+# -- the helper, under WSGI (Client) and ASGI (AsyncClient) ---------------------------
+
+
+def held_stream(make_stream: Callable[..., OrderedResultStream], redis_url: str, key: str) -> Any:
+    """A closed stream whose position 2 waits for the test to open gate ``key``."""
+    stream = make_stream()
+    stream.put(echo, "a")
+    stream.put(echo, "b")
+    stream.put(gate, redis_url, key, "c")
+    stream.put(echo, "d")
+    stream.close()
+    return stream
+
+
+def data(chunk: bytes) -> dict[str, Any]:
+    line = next(line for line in chunk.decode().split("\n") if line.startswith("data: "))
+    result: dict[str, Any] = json.loads(line.removeprefix("data: "))
+    return result
+
+
+@pytest.mark.usefixtures("project", "worker")
+def test_wsgi_response_streams_while_the_head_of_line_runs(
+    make_stream: Callable[..., OrderedResultStream],
+    redis_url: str,
+    redis_client: redis.Redis,
+    gate_key: str,
+) -> None:
+    from django.test import Client, override_settings
+
+    stream = held_stream(make_stream, redis_url, gate_key)
+    with override_settings(ROOT_URLCONF=__name__):
+        response = Client().get(f"/stream/{stream.name}")
+        body = iter(response.streaming_content)
+
+        assert next(body) == OPEN
+        assert [data(next(body))["value"] for _ in range(2)] == ["a", "b"]
+        assert next(body) == KEEP_ALIVE  # position 2 is still held
+        assert redis_client.llen(gate_key) == 0
+
+        redis_client.rpush(gate_key, 1)
+        rest = [data(chunk) for chunk in body if chunk != KEEP_ALIVE]
+    assert rest == [
+        {"position": 2, "value": "c"},
+        {"position": 3, "value": "d"},
+        {"end": True, "total": 4},
+    ]
+
+
+@pytest.mark.usefixtures("project", "worker")
+def test_wsgi_response_resumes_after_last_event_id_and_closes_on_disconnect(
+    make_stream: Callable[..., OrderedResultStream], redis_url: str, gate_key: str
+) -> None:
+    from django.test import Client, override_settings
+
+    stream = make_stream()
+    stream.put(echo, "a")
+    stream.put(echo, "b")
+    stream.put(gate, redis_url, gate_key, "c")
+    with override_settings(ROOT_URLCONF=__name__):
+        url = f"/stream/{stream.name}?on_disconnect=close"
+        response = Client().get(url, headers={"Last-Event-ID": "0"})
+        body = iter(response.streaming_content)
+        assert next(body) == OPEN
+        assert data(next(body)) == {"position": 1, "value": "b"}  # 0 was skipped
+
+        response.close()  # the client leaves
+
+    assert stream.stats().closed is True
+    with pytest.raises(StreamClosedError):
+        stream.put(echo, "d")
+
+
+@pytest.mark.usefixtures("project", "worker")
+def test_asgi_response_streams_from_a_thread_and_closes_on_disconnect(
+    make_stream: Callable[..., OrderedResultStream],
+    redis_url: str,
+    redis_client: redis.Redis,
+    gate_key: str,
+) -> None:
+    from django.test import AsyncClient, override_settings
+
+    stream = make_stream()
+    stream.put(echo, "a")
+    stream.put(gate, redis_url, gate_key, "b")
+
+    async def follow() -> list[bytes]:
+        response = await AsyncClient().get(f"/stream/{stream.name}?on_disconnect=close")
+        assert response["Content-Type"] == "text/event-stream; charset=utf-8"
+        body = response.streaming_content
+        got = [await anext(body), await anext(body), await anext(body)]
+        await body.aclose()  # the client leaves while position 1 is held
+        return got
+
+    with override_settings(ROOT_URLCONF=__name__):
+        got = asyncio.run(follow())
+
+    assert got[0] == OPEN
+    assert data(got[1]) == {"position": 0, "value": "a"}
+    assert got[2] == KEEP_ALIVE  # the event loop was free while the body waited
+    assert redis_client.llen(gate_key) == 0
+    # The body is closed in its own thread, right after the disconnect.
+    deadline = time.monotonic() + 10
+    while not stream.stats().closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stream.stats().closed is True
+
+
+@pytest.mark.usefixtures("project", "worker")
+def test_asgi_response_delivers_everything_in_order(
+    make_stream: Callable[..., OrderedResultStream],
+    redis_url: str,
+    redis_client: redis.Redis,
+    gate_key: str,
+) -> None:
+    from django.test import AsyncClient, override_settings
+
+    stream = held_stream(make_stream, redis_url, gate_key)
+
+    async def follow() -> list[dict[str, Any]]:
+        response = await AsyncClient().get(f"/stream/{stream.name}")
+        received = []
+        async for chunk in response.streaming_content:
+            if chunk.startswith(b"id: 1\n"):
+                redis_client.rpush(gate_key, 1)  # open the gate once 0 and 1 arrived
+            if chunk.startswith((b"id:", b"event:")):
+                received.append(data(chunk))
+        return received
+
+    with override_settings(ROOT_URLCONF=__name__):
+        received = asyncio.run(follow())
+
+    assert [item.get("value") for item in received] == ["a", "b", "c", "d", None]
+    assert received[-1] == {"end": True, "total": 4}
+
+
+@pytest.mark.usefixtures("project")
+def test_stream_response_wants_the_request_first(
+    make_stream: Callable[..., OrderedResultStream],
+) -> None:
+    stream = make_stream()
+    with pytest.raises(TypeError, match="takes the view's request first"):
+        stream_response(stream, "ndjson")  # type: ignore[arg-type]
+
+
+def test_importing_the_django_helper_without_django_names_the_fix() -> None:
+    code = "import sys; sys.modules['django'] = None; import celery_ordered.contrib.django"
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 1
+    assert "pip install 'celery-ordered[django]'" in run.stderr
