@@ -16,7 +16,7 @@ from typing import Any
 import click
 from celery import Celery
 
-from .config import client_for, redis_retry_for, resolve_redis_url
+from .config import redis_client
 from .errors import OrderedStreamError, StreamNotFound
 from .keys import KEY_PREFIX, name_from_key
 from .progress import progress_bar
@@ -31,7 +31,7 @@ class _Target:
         self.redis_url = redis_url
 
     def client(self) -> Any:
-        return client_for(resolve_redis_url(self.app, self.redis_url), redis_retry_for(self.app))
+        return redis_client(self.app, self.redis_url)
 
     def names(self) -> list[str]:
         found = {

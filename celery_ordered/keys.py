@@ -112,6 +112,16 @@ class StreamKeys:
         """Hash of each producer's last claim, so a retried claim is not doubled."""
         return self._key("producers")
 
+    @property
+    def mark(self) -> str:
+        """Written with every write that waits for replicas (``WAIT``).
+
+        ``WAIT`` counts the replicas that have every earlier write of its
+        connection; a write here makes that cover a retried script that had
+        nothing new to write (its first try's writes came before).
+        """
+        return self._key("mark")
+
     def all(self) -> tuple[str, ...]:
         """Every key of the stream."""
         return (
@@ -126,6 +136,7 @@ class StreamKeys:
             self.pending,
             self.deadlines,
             self.producers,
+            self.mark,
         )
 
 

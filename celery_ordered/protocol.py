@@ -5,18 +5,34 @@ Each method is one round trip to Redis. The scripts live one per file in
 read once per process and registered once per client (redis-py's
 :class:`~redis.commands.core.Script` handles ``EVALSHA`` and reloads after
 ``SCRIPT FLUSH``).
+
+The client may be one server (Sentinel's primary is one) or a Redis Cluster:
+every key of a stream shares one hash slot, so each script runs whole on the
+one node that holds the stream.
+
+With a :class:`~celery_ordered.config.Durability`, every write (claim,
+publish, pop, close, window) is followed, on the same connection and in the
+same round trip, by ``WAIT``: the call returns once that many replicas hold
+the write, so a failover to one of them cannot take it back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
+from redis.cluster import RedisCluster
+from redis.exceptions import AskError, MovedError, NoScriptError
 
+from .config import Client, Durability, _ClusterUnavailable
+from .errors import ConfigurationError, OrderedStreamError
 from .keys import StreamKeys
 
 #: Longest single blocking wait on Redis, in seconds. A waiter that was told
@@ -26,7 +42,9 @@ from .keys import StreamKeys
 #: blocked ``BLPOP`` would time out first.
 WAIT_SLICE = 2.0
 
-_SCRIPTS = ("claim", "publish", "pop", "close", "stats", "reclaim")
+_SCRIPTS = ("claim", "publish", "pop", "close", "stats", "reclaim", "window")
+
+_T = TypeVar("_T")
 
 
 @functools.cache
@@ -34,15 +52,25 @@ def _lua(name: str) -> str:
     return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
 
 
-_registered: weakref.WeakKeyDictionary[redis.Redis, dict[str, Any]] = weakref.WeakKeyDictionary()
+_registered: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
-def _scripts(client: redis.Redis) -> dict[str, Any]:
+def _scripts(client: Client) -> dict[str, Any]:
     scripts = _registered.get(client)
     if scripts is None:
         scripts = {name: client.register_script(_lua(name)) for name in _SCRIPTS}
         _registered[client] = scripts
     return scripts
+
+
+class NotReplicated(redis.TimeoutError):
+    """Fewer replicas than ``ordered_wait_replicas`` acknowledged a write in time.
+
+    The write is on the primary; a failover before a replica has it could
+    still lose it. It is a ``redis.TimeoutError``, so a stream reports it as
+    :class:`~celery_ordered.RedisUnavailable` and a worker gives the task's
+    message back to the broker, to publish again later.
+    """
 
 
 @dataclass(frozen=True)
@@ -93,18 +121,151 @@ class Overdue:
 
 
 class Protocol:
-    """The operations on one stream's state in Redis."""
+    """The operations on one stream's state in Redis.
 
-    def __init__(self, client: redis.Redis, name: str, *, ttl: float | None = None) -> None:
+    ``durability`` makes every write wait for that many replicas (see
+    :class:`~celery_ordered.config.Durability`); None writes to the primary
+    only, as Redis does by default.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        name: str,
+        *,
+        ttl: float | None = None,
+        durability: Durability | None = None,
+    ) -> None:
         self.client = client
         self.keys = StreamKeys(name)
         #: ms every key lives after its last use; 0: forever.
         self.ttl_ms = int(ttl * 1000) if ttl else 0
+        self.durability = durability
         self._run = _scripts(client)
-        socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        socket_timeout = client.get_connection_kwargs().get("socket_timeout")
         self.wait_slice = WAIT_SLICE
         if socket_timeout:
             self.wait_slice = min(WAIT_SLICE, max(0.05, float(socket_timeout) / 2))
+        # Each producer's last claim id and the end of its numbers: a later
+        # claim that starts below it means Redis lost writes (see claim()).
+        self._claimed_to: dict[str, tuple[str, int]] = {}
+
+    # -- running scripts -------------------------------------------------------
+
+    def _call(self, name: str, keys: list[str], args: list[Any], *, write: bool = True) -> Any:
+        """Run one script; a write waits for replicas when asked to."""
+        if write and self.durability is not None:
+            return self._durably(self._run[name], keys, args, self.durability)
+        return self._cluster_hint(lambda: self._run[name](keys=keys, args=args))
+
+    def _cluster_hint(self, do: Callable[[], _T]) -> _T:
+        """Run ``do``; a MOVED reply means the URL names one node of a cluster."""
+        try:
+            return do()
+        except MovedError as exc:  # a RedisCluster client follows these itself
+            raise ConfigurationError(
+                f"the Redis of stream {self.keys.name!r} is a node of a Redis Cluster (it "
+                f"answered MOVED {exc}): connect with redis+cluster://host:port so that each "
+                "stream goes to the node that holds it"
+            ) from exc
+
+    def _durably(self, script: Any, keys: list[str], args: list[Any], want: Durability) -> Any:
+        """``EVALSHA``, a write of the ``mark`` key and ``WAIT``, on one connection.
+
+        ``WAIT`` counts the replicas that hold every earlier write of its own
+        connection, so all three go out together on one connection, in one
+        round trip. The ``mark`` write makes the count cover a retried script
+        that found its work done and wrote nothing (the first try's writes came
+        before it). Too few replicas: ``WAIT`` again on the same connection
+        until ``want.timeout`` has passed, then :class:`NotReplicated`. A lost
+        connection runs all three again (every script is safe to repeat).
+        """
+        if self.ttl_ms:
+            mark: tuple[Any, ...] = ("SET", self.keys.mark, 1, "PX", self.ttl_ms)
+        else:
+            mark = ("SET", self.keys.mark, 1)
+
+        def attempt(node: redis.Redis, conn: Any) -> tuple[Any, int]:
+            # The replicas get want.timeout from the moment the primary has the write.
+            deadline = time.monotonic() + want.timeout
+
+            def wait_ms() -> int:
+                # WAIT 0 would wait forever; a slice keeps it under socket_timeout.
+                return max(1, int(min(deadline - time.monotonic(), self.wait_slice) * 1000))
+
+            evalsha = ("EVALSHA", script.sha, len(keys), *keys, *args)
+            replies = _send(node, conn, [evalsha, mark, ("WAIT", want.replicas, wait_ms())])
+            if isinstance(replies[0], NoScriptError):  # a new or flushed server
+                _send(node, conn, [("SCRIPT", "LOAD", script.script)])
+                replies = _send(node, conn, [evalsha, mark, ("WAIT", want.replicas, wait_ms())])
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            acked = int(replies[-1])
+            while acked < want.replicas and time.monotonic() < deadline:
+                acked = int(_send(node, conn, [("WAIT", want.replicas, wait_ms())])[0])
+            return replies[0], acked
+
+        result, acked = self._cluster_hint(lambda: self._on_one_connection(keys[0], attempt))
+        if acked < want.replicas:
+            raise NotReplicated(
+                f"stream {self.keys.name!r}: only {acked} of the {want.replicas} replica(s) "
+                f"asked for (ordered_wait_replicas) acknowledged a write within "
+                f"{want.timeout:g}s (ordered_wait_timeout). The write is on the primary, but a "
+                "failover now could lose it; check that the replicas are up and in sync"
+            )
+        return result
+
+    def _on_one_connection(self, key: str, attempt: Callable[[redis.Redis, Any], _T]) -> _T:
+        """Run ``attempt(node, connection)`` on a connection to the node holding ``key``.
+
+        Connection errors (a failover, a node restarting) are retried with the
+        client's backoff on a fresh connection, after a cluster client has
+        looked at the cluster's layout again.
+        """
+        cluster = self.client if isinstance(self.client, RedisCluster) else None
+        retry = _retry_of(self.client)
+
+        def once() -> _T:
+            node: redis.Redis = (
+                self.client  # type: ignore[assignment]
+                if cluster is None
+                else cluster.get_redis_connection(cluster.get_node_from_key(key))
+            )
+            pool = node.connection_pool
+            conn = pool.get_connection()
+            try:
+                return attempt(node, conn)
+            except (MovedError, AskError) as exc:
+                if cluster is None:
+                    raise
+                raise _ClusterUnavailable(f"the slot of {key} is moving: {exc}") from exc
+            except (redis.ConnectionError, redis.TimeoutError):
+                conn.disconnect()
+                raise
+            finally:
+                pool.release(conn)
+
+        def failed(_error: Exception) -> None:
+            if cluster is not None:
+                # Unreachable now: the next try reports the cluster's state.
+                with contextlib.suppress(Exception):
+                    cluster.nodes_manager.initialize()
+
+        if retry is None:
+            return once()
+        # Taking a connection already retries for about retry_for when Redis
+        # is down: bound the retries of the whole by that time too.
+        retry_for = getattr(retry, "retry_for", None)
+        give_up = None if retry_for is None else time.monotonic() + retry_for
+        result: _T = retry.call_with_retry(
+            once,
+            failed,
+            is_retryable=lambda _error: give_up is None or time.monotonic() < give_up,
+        )
+        return result
+
+    # -- the operations ----------------------------------------------------------
 
     def claim(
         self,
@@ -121,37 +282,81 @@ class Protocol:
         outcome is overdue by ``lost_after`` seconds); ``claim_id``, unique per
         call from ``producer``, makes a retry of this same call after a lost
         reply return the same numbers.
+
+        Numbers only ever grow: a claim that starts below the end of this
+        ``producer``'s previous one means the stream's state in Redis went
+        back in time (a failover to a replica that had not received the latest
+        writes, a restore from an older snapshot), and raises
+        :class:`~celery_ordered.OrderedStreamError` instead of handing out
+        numbers whose tasks are already on their way.
         """
         k = self.keys
-        first, count = self._run["claim"](
-            keys=[
-                k.seq, k.next, k.window, k.closed, k.space, k.pending, k.deadlines,
-                k.producers,
-            ],
-            args=[
+        first, count = self._call(
+            "claim",
+            [k.seq, k.next, k.window, k.closed, k.space, k.pending, k.deadlines, k.producers],
+            [
                 len(records), default_window, int((lost_after or 0) * 1000), self.ttl_ms,
                 producer, claim_id, *records,
             ],
         )  # fmt: skip
-        return Claim(int(first), int(count), closed=int(first) < 0)
+        claim = Claim(int(first), int(count), closed=int(first) < 0)
+        if claim.count:
+            last_id, floor = self._claimed_to.get(producer, ("", 0))
+            if claim_id != last_id and claim.first < floor:
+                raise self._went_back(
+                    f"Redis handed out number {claim.first} again, after this producer "
+                    f"had claimed up to {floor - 1}",
+                    seq=claim.first,
+                )
+            self._claimed_to[producer] = (claim_id, claim.first + claim.count)
+        return claim
+
+    def _went_back(self, what: str, *, seq: int) -> OrderedStreamError:
+        return OrderedStreamError(
+            f"stream {self.keys.name!r}: {what}. The stream's state in Redis went back in "
+            "time (a failover to a replica that had not yet received the latest writes, "
+            "or a restore from an older snapshot), or the stream was deleted meanwhile, "
+            "so outcomes may be missing or doubled: start the work again on a new stream. "
+            "app.conf.ordered_wait_replicas makes every write wait for replicas, so that "
+            "a failover cannot take it back",
+            stream=self.keys.name,
+            seq=seq,
+        )
 
     def publish(self, seq: int, member: bytes) -> int:
         """Store one outcome; 1 stored, 0 duplicate or late, -1 never claimed."""
         k = self.keys
         return int(
-            self._run["publish"](
-                keys=[k.seq, k.next, k.results, k.ready, k.closed, k.done, k.pending, k.deadlines],
-                args=[seq, member, self.ttl_ms],
+            self._call(
+                "publish",
+                [k.seq, k.next, k.results, k.ready, k.closed, k.done, k.pending, k.deadlines],
+                [seq, member, self.ttl_ms],
             )
         )
 
     def pop(self, ack: int, start: int, limit: int) -> Batch:
-        """Acknowledge below ``ack`` and read the gapless run from ``start``."""
+        """Acknowledge below ``ack`` and read the gapless run from ``start``.
+
+        Acknowledging numbers that were never claimed means the stream's state
+        went back in time: :class:`~celery_ordered.OrderedStreamError`, instead
+        of waiting for outcomes that can never come.
+        """
         k = self.keys
-        reply = self._run["pop"](
-            keys=[k.next, k.results, k.closed, k.space, k.ready, k.window],
-            args=[ack, start, limit, self.ttl_ms],
-        )
+        try:
+            reply = self._call(
+                "pop",
+                [k.next, k.results, k.closed, k.space, k.ready, k.window, k.seq],
+                [ack, start, limit, self.ttl_ms],
+            )
+        except redis.ResponseError as exc:
+            if not str(exc).startswith("ROLLBACK "):
+                raise
+            claimed = int(str(exc).split()[1])
+            raise self._went_back(
+                f"this consumer has taken outcomes up to number {ack - 1}, but Redis says "
+                f"only {claimed} numbers were ever claimed",
+                seq=claimed,
+            ) from exc
         closed = int(reply[1])
         return Batch(
             next=int(reply[0]),
@@ -166,17 +371,18 @@ class Protocol:
         """Close the stream to claims; returns the number of claims made."""
         k = self.keys
         return int(
-            self._run["close"](
-                keys=[k.seq, k.next, k.results, k.closed, k.ready, k.done, k.space],
-                args=[self.ttl_ms],
+            self._call(
+                "close",
+                [k.seq, k.next, k.results, k.closed, k.ready, k.done, k.space],
+                [self.ttl_ms],
             )
         )
 
     def stats(self) -> RawStats:
         """One consistent snapshot of the stream's counters."""
         k = self.keys
-        claimed, nxt, window, stored, contiguous, closed, now, head = self._run["stats"](
-            keys=[k.seq, k.next, k.window, k.results, k.closed, k.pending]
+        claimed, nxt, window, stored, contiguous, closed, now, head = self._call(
+            "stats", [k.seq, k.next, k.window, k.results, k.closed, k.pending], [], write=False
         )
         return RawStats(
             int(claimed),
@@ -190,43 +396,48 @@ class Protocol:
         )
 
     def reclaim(self, lost_after: float, limit: int, batch: int = 100) -> list[Overdue]:
-        """Numbers overdue for an outcome: to dispatch again, or (past ``limit``) lost."""
+        """Numbers overdue for an outcome: to dispatch again, or (past ``limit``) lost.
+
+        Not waited for by replicas: if a failover takes a reclaim back, the
+        numbers come due again and are reclaimed again.
+        """
         k = self.keys
-        reply = self._run["reclaim"](
-            keys=[k.next, k.results, k.pending, k.deadlines],
-            args=[int(lost_after * 1000), limit, batch],
+        reply = self._call(
+            "reclaim",
+            [k.next, k.results, k.pending, k.deadlines],
+            [int(lost_after * 1000), limit, batch],
+            write=False,
         )
         return [
             Overdue(int(reply[i + 1]), reply[i] == b"lost", reply[i + 2])
             for i in range(0, len(reply), 3)
         ]
 
-    def set_window(self, window: int, *, only_if_unset: bool = False) -> None:
-        """Store the window cap and wake blocked producers to look at it."""
+    def set_window(self, window: int, *, only_if_unset: bool = False) -> int:
+        """Store the window cap and wake blocked producers to look at it.
+
+        Returns the cap in force: with ``only_if_unset``, a cap already stored
+        stays.
+        """
         k = self.keys
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(k.window, window, nx=only_if_unset)
-            pipe.rpush(k.space, 1)
-            pipe.ltrim(k.space, 0, 0)
-            if self.ttl_ms:
-                pipe.pexpire(k.window, self.ttl_ms)
-                pipe.pexpire(k.space, self.ttl_ms)
-            pipe.execute()
+        return int(
+            self._call("window", [k.window, k.space], [window, int(only_if_unset), self.ttl_ms])
+        )
 
     def exists(self) -> bool:
         """Whether anything was ever claimed in (or a window set on) the stream."""
         k = self.keys
-        return bool(self.client.exists(k.seq, k.window))
+        return bool(self._cluster_hint(lambda: self.client.exists(k.seq, k.window)))
 
     def delete(self) -> int:
         """Remove every key of the stream; returns how many existed."""
-        return int(self.client.delete(*self.keys.all()))
+        return int(self._cluster_hint(lambda: self.client.delete(*self.keys.all())))
 
     def _wait(self, key: str, timeout: float) -> bool:
         # BLPOP's timeout is in seconds (fractions allowed since Redis 6); 0
         # would mean forever, so keep it strictly positive and bounded.
         wait = min(max(timeout, 0.001), self.wait_slice)
-        return self.client.blpop([key], timeout=wait) is not None
+        return self._cluster_hint(lambda: self.client.blpop([key], timeout=wait)) is not None
 
     def wait_space(self, timeout: float) -> bool:
         """Block until a consumer frees window space (or ``timeout``)."""
@@ -244,3 +455,26 @@ class Protocol:
             self.client.rpush(self.keys.done, 1)
             self.client.ltrim(self.keys.done, 0, 0)
         return got
+
+
+def _send(node: redis.Redis, conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Send ``commands`` in one write on ``conn``; their replies, errors as values."""
+    conn.send_packed_command(conn.pack_commands(commands))
+    replies: list[Any] = []
+    for command in commands:
+        try:
+            replies.append(node.parse_response(conn, command[0]))
+        except redis.ResponseError as exc:  # read whole: the connection stays usable
+            replies.append(exc)
+    return replies
+
+
+def _retry_of(client: Client) -> Any:
+    """The retry policy of ``client`` (None: a single try).
+
+    The clients of :func:`~celery_ordered.config.client_for` retry for about
+    ``retry_for`` seconds; a client passed in keeps its own policy.
+    """
+    if isinstance(client, RedisCluster):
+        return getattr(client, "co_retry", None) or client.retry
+    return client.get_retry()

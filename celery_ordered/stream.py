@@ -22,12 +22,13 @@ from kombu.serialization import prepare_accept_content, registry
 
 from . import codec
 from .config import (
+    Client,
     accepted_content,
-    client_for,
     default_window,
+    durability,
     function_allowed,
+    redis_client,
     redis_retry_for,
-    resolve_redis_url,
     serializer_for,
     stream_ttl,
     validate_window,
@@ -49,7 +50,7 @@ from .errors import (
 )
 from .keys import validate_name
 from .progress import Progress
-from .protocol import WAIT_SLICE, Batch, Claim, Protocol
+from .protocol import WAIT_SLICE, Batch, Claim, NotReplicated, Protocol
 from .task import (
     CALL_TASK_NAME,
     CHUNK_TASK_NAME,
@@ -148,7 +149,8 @@ class OrderedResultStream:
             window, or the app's ``ordered_window``, or 10 x the CPU count.
         redis_url: Redis holding the stream (default: the app's
             ``ordered_redis_url``, else its Redis result backend or broker).
-        client: a ``redis.Redis`` to use instead of ``redis_url``.
+        client: a ``redis.Redis`` (or ``redis.cluster.RedisCluster``) to use
+            instead of ``redis_url``; it keeps its own retry settings.
         serializer: how outcomes are encoded (default: the app's
             ``ordered_serializer``, else its ``result_serializer``).
         accept: content types the consumer decodes (default: the app's
@@ -181,7 +183,7 @@ class OrderedResultStream:
         *,
         window: int | None = None,
         redis_url: str | None = None,
-        client: redis.Redis | None = None,
+        client: Client | None = None,
         serializer: str | None = None,
         accept: list[str] | None = None,
         task_options: dict[str, Any] | None = None,
@@ -200,7 +202,8 @@ class OrderedResultStream:
                 "over-determined: pass one of them"
             )
         if client is None:
-            client = client_for(resolve_redis_url(self.app, redis_url), redis_retry_for(self.app))
+            with self._redis_errors():
+                client = redis_client(self.app, redis_url)
         self.redis = client
         self.serializer = serializer or serializer_for(self.app)
         if self.serializer not in registry._encoders:
@@ -248,7 +251,9 @@ class OrderedResultStream:
         self._closed_at: int | None = None
         self._task_accept = prepare_accept_content(self.app.conf.accept_content or ["json"])
         self._default_window = default_window(self.app)
-        self._proto = Protocol(client, self.name, ttl=stream_ttl(self.app))
+        self._proto = Protocol(
+            client, self.name, ttl=stream_ttl(self.app), durability=durability(self.app)
+        )
         self._next_reclaim = 0.0
         self._producer_id = uuid.uuid4().hex
         with self._redis_errors():
@@ -290,6 +295,8 @@ class OrderedResultStream:
                 "user and password in the Redis URL",
                 stream=self.name,
             ) from exc
+        except NotReplicated as exc:
+            raise RedisUnavailable(str(exc), stream=self.name) from exc
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RedisUnavailable(
                 f"Redis for stream {self.name!r} did not answer: {exc} (retried for "

@@ -25,10 +25,9 @@ from celery.exceptions import NotRegistered, Reject
 
 from . import codec
 from .config import (
-    client_for,
+    durability,
     function_allowed,
-    redis_retry_for,
-    resolve_redis_url,
+    redis_client,
     serializer_for,
     stream_ttl,
 )
@@ -123,8 +122,8 @@ def publish_outcome(
     except Exception as exc:  # the result cannot travel: its place holds why
         status = codec.ERROR
         encoded = codec.encode(codec.exception_payload(exc, "", serializer, task_name), serializer)
-    client = client_for(resolve_redis_url(app), redis_retry_for(app))
-    stored = Protocol(client, stream, ttl=stream_ttl(app)).publish(seq, encoded.member(seq, status))
+    proto = Protocol(redis_client(app), stream, ttl=stream_ttl(app), durability=durability(app))
+    stored = proto.publish(seq, encoded.member(seq, status))
     if stored == 0:
         logger.debug("dropped a duplicate or late outcome for %s[%d]", stream, seq)
     elif stored < 0:

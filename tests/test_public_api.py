@@ -61,7 +61,7 @@ def test_package_ships_its_scripts_and_type_marker() -> None:
     package = ROOT / "celery_ordered"
     assert (package / "py.typed").exists()
     scripts = {p.stem for p in (package / "lua").glob("*.lua")}
-    assert scripts == {"claim", "publish", "pop", "close", "stats", "reclaim"}
+    assert scripts == {"claim", "publish", "pop", "close", "stats", "reclaim", "window"}
     for script in (package / "lua").glob("*.lua"):
         header = script.read_text().split("\n\n")[0]
         assert "KEYS[1]" in header, f"{script.name} must name its keys in its header"

@@ -7,6 +7,7 @@
 -- KEYS[4]  space    list    wake token for blocked producers
 -- KEYS[5]  ready    list    wake token for a blocked consumer
 -- KEYS[6]  window   string  the cap (returned, so the consumer knows when to acknowledge)
+-- KEYS[7]  seq      string  next number to claim (optional: checks the acknowledgement)
 -- ARGV[1]  ack      every number below it has been delivered; -1: keep the cursor
 -- ARGV[2]  from     first number to read; -1 (or anything below the cursor): the cursor
 -- ARGV[3]  max      most outcomes to return
@@ -14,9 +15,17 @@
 --
 -- Returns {next, closed (-1 if open), stored, from, window, member1, member2, ...}:
 -- `stored` counts the outcomes still held after the acknowledgement, and the
--- members are those of numbers from, from+1, ... with no gap.
+-- members are those of numbers from, from+1, ... with no gap. An error reply
+-- "ROLLBACK <seq>" when ARGV[1] acknowledges numbers never claimed: the
+-- stream's state went back in time (a failover that lost writes) or was deleted.
 local nxt = tonumber(redis.call('GET', KEYS[1]) or '0')
 local ack = tonumber(ARGV[1])
+if KEYS[7] then
+  local claimed = tonumber(redis.call('GET', KEYS[7]) or '0')
+  if ack > claimed then
+    return redis.error_reply('ROLLBACK ' .. claimed)
+  end
+end
 if ack > nxt then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ack)
   redis.call('SET', KEYS[1], ack)

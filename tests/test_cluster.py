@@ -1,0 +1,379 @@
+"""Streams on a real Redis Cluster: three local primaries, real Celery workers.
+
+Every key of a stream carries the stream's name as its hash tag, so all of a
+stream lives in one slot and its scripts run whole on one node; different
+streams spread over the nodes. The workers' broker is the tests' usual one:
+only the streams' Redis is the cluster.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from click.testing import CliRunner
+from redis.cluster import RedisCluster
+
+from celery_ordered import (
+    ConfigurationError,
+    OrderedResultStream,
+    RedisUnavailable,
+    StreamExhausted,
+    StreamFull,
+)
+from celery_ordered.cli import main as standalone
+from celery_ordered.keys import StreamKeys
+from tests.conftest import require_tool
+from tests.tasks import CustomError, echo, fail, gate, sleep_echo
+from tests.topologies import (
+    LocalRedisCluster,
+    RedisNode,
+    TopologyWorker,
+    free_ports,
+    topology_app,
+)
+
+pytestmark = pytest.mark.topology
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalRedisCluster]:
+    """Three primaries, no replicas, every slot served."""
+    require_tool("redis-server", "it runs the nodes of the local Redis Cluster")
+    require_tool("redis-cli", "its --cluster create joins the nodes into one cluster")
+    with LocalRedisCluster(3) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def queue() -> str:
+    return f"co-cluster-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def cluster_worker(cluster: LocalRedisCluster, queue: str) -> Iterator[TopologyWorker]:
+    """A worker (3 processes) that publishes outcomes to the cluster."""
+    worker = TopologyWorker(cluster.url, queue, concurrency=3)
+    try:
+        worker.wait_ready(topology_app(cluster.url, queue))
+        yield worker
+    finally:
+        worker.stop()
+
+
+@pytest.fixture
+def app(redis_url: str, queue: str) -> Any:
+    """The producers' app: its own Redis setting is the tests' usual Redis, so
+    only ``redis_url=`` sends a stream to the cluster."""
+    return topology_app(redis_url, queue)
+
+
+def names_on_each_node(cluster: LocalRedisCluster, prefix: str) -> dict[int, str]:
+    """One fresh stream name per node: port -> name."""
+    found: dict[int, str] = {}
+    while len(found) < len(cluster.nodes):
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        found.setdefault(cluster.port_of(StreamKeys(name).seq), name)
+    return found
+
+
+def test_streams_on_three_nodes_keep_order_markers_and_errors(
+    cluster: LocalRedisCluster, cluster_worker: TopologyWorker, app: Any
+) -> None:
+    # Given three streams whose slots belong to three different nodes
+    names = names_on_each_node(cluster, "three")
+    streams = {
+        port: OrderedResultStream(app, name, redis_url=cluster.url, window=8)
+        for port, name in names.items()
+    }
+    try:
+        # their keys really are on those nodes, each alone on it
+        for port, stream in streams.items():
+            for node in cluster.nodes:
+                held = node.client().scan_iter(match=f"co:{{{stream.name}}}:*")
+                assert bool(list(held)) == (node.port == port)
+
+        # When each is fed tasks, markers and one failing task, all at once
+        def produce(stream: OrderedResultStream, offset: int) -> None:
+            with stream:
+                for i in range(60):
+                    stream.put(sleep_echo, offset + i, (i % 7) / 1000)
+                    if i % 20 == 19:
+                        stream.put({"batch": i // 20})
+                    if i == 30:
+                        stream.put(fail, f"failed on stream {offset}")
+
+        threads = [
+            threading.Thread(target=produce, args=(stream, 1000 * n), daemon=True)
+            for n, stream in enumerate(streams.values())
+        ]
+        for thread in threads:
+            thread.start()
+
+        # Then each comes out in its own order, the error at its place
+        for n, stream in enumerate(streams.values()):
+            offset = 1000 * n
+            seen: list[Any] = []
+            while True:
+                try:
+                    seen.append(stream.get(timeout=60))
+                except CustomError as exc:
+                    seen.append(("error", str(exc)))
+                except StreamExhausted:
+                    break
+            expected: list[Any] = []
+            for i in range(60):
+                expected.append(offset + i)
+                if i % 20 == 19:
+                    expected.append({"batch": i // 20})
+                if i == 30:
+                    expected.append(("error", f"failed on stream {offset}"))
+            assert seen == expected
+        for thread in threads:
+            thread.join(timeout=30)
+    finally:
+        for stream in streams.values():
+            stream.delete()
+    for node in cluster.nodes:
+        for name in names.values():
+            assert not list(node.client().scan_iter(match=f"co:{{{name}}}:*"))
+
+
+def test_the_app_setting_sends_streams_to_the_cluster(
+    cluster: LocalRedisCluster, cluster_worker: TopologyWorker, app: Any
+) -> None:
+    # As docs/deploying.md shows it: the app names the cluster, streams follow.
+    app.conf.ordered_redis_url = cluster.url
+
+    stream = OrderedResultStream(app, window=64)
+    try:
+        outcomes = list(stream.map(echo, range(100)))
+        assert outcomes == list(range(100))
+        owner = cluster.node(cluster.port_of(StreamKeys(stream.name).seq))
+        assert owner.client().get(StreamKeys(stream.name).seq) == b"100"
+    finally:
+        stream.delete()
+
+
+def test_a_redis_cluster_client_of_your_own(
+    cluster: LocalRedisCluster, cluster_worker: TopologyWorker, app: Any
+) -> None:
+    own = RedisCluster(host="127.0.0.1", port=cluster.nodes[1].port)
+    stream = OrderedResultStream(app, client=own, window=32)
+    try:
+        with stream:
+            for i in range(20):
+                stream.put(echo, i)
+            stream.put("done")
+        assert list(stream) == [*range(20), "done"]
+    finally:
+        stream.delete()
+        own.close()
+
+
+def test_the_window_holds_on_a_cluster(
+    cluster: LocalRedisCluster, cluster_worker: TopologyWorker, app: Any, redis_url: str
+) -> None:
+    gates = [f"co-gate-{uuid.uuid4().hex}" for _ in range(3)]
+    stream = OrderedResultStream(app, redis_url=cluster.url, window=3)
+    try:
+        # Given three tasks held by their gates: the window is full
+        for i, key in enumerate(gates):
+            stream.put(gate, redis_url, key, i)
+        began = time.monotonic()
+        with pytest.raises(StreamFull):
+            stream.put(echo, "fourth", timeout=0.3)
+        assert time.monotonic() - began >= 0.3
+        stats = stream.stats()
+        assert (stats.claimed, stats.in_flight) == (3, 3)
+        # When the first finishes and is consumed, one more fits
+        opener = redis.Redis.from_url(redis_url)
+        opener.rpush(gates[0], 1)
+        assert stream.get(timeout=30) == 0
+        stream.put(echo, "fourth", timeout=30)
+        for key in gates[1:]:
+            opener.rpush(key, 1)
+        assert [stream.get(timeout=30) for _ in range(3)] == [1, 2, "fourth"]
+        opener.delete(*gates)
+    finally:
+        stream.delete()
+
+
+def test_many_streams_spread_over_every_node_and_stay_apart(
+    cluster: LocalRedisCluster, app: Any
+) -> None:
+    # Markers only: the stream's whole round trip (claim, publish, pop) without workers.
+    streams = [
+        OrderedResultStream(
+            app, f"many-{i}-{uuid.uuid4().hex[:6]}", redis_url=cluster.url, window=50
+        )
+        for i in range(24)
+    ]
+    assert {cluster.port_of(StreamKeys(s.name).seq) for s in streams} == {
+        node.port for node in cluster.nodes
+    }
+    failures: list[BaseException] = []
+
+    def run(stream: OrderedResultStream) -> None:
+        try:
+            with stream:
+                for i in range(40):
+                    stream.put([stream.name, i])
+            assert list(stream) == [[stream.name, i] for i in range(40)]
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in streams]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not failures, failures[0]
+    finally:
+        for stream in streams:
+            stream.delete()
+
+
+def test_ls_inspect_and_purge_see_streams_on_every_node(
+    cluster: LocalRedisCluster, app: Any
+) -> None:
+    names = names_on_each_node(cluster, "cli")
+    streams = [
+        OrderedResultStream(app, name, redis_url=cluster.url, window=5) for name in names.values()
+    ]
+    try:
+        for n, stream in enumerate(streams):
+            for i in range(n + 1):
+                stream.put(f"marker {i}")
+        runner = CliRunner()
+        listed = runner.invoke(standalone, ["ordered", "--redis-url", cluster.url, "ls"])
+        assert listed.exit_code == 0, listed.output
+        for n, stream in enumerate(streams):
+            line = next(row for row in listed.output.splitlines() if stream.name in row)
+            assert f"0/{n + 1} delivered" in line
+            assert "window 5" in line
+
+        inspected = runner.invoke(
+            standalone, ["ordered", "--redis-url", cluster.url, "inspect", streams[2].name]
+        )
+        assert inspected.exit_code == 0, inspected.output
+        assert "claimed       3" in inspected.output
+
+        purged = runner.invoke(
+            standalone, ["ordered", "--redis-url", cluster.url, "purge", "--yes", streams[1].name]
+        )
+        assert purged.exit_code == 0, purged.output
+        owner = cluster.node(cluster.port_of(StreamKeys(streams[1].name).seq))
+        assert owner.client().exists(*StreamKeys(streams[1].name).all()) == 0
+        again = runner.invoke(standalone, ["ordered", "--redis-url", cluster.url, "ls"])
+        assert streams[1].name not in again.output
+        assert streams[0].name in again.output
+        assert streams[2].name in again.output
+    finally:
+        for stream in streams:
+            stream.delete()
+
+
+def test_waiting_for_replicas_a_cluster_lacks_is_a_clear_error(
+    cluster: LocalRedisCluster, redis_url: str, queue: str
+) -> None:
+    app = topology_app(redis_url, queue, ordered_wait_replicas=1, ordered_wait_timeout=0.2)
+    began = time.monotonic()
+    with pytest.raises(RedisUnavailable, match="ordered_wait_replicas"):
+        OrderedResultStream(app, redis_url=cluster.url)
+    assert time.monotonic() - began < 5
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis+cluster://", "names no node"),
+        ("redis+cluster://127.0.0.1:7000/3", "only database 0"),
+        ("redis+cluster://127.0.0.1:7000?db=2", "only database 0"),
+        ("redis+cluster://127.0.0.1:port", "is not host:port"),
+        ("redis+cluster://127.0.0.1:7000,,127.0.0.1:7001", "is not host:port"),
+        ("cluster://127.0.0.1:7000", "redis+cluster://host:7000,host:7001"),
+    ],
+)
+def test_a_bad_cluster_url_is_refused_at_the_call(redis_url: str, url: str, says: str) -> None:
+    app = topology_app(redis_url, "unused")
+    with pytest.raises(ConfigurationError, match=re.escape(says)):
+        OrderedResultStream(app, redis_url=url)
+
+
+def test_a_cluster_url_on_a_plain_redis_says_so(redis_url: str) -> None:
+    require_tool("redis-server", "the test starts a Redis that is not a cluster")
+    with tempfile.TemporaryDirectory() as directory:
+        plain = RedisNode(Path(directory), free_ports(1)[0]).start()
+        try:
+            app = topology_app(redis_url, "unused")
+            with pytest.raises(ConfigurationError, match="is not a Redis Cluster"):
+                OrderedResultStream(app, redis_url=f"redis+cluster://127.0.0.1:{plain.port}")
+        finally:
+            plain.stop()
+
+
+def test_a_plain_url_on_a_cluster_node_says_to_use_the_cluster_url(
+    cluster: LocalRedisCluster, app: Any
+) -> None:
+    names = names_on_each_node(cluster, "moved")
+    first = cluster.nodes[0].port
+    elsewhere = next(name for port, name in names.items() if port != first)
+    with pytest.raises(ConfigurationError, match="redis\\+cluster://"):
+        OrderedResultStream(app, elsewhere, redis_url=f"redis://127.0.0.1:{first}/0")
+
+
+def test_a_dead_node_is_a_clear_error_and_a_restarted_one_is_ridden_out(
+    redis_url: str,
+) -> None:
+    require_tool("redis-server", "it runs the nodes of the local Redis Cluster")
+    require_tool("redis-cli", "its --cluster create joins the nodes into one cluster")
+    with LocalRedisCluster(3) as own:
+        impatient = topology_app(redis_url, "unused", ordered_redis_retry_for=1)
+        patient = topology_app(redis_url, "unused", ordered_redis_retry_for=60)
+        name = f"dead-node-{uuid.uuid4().hex[:8]}"
+        node = own.node(own.port_of(StreamKeys(name).seq))
+        stream = OrderedResultStream(impatient, name, redis_url=own.url)
+        stream.put("before")
+        assert stream.get(timeout=10) == "before"
+
+        # When the node holding the stream dies (no replica to take over)
+        node.kill()
+
+        # Then the stream says so within about ordered_redis_retry_for, naming the setting
+        began = time.monotonic()
+        with pytest.raises(RedisUnavailable, match="ordered_redis_retry_for"):
+            stream.put("while dead")
+        assert time.monotonic() - began < 15
+
+        # and a patient producer rides it out once the node is back
+        done = threading.Event()
+        outcome: list[Any] = []
+
+        def put_meanwhile() -> None:
+            try:
+                waiting = OrderedResultStream(patient, name, redis_url=own.url)
+                outcome.append(waiting.put("after restart"))
+            except BaseException as exc:
+                outcome.append(exc)
+            done.set()
+
+        threading.Thread(target=put_meanwhile, daemon=True).start()
+        assert not done.wait(0.5)  # still retrying: the node is down
+        node.start()
+        own.wait_state("ok")
+        assert done.wait(60), "the put did not return after the node came back"
+        assert not isinstance(outcome[0], BaseException), outcome[0]
+        # The node restarted empty (no persistence): the stream began anew there.
+        reader = OrderedResultStream(patient, name, redis_url=own.url)
+        assert reader.get(timeout=10) == "after restart"
+        reader.delete()
