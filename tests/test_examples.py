@@ -7,10 +7,12 @@ import re
 import subprocess
 import sys
 import uuid
+from typing import Any
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.tasks import echo
 
 
 @pytest.fixture
@@ -66,3 +68,30 @@ def test_batch_indexing_logs_every_batch_in_order() -> None:
     batches = re.findall(r"batch (\d+) done: 15 documents \((\d+) indexed so far\)", run.stdout)
     assert [int(b) for b, _ in batches] == [0, 1, 2, 3]
     assert [int(n) for _, n in batches] == [15, 30, 45, 60]
+
+
+def test_celery_ordered_inspect_on_the_quickstarts_running_stream(
+    example_env: dict[str, str], worker: object, make_stream: Any
+) -> None:
+    # Given a running stream in the quickstart's Redis whose number 1 went to
+    # a queue nobody serves: it holds back number 2, which has arrived
+    stream = make_stream(window=8)
+    stream.put(echo, "zero")
+    stream.put(echo.s("one").set(queue=f"nobody-{uuid.uuid4().hex[:6]}"))
+    stream.put("two")
+    assert stream.get(timeout=30) == "zero"
+    stream.ack()
+    # When Celery's own command looks at it through the quickstart's app
+    run = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "examples.quickstart", "ordered", "inspect",
+         stream.name],
+        cwd=ROOT, env=example_env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    # Then it shows the stream's counters and names the head-of-line blocker
+    assert run.returncode == 0, run.stderr
+    fields = dict(re.findall(r"^(\w[\w ]*?)\s{2,}(.+)$", run.stdout, re.MULTILINE))
+    assert fields["claimed"] == "3"
+    assert fields["delivered"] == "1"
+    assert fields["in flight"] == "1"
+    assert fields["buffered"] == "1"
+    assert fields["blocker"].startswith("number 1, waiting ")
