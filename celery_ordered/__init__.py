@@ -16,6 +16,7 @@ from .errors import (
     StreamExhausted,
     StreamFull,
     StreamNotFound,
+    StreamStateLost,
     TaskFailed,
     UnsendableError,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "StreamExhausted",
     "StreamFull",
     "StreamNotFound",
+    "StreamStateLost",
     "TaskFailed",
     "UnsendableError",
     # Version

@@ -10,6 +10,7 @@
     ├── StreamEmpty            (also queue.Empty): get() timed out
     ├── StreamExhausted        get() on a closed stream with nothing left
     ├── StreamNotFound         (also LookupError): create=False and no such stream
+    ├── StreamStateLost        the stream's state in Redis went back in time
     ├── DispatchError          sending a claimed task failed; its place holds this error
     ├── RedisUnavailable       Redis could not be reached
     └── TaskFailed             a task failed and its exception class could not be rebuilt
@@ -69,6 +70,18 @@ class StreamNotFound(OrderedStreamError, LookupError):
     """``OrderedResultStream(..., create=False)`` names no stream in that Redis.
 
     Never created, deleted, or expired after ``ordered_stream_ttl`` unused.
+    """
+
+
+class StreamStateLost(OrderedStreamError):
+    """The stream's state in Redis went back in time, so it cannot go on safely.
+
+    A failover to a replica that had not received the latest writes, a
+    restore from an older snapshot, or the stream deleted under a running
+    producer: numbers would be handed out twice, or a consumer would wait for
+    numbers that no longer exist. Raised in the producer and the consumer;
+    start the work again on a new stream. ``ordered_wait_replicas`` makes
+    every write wait for replicas, so that a failover cannot take it back.
     """
 
 

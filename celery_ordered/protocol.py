@@ -32,7 +32,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import AskError, MovedError, NoScriptError
 
 from .config import Client, Durability, _ClusterUnavailable
-from .errors import ConfigurationError, OrderedStreamError
+from .errors import ConfigurationError, StreamStateLost
 from .keys import StreamKeys
 
 #: Longest single blocking wait on Redis, in seconds. A waiter that was told
@@ -287,7 +287,7 @@ class Protocol:
         ``producer``'s previous one means the stream's state in Redis went
         back in time (a failover to a replica that had not received the latest
         writes, a restore from an older snapshot), and raises
-        :class:`~celery_ordered.OrderedStreamError` instead of handing out
+        :class:`~celery_ordered.StreamStateLost` instead of handing out
         numbers whose tasks are already on their way.
         """
         k = self.keys
@@ -311,8 +311,8 @@ class Protocol:
             self._claimed_to[producer] = (claim_id, claim.first + claim.count)
         return claim
 
-    def _went_back(self, what: str, *, seq: int) -> OrderedStreamError:
-        return OrderedStreamError(
+    def _went_back(self, what: str, *, seq: int) -> StreamStateLost:
+        return StreamStateLost(
             f"stream {self.keys.name!r}: {what}. The stream's state in Redis went back in "
             "time (a failover to a replica that had not yet received the latest writes, "
             "or a restore from an older snapshot), or the stream was deleted meanwhile, "
@@ -338,7 +338,7 @@ class Protocol:
         """Acknowledge below ``ack`` and read the gapless run from ``start``.
 
         Acknowledging numbers that were never claimed means the stream's state
-        went back in time: :class:`~celery_ordered.OrderedStreamError`, instead
+        went back in time: :class:`~celery_ordered.StreamStateLost`, instead
         of waiting for outcomes that can never come.
         """
         k = self.keys

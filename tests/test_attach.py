@@ -17,7 +17,13 @@ from typing import Any
 import pytest
 import redis
 
-from celery_ordered import OrderedResultStream, StreamClosedError, StreamExhausted, StreamNotFound
+from celery_ordered import (
+    OrderedResultStream,
+    StreamClosedError,
+    StreamExhausted,
+    StreamNotFound,
+    StreamStateLost,
+)
 from celery_ordered.keys import StreamKeys
 from tests.tasks import echo, fail, sleep_echo
 
@@ -276,3 +282,12 @@ def test_create_false_attaches_where_the_last_consumer_left_off(make_stream, app
     assert attached.position == 0  # nothing handed out by this consumer yet
     assert list(attached) == [2, 3, 4]
     assert attached.position == 5
+
+
+def test_a_producer_whose_stream_was_deleted_under_it_is_told(make_stream, app):
+    stream = make_stream(window=4)
+    for i in range(3):
+        stream.put(echo, i)
+    OrderedResultStream(app, stream.name).delete()  # from another handle
+    with pytest.raises(StreamStateLost, match=r"went back in time.*deleted"):
+        stream.put(echo, 3)

@@ -20,9 +20,9 @@ import redis
 from celery_ordered import (
     ConfigurationError,
     OrderedResultStream,
-    OrderedStreamError,
     RedisUnavailable,
     StreamExhausted,
+    StreamStateLost,
 )
 from celery_ordered.keys import StreamKeys
 from tests.conftest import require_tool
@@ -159,7 +159,7 @@ def test_without_waiting_a_failover_that_loses_writes_is_reported(
     # the consumer is told the state went back, instead of waiting forever
     assert run.seen == expected_outcomes()[: len(run.seen)]
     assert len(run.seen) >= STALL_AT + AHEAD
-    assert isinstance(run.stopped, OrderedStreamError), repr(run.stopped)
+    assert isinstance(run.stopped, StreamStateLost), repr(run.stopped)
     assert "went back in time" in str(run.stopped)
     assert all("went back in time" in str(error) for error in run.produced), run.produced
 
@@ -209,7 +209,7 @@ def test_a_rollback_of_the_streams_state_is_reported_not_reused(
             redis_client.restore(key, 0, value)
 
         # When the producer puts again, it is told, instead of number 1 twice
-        with pytest.raises(OrderedStreamError, match="went back in time") as raised:
+        with pytest.raises(StreamStateLost, match="went back in time") as raised:
             stream.put("third")
         assert raised.value.seq == 1
         assert "ordered_wait_replicas" in str(raised.value)
