@@ -13,11 +13,9 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,9 +26,10 @@ from django.urls import path
 from celery_ordered import OrderedResultStream, StreamClosedError
 from celery_ordered.contrib.django import stream_response
 from tests.conftest import ROOT
+from tests.django_example import EXAMPLE, configured_project
+from tests.django_example import project_worker as start_project_worker
 from tests.tasks import echo, gate
 
-EXAMPLE = ROOT / "examples" / "django_project"
 OPEN = b": open\n\n"
 KEEP_ALIVE = b": keep-alive\n\n"
 
@@ -50,66 +49,21 @@ urlpatterns = [path("stream/<str:name>", stream_view)]
 @pytest.fixture(scope="module")
 def project(redis_url: str) -> Iterator[Any]:
     """Django set up with the example project's settings; yields its Celery app."""
-    import django
-    from celery import current_app
     from django.test.utils import setup_test_environment, teardown_test_environment
 
-    previous_app = current_app._get_current_object()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(EXAMPLE))  # the project's modules: project, jobs
-        with pytest.MonkeyPatch.context() as env:
-            # Read once, as the settings load; not left for worker processes to inherit.
-            env.setenv("DJANGO_SETTINGS_MODULE", "project.settings")
-            env.setenv("REDIS_URL", redis_url)
-            env.setenv("BROKER_URL", os.environ["CO_TEST_BROKER_URL"])
-            django.setup()
+    with configured_project(redis_url, "django-example") as celery_app:
         setup_test_environment()
-        from project.celery import app as celery_app
-
-        saved_queue = celery_app.conf.task_default_queue
-        celery_app.conf.task_default_queue = f"django-example-{uuid.uuid4().hex[:8]}"
         try:
             yield celery_app
         finally:
-            celery_app.conf.task_default_queue = saved_queue
             teardown_test_environment()
-            previous_app.set_current()  # Celery("project") made itself the current app
 
 
 @pytest.fixture(scope="module")
 def project_worker(project: Any, redis_url: str) -> Iterator[subprocess.Popen[bytes]]:
     """``celery -A project worker``, as the example's README starts it, on its queue."""
-    log = Path(tempfile.mkstemp(prefix="co-django-worker-", suffix=".log")[1])
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        "DJANGO_SETTINGS_MODULE": "project.settings",
-        "REDIS_URL": redis_url,
-        "BROKER_URL": os.environ["CO_TEST_BROKER_URL"],
-        "C_FORCE_ROOT": "1",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "project", "worker",
-         "-Q", project.conf.task_default_queue, "--concurrency=3", "--loglevel=WARNING",
-         "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        cwd=EXAMPLE, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        from jobs.tasks import process
-
-        stream = OrderedResultStream(project)
-        try:
-            stream.put(process, 0, 0.0)
-            assert stream.get(timeout=60)["item"] == 0
-        except Exception as exc:
-            raise RuntimeError(f"the example's worker did not answer:\n{log.read_text()}") from exc
-        finally:
-            stream.delete()
+    with start_project_worker(project, redis_url) as proc:
         yield proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.unlink()
 
 
 @pytest.fixture

@@ -19,20 +19,25 @@ from typing import Any
 import pytest
 import redis
 from flask import Flask
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 from werkzeug.serving import make_server
 
 from celery_ordered import OrderedResultStream
-from tests.conftest import ROOT, require_tool
+from tests.browser import (
+    DEADLINE,
+    CutFirstEventStream,
+    headless_chromium,
+    positions,
+    rows,
+    start_job,
+    state,
+    wait_until_done,
+)
+from tests.conftest import ROOT
 from tests.tasks import gate
 
 pytestmark = pytest.mark.topology
-
-#: Longest wait for the page to reach a state, in seconds (a deadline, not a pause).
-DEADLINE = 90
 
 
 @pytest.fixture(scope="module")
@@ -108,55 +113,9 @@ def serve() -> Iterator[Callable[[Flask], str]]:
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
-    """Headless Debian Chromium, driven through the system's chromedriver."""
-    chromium = require_tool("chromium", "the browser end-to-end tests drive Chromium")
-    chromedriver = require_tool("chromedriver", "Selenium drives Chromium through it")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--no-proxy-server", f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ):  # fmt: skip
-        options.add_argument(flag)
-    # An explicit driver path: Selenium Manager never downloads anything.
-    driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
-    try:
+    """Headless Chromium (see tests/browser.py)."""
+    with headless_chromium(tmp_path / "chromium-profile") as driver:
         yield driver
-    finally:
-        driver.quit()
-
-
-def rows(driver: Any) -> list[tuple[str, str]]:
-    """The page's rows: (kind, item number) for results, (kind, text) otherwise."""
-    found = driver.find_elements(By.CSS_SELECTOR, "#rows li")
-    return [
-        (row.get_attribute("data-kind"), row.get_attribute("data-item") or row.text)
-        for row in found
-    ]
-
-
-def positions(driver: Any) -> list[int]:
-    found = driver.find_elements(By.CSS_SELECTOR, "#rows li")
-    return [int(row.get_attribute("data-position")) for row in found]
-
-
-def state(driver: Any) -> str:
-    return str(driver.find_element(By.ID, "status").get_attribute("data-state"))
-
-
-def start_job(driver: Any, url: str, tasks: int, batch: int) -> None:
-    driver.get(url)
-    for name, value in (("tasks", tasks), ("batch", batch)):
-        field = driver.find_element(By.NAME, name)
-        field.clear()
-        field.send_keys(str(value))
-    driver.find_element(By.ID, "start-button").click()
-
-
-def wait_until_done(driver: Any) -> None:
-    WebDriverWait(driver, DEADLINE).until(lambda d: state(d) in ("done", "failed"))
-    assert state(driver) == "done", driver.find_element(By.ID, "status").text
 
 
 @pytest.mark.usefixtures("example_worker")
@@ -231,34 +190,6 @@ def test_rows_appear_while_the_job_is_still_running(
     finally:
         redis_client.rpush(key, 1)  # never leave a worker waiting
         redis_client.expire(key, 60)
-
-
-class CutFirstEventStream:
-    """WSGI middleware: ends the first event stream after ``events`` events, as a dropped
-    connection would; records the ``Last-Event-ID`` of every event-stream request."""
-
-    def __init__(self, wsgi_app: Any, events: int) -> None:
-        self.wsgi_app = wsgi_app
-        self.events = events
-        self.last_event_ids: list[str | None] = []
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-        body = self.wsgi_app(environ, start_response)
-        if not environ["PATH_INFO"].endswith("/events"):
-            return body
-        self.last_event_ids.append(environ.get("HTTP_LAST_EVENT_ID"))
-        return self.cut(body) if len(self.last_event_ids) == 1 else body
-
-    def cut(self, body: Any) -> Iterator[bytes]:
-        sent = 0
-        try:
-            for chunk in body:
-                yield chunk
-                sent += chunk.startswith(b"id: ")
-                if sent == self.events:
-                    return
-        finally:
-            body.close()
 
 
 @pytest.mark.usefixtures("example_worker")

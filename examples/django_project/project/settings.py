@@ -1,4 +1,4 @@
-"""Settings of the example project: only what streaming a job needs.
+"""Settings of the example project: only what its page and streams need.
 
 ``REDIS_URL`` (default: redis://127.0.0.1:6379/0) holds the streams and is
 the broker unless ``BROKER_URL`` names another.
@@ -11,7 +11,9 @@ DEBUG = os.environ.get("DJANGO_DEBUG") == "1"
 ALLOWED_HOSTS = ["localhost", "127.0.0.1"]
 
 INSTALLED_APPS = ["jobs"]
-MIDDLEWARE: list[str] = []
+# The page's "Start a job" form posts its CSRF token (a cookie and a field).
+MIDDLEWARE = ["django.middleware.csrf.CsrfViewMiddleware"]
+TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates", "APP_DIRS": True}]
 ROOT_URLCONF = "project.urls"
 WSGI_APPLICATION = "project.wsgi.application"
 ASGI_APPLICATION = "project.asgi.application"

@@ -1,5 +1,5 @@
-"""The project's URLs: the jobs app."""
+"""The project's URLs: the jobs app, from the site's root (the page is ``/``)."""
 
 from django.urls import include, path
 
-urlpatterns = [path("jobs/", include("jobs.urls"))]
+urlpatterns = [path("", include("jobs.urls"))]
