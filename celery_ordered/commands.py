@@ -134,6 +134,7 @@ def watch(
     first = stream.stats().delivered
     shown = 0
     live = progress_bar(desc="delivered", file=out) if bar else None
+    stats: StreamStats | None = None
     try:
         while True:
             stats = stream.stats()
@@ -154,7 +155,8 @@ def watch(
     finally:
         if live is not None:
             live.close()
-            click.echo(_describe(stats))
+            if stats is not None:
+                click.echo(_describe(stats))
 
 
 @ordered.command()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import time
 import weakref
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from redis.exceptions import AskError, MovedError, NoScriptError
 from .config import Client, Durability, _ClusterUnavailable
 from .errors import ConfigurationError, StreamStateLost
 from .keys import StreamKeys
+
+logger = logging.getLogger(__name__)
 
 #: Longest single blocking wait on Redis, in seconds. A waiter that was told
 #: nothing for this long looks at the stream again, so a wake-up token lost to
@@ -69,8 +72,17 @@ class NotReplicated(redis.TimeoutError):
     The write is on the primary; a failover before a replica has it could
     still lose it. It is a ``redis.TimeoutError``, so a stream reports it as
     :class:`~celery_ordered.RedisUnavailable` and a worker gives the task's
-    message back to the broker, to publish again later.
+    message back to the broker, to publish again later. A claim is the
+    exception: its numbers are taken on the primary, so the producer goes on
+    with them (logging a warning) rather than leave them undispatched; a
+    failover that loses them is then caught as
+    :class:`~celery_ordered.StreamStateLost`.
     """
+
+    def __init__(self, message: str, *, result: Any = None) -> None:
+        super().__init__(message)
+        #: The script's reply on the primary.
+        self.result = result
 
 
 @dataclass(frozen=True)
@@ -212,7 +224,8 @@ class Protocol:
                 f"stream {self.keys.name!r}: only {acked} of the {want.replicas} replica(s) "
                 f"asked for (ordered_wait_replicas) acknowledged a write within "
                 f"{want.timeout:g}s (ordered_wait_timeout). The write is on the primary, but a "
-                "failover now could lose it; check that the replicas are up and in sync"
+                "failover now could lose it; check that the replicas are up and in sync",
+                result=result,
             )
         return result
 
@@ -246,7 +259,9 @@ class Protocol:
             finally:
                 pool.release(conn)
 
-        def failed(_error: Exception) -> None:
+        def failed(error: Exception) -> None:
+            if give_up is not None and time.monotonic() >= give_up:
+                raise error  # out of retry_for: Retry passes this on
             if cluster is not None:
                 # Unreachable now: the next try reports the cluster's state.
                 with contextlib.suppress(Exception):
@@ -258,11 +273,7 @@ class Protocol:
         # is down: bound the retries of the whole by that time too.
         retry_for = getattr(retry, "retry_for", None)
         give_up = None if retry_for is None else time.monotonic() + retry_for
-        result: _T = retry.call_with_retry(
-            once,
-            failed,
-            is_retryable=lambda _error: give_up is None or time.monotonic() < give_up,
-        )
+        result: _T = retry.call_with_retry(once, failed)
         return result
 
     # -- the operations ----------------------------------------------------------
@@ -291,14 +302,21 @@ class Protocol:
         numbers whose tasks are already on their way.
         """
         k = self.keys
-        first, count = self._call(
-            "claim",
-            [k.seq, k.next, k.window, k.closed, k.space, k.pending, k.deadlines, k.producers],
-            [
-                len(records), default_window, int((lost_after or 0) * 1000), self.ttl_ms,
-                producer, claim_id, *records,
-            ],
-        )  # fmt: skip
+        try:
+            first, count = self._call(
+                "claim",
+                [k.seq, k.next, k.window, k.closed, k.space, k.pending, k.deadlines, k.producers],
+                [
+                    len(records), default_window, int((lost_after or 0) * 1000), self.ttl_ms,
+                    producer, claim_id, *records,
+                ],
+            )  # fmt: skip
+        except NotReplicated as exc:
+            # The numbers are taken on the primary: raising would leave them
+            # undispatched (a gap until lost_after) and a retried put would
+            # claim new ones (the task twice). Go on with them.
+            logger.warning("%s; this producer goes on with the numbers it claimed", exc)
+            first, count = exc.result
         claim = Claim(int(first), int(count), closed=int(first) < 0)
         if claim.count:
             last_id, floor = self._claimed_to.get(producer, ("", 0))

@@ -49,7 +49,14 @@ from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import RedisUnavailable, StreamEmpty, StreamExhausted, TaskFailed
+from .errors import (
+    ConfigurationError,
+    RedisUnavailable,
+    StreamEmpty,
+    StreamExhausted,
+    StreamStateLost,
+    TaskFailed,
+)
 from .stream import OrderedResultStream
 
 __all__ = [
@@ -101,6 +108,10 @@ class _End:
 
 _HEARTBEAT = object()  # nothing arrived for a heartbeat's time
 
+#: Errors about the whole stream, not one position: they would come back on
+#: every read, so they end the response instead of becoming a failure event.
+_FATAL = (RedisUnavailable, StreamStateLost, ConfigurationError)
+
 
 def _read_stream(
     stream: OrderedResultStream, wait: float | None, on_disconnect: OnDisconnect
@@ -115,7 +126,7 @@ def _read_stream(
             except StreamExhausted:
                 yield _End(_position(stream))
                 return
-            except RedisUnavailable:
+            except _FATAL:
                 raise  # the stream cannot go on: the response ends unfinished
             except Exception as exc:  # a failed task (or undecodable outcome), at its place
                 seq = getattr(exc, "seq", None)
@@ -149,7 +160,7 @@ def _read_iterable(iterable: Iterable[Any]) -> Generator[object, None, None]:
             except StopIteration:
                 yield _End(position)
                 return
-            except RedisUnavailable:
+            except _FATAL:
                 raise
             except Exception as exc:  # an item that failed; the iterator may go on
                 yield _Item(position, error=exc)

@@ -457,3 +457,25 @@ def test_reliability_settings_are_checked_at_the_call(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         make_stream(**options)
+
+
+def test_a_claim_no_replica_confirmed_goes_on_with_its_numbers(
+    worker: Any, make_stream: Any, app: Celery, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The tests' Redis has no replica, so a write that waits for one never
+    # hears back. A claim is on the primary all the same: the producer must
+    # send its task, not raise (which would leave the number empty until
+    # lost_after, and make a retried put run the task twice).
+    stream = make_stream()
+    saved = {key: app.conf.get(key) for key in ("ordered_wait_replicas", "ordered_wait_timeout")}
+    app.conf.update(ordered_wait_replicas=1, ordered_wait_timeout=0.1)
+    try:
+        waiting = OrderedResultStream(app, stream.name, create=False)
+    finally:
+        app.conf.update(saved)
+    with caplog.at_level("WARNING", logger="celery_ordered.protocol"):
+        assert waiting.put(echo, "sent") == 0
+    assert "only 0 of the 1 replica(s)" in caplog.text
+    assert "goes on with the numbers it claimed" in caplog.text
+    stream.close()
+    assert list(stream) == ["sent"]

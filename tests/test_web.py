@@ -7,6 +7,7 @@ chunk (one event) at a time, as a browser receives it.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import re
 import subprocess
@@ -20,7 +21,7 @@ import redis
 from flask import Flask, Response
 from flask.testing import FlaskClient
 
-from celery_ordered import OrderedResultStream, StreamClosedError
+from celery_ordered import OrderedResultStream, StreamClosedError, StreamStateLost
 from celery_ordered.contrib.flask import stream_response
 from celery_ordered.web import NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE, ndjson_lines, sse_events
 from tests.conftest import ROOT
@@ -412,3 +413,19 @@ def test_sse_content_type_constant_matches_what_flask_sends(
     response = serve(lambda: stream_response(stream, headers={"X-Job": "7"})).get("/stream")
     assert response.headers["Content-Type"] == SSE_CONTENT_TYPE
     assert response.headers["X-Job"] == "7"
+
+
+def test_a_stream_that_went_back_in_time_ends_the_body_instead_of_looping(
+    make_stream: Callable[..., OrderedResultStream], app: Any
+) -> None:
+    stream = make_stream()
+    for i in range(3):
+        stream.put(echo, i)
+    body = ndjson_lines(stream)
+    assert json.loads(next(body)) == {"position": 0, "value": 0}
+    OrderedResultStream(app, stream.name).delete()  # the state is gone under the consumer
+    # Every read would fail the same way: the body ends with the error, it
+    # does not send failure after failure.
+    at_most_ten = itertools.islice(body, 10)
+    with pytest.raises(StreamStateLost, match="went back in time"):
+        list(at_most_ten)

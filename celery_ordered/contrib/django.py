@@ -170,5 +170,7 @@ def _pump(
                 send("error", exc)
                 return
             send("chunk", chunk)
+            if stop.is_set():  # the loop is gone: nobody will ask for more
+                return
     finally:
         body.close()  # in this thread, where the body ran: a disconnect is handled here
