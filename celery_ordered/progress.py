@@ -77,6 +77,7 @@ class ProgressBar:
         self.total = total
         self.desc = desc
         self.file: IO[str] = file if file is not None else sys.stderr
+        self._tty = _isatty(self.file)
         self.width = width
         self._lock = threading.Lock()
         self._done = 0
@@ -89,7 +90,7 @@ class ProgressBar:
         self._last_printed = -1
         self._closed = False
         self._tqdm: Any = None
-        if backend == "tqdm" or (backend == "auto" and _isatty(self.file)):
+        if backend == "tqdm" or (backend == "auto" and self._tty):
             try:
                 from tqdm import tqdm
             except ImportError:
@@ -140,7 +141,7 @@ class ProgressBar:
             if self._tqdm is not None:
                 self._tqdm.write(line, file=self.file)
                 return
-            if _isatty(self.file):
+            if self._tty:
                 self.file.write("\r\x1b[K")
             self.file.write(line + "\n")
             self.file.flush()
@@ -178,7 +179,7 @@ class ProgressBar:
 
     def _draw(self, *, final: bool) -> None:
         now = time.monotonic()
-        if _isatty(self.file):
+        if self._tty:
             if final or now - self._last_draw > 0.05:
                 self.file.write("\r" + self.text() + ("\n" if final else ""))
                 self.file.flush()

@@ -124,16 +124,16 @@ def _read_stream(
                 yield _HEARTBEAT
                 continue
             except StreamExhausted:
-                yield _End(_position(stream))
+                yield _End(stream.position)
                 return
             except _FATAL:
                 raise  # the stream cannot go on: the response ends unfinished
             except Exception as exc:  # a failed task (or undecodable outcome), at its place
                 seq = getattr(exc, "seq", None)
-                position = seq if isinstance(seq, int) else _position(stream) - 1
+                position = seq if isinstance(seq, int) else stream.position - 1
                 yield _Item(position, error=exc)
             else:
-                yield _Item(_position(stream) - 1, value)
+                yield _Item(stream.position - 1, value)
     except GeneratorExit:
         # Closed before the end: the client left. What it was handed and did
         # not acknowledge stays in the stream, for a reconnecting client.
@@ -143,11 +143,6 @@ def _read_stream(
             except RedisUnavailable:
                 logger.warning("stream %r: could not close it after the client left", stream.name)
         raise
-
-
-def _position(stream: OrderedResultStream) -> int:
-    """The position after the outcome the stream's consumer handed out last."""
-    return stream.position
 
 
 def _read_iterable(iterable: Iterable[Any]) -> Generator[object, None, None]:

@@ -180,6 +180,16 @@ def make_stream(app: Any, redis_client: redis.Redis) -> Iterator[Callable[..., A
             stream.delete()
 
 
+@pytest.fixture
+def gate_key(redis_client: redis.Redis) -> Iterator[str]:
+    """A Redis list a ``tests.tasks.gate`` task waits on; the test opens it with
+    ``rpush``, and it is opened after the test anyway, so no worker is left waiting."""
+    key = f"test-gate-{uuid.uuid4().hex}"
+    yield key
+    redis_client.rpush(key, 1)
+    redis_client.expire(key, 60)
+
+
 def require_tool(name: str, why: str) -> str:
     """The path of program ``name``; skips the test when it is missing.
 

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -64,14 +63,6 @@ def project_worker(project: Any, redis_url: str) -> Iterator[subprocess.Popen[by
     """``celery -A project worker``, as the example's README starts it, on its queue."""
     with start_project_worker(project, redis_url) as proc:
         yield proc
-
-
-@pytest.fixture
-def gate_key(redis_client: redis.Redis) -> Iterator[str]:
-    key = f"test-gate-{uuid.uuid4().hex}"
-    yield key
-    redis_client.rpush(key, 1)  # never leave a worker waiting
-    redis_client.expire(key, 60)
 
 
 def expected_job(items: int, batch: int) -> list[dict[str, Any]]:

@@ -143,13 +143,13 @@ def urlconf(job: Callable[[int, int], Iterator[Any]]) -> ModuleType:
 
 @pytest.mark.usefixtures("project_worker")
 def test_rows_appear_while_the_job_is_still_running(
-    site: str, browser: Any, redis_url: str, redis_client: redis.Redis
+    site: str, browser: Any, redis_url: str, redis_client: redis.Redis, gate_key: str
 ) -> None:
     from django.test import override_settings
     from jobs.tasks import process
 
     # Given a job whose fourth entry waits until the test opens its gate
-    key = f"test-gate-{uuid.uuid4().hex}"
+    key = gate_key
 
     def gated_job(items: int, batch: int) -> Iterator[Any]:
         yield process.s(0, 0.0)
@@ -159,37 +159,33 @@ def test_rows_appear_while_the_job_is_still_running(
         yield process.s(3, 0.0)
         yield {"marker": "after the gate"}
 
-    try:
-        with override_settings(ROOT_URLCONF=urlconf(gated_job)):
-            start_job(browser, site)
+    with override_settings(ROOT_URLCONF=urlconf(gated_job)):
+        start_job(browser, site)
 
-            # When the first three rows are on the page
-            WebDriverWait(browser, DEADLINE).until(lambda d: len(rows(d)) >= 3)
+        # When the first three rows are on the page
+        WebDriverWait(browser, DEADLINE).until(lambda d: len(rows(d)) >= 3)
 
-            # Then they arrived while the job could not have finished: the gate is shut
-            assert redis_client.llen(key) == 0
-            assert rows(browser) == [
-                ("result", "0"),
-                ("result", "1"),
-                ("marker", "before the gate"),
-            ]
-            assert state(browser) == "running"
-
-            # And once the gate opens, the rest follows in order
-            redis_client.rpush(key, 1)
-            wait_until_done(browser)
+        # Then they arrived while the job could not have finished: the gate is shut
+        assert redis_client.llen(key) == 0
         assert rows(browser) == [
             ("result", "0"),
             ("result", "1"),
             ("marker", "before the gate"),
-            ("result", "2"),
-            ("result", "3"),
-            ("marker", "after the gate"),
         ]
-        assert positions(browser) == list(range(6))
-    finally:
-        redis_client.rpush(key, 1)  # never leave a worker waiting
-        redis_client.expire(key, 60)
+        assert state(browser) == "running"
+
+        # And once the gate opens, the rest follows in order
+        redis_client.rpush(key, 1)
+        wait_until_done(browser)
+    assert rows(browser) == [
+        ("result", "0"),
+        ("result", "1"),
+        ("marker", "before the gate"),
+        ("result", "2"),
+        ("result", "3"),
+        ("marker", "after the gate"),
+    ]
+    assert positions(browser) == list(range(6))
 
 
 @pytest.mark.usefixtures("project_worker")

@@ -149,9 +149,10 @@ def test_rows_appear_while_the_job_is_still_running(
     browser: Any,
     redis_url: str,
     redis_client: redis.Redis,
+    gate_key: str,
 ) -> None:
     # Given a job whose fourth entry waits until the test opens its gate
-    key = f"test-gate-{uuid.uuid4().hex}"
+    key = gate_key
 
     def gated_job(tasks: int, batch: int) -> Iterator[Any]:
         yield example.process.s(0, 0.0)
@@ -161,35 +162,31 @@ def test_rows_appear_while_the_job_is_still_running(
         yield example.process.s(3, 0.0)
         yield {"marker": "after the gate"}
 
-    try:
-        start_job(browser, serve(example.create_app(job=gated_job)), tasks=1, batch=1)
+    start_job(browser, serve(example.create_app(job=gated_job)), tasks=1, batch=1)
 
-        # When the first three rows are on the page
-        WebDriverWait(browser, DEADLINE).until(lambda d: len(rows(d)) >= 3)
+    # When the first three rows are on the page
+    WebDriverWait(browser, DEADLINE).until(lambda d: len(rows(d)) >= 3)
 
-        # Then they arrived while the job could not have finished: the gate is shut
-        assert redis_client.llen(key) == 0
-        assert rows(browser) == [
-            ("result", "0"),
-            ("result", "1"),
-            ("marker", "before the gate"),
-        ]
-        assert state(browser) == "running"
+    # Then they arrived while the job could not have finished: the gate is shut
+    assert redis_client.llen(key) == 0
+    assert rows(browser) == [
+        ("result", "0"),
+        ("result", "1"),
+        ("marker", "before the gate"),
+    ]
+    assert state(browser) == "running"
 
-        # And once the gate opens, the rest follows in order
-        redis_client.rpush(key, 1)
-        wait_until_done(browser)
-        assert rows(browser) == [
-            ("result", "0"),
-            ("result", "1"),
-            ("marker", "before the gate"),
-            ("result", "2"),
-            ("result", "3"),
-            ("marker", "after the gate"),
-        ]
-    finally:
-        redis_client.rpush(key, 1)  # never leave a worker waiting
-        redis_client.expire(key, 60)
+    # And once the gate opens, the rest follows in order
+    redis_client.rpush(key, 1)
+    wait_until_done(browser)
+    assert rows(browser) == [
+        ("result", "0"),
+        ("result", "1"),
+        ("marker", "before the gate"),
+        ("result", "2"),
+        ("result", "3"),
+        ("marker", "after the gate"),
+    ]
 
 
 @pytest.mark.usefixtures("example_worker")

@@ -233,7 +233,7 @@ def test_scripts_run_inside_a_pipeline(redis_client, name, flush_first):
             client=pipe,
         )
         pop(
-            keys=[k.next, k.results, k.closed, k.space, k.ready, k.window],
+            keys=[k.next, k.results, k.closed, k.space, k.ready, k.window, k.seq],
             args=[-1, -1, 10, 0],
             client=pipe,
         )

@@ -12,7 +12,6 @@ import json
 import re
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -59,15 +58,6 @@ def serve() -> Callable[[Callable[[], Response]], FlaskClient]:
         return flask_app.test_client()
 
     return serve
-
-
-@pytest.fixture
-def gate_key(redis_client: redis.Redis) -> Iterator[str]:
-    """A Redis list a `gate` task waits on; opened by the test with rpush."""
-    key = f"test-gate-{uuid.uuid4().hex}"
-    yield key
-    redis_client.rpush(key, 1)  # never leave a worker waiting
-    redis_client.expire(key, 60)
 
 
 def chunks(response: Any) -> Iterator[bytes]:

@@ -7,7 +7,7 @@
 -- KEYS[4]  space    list    wake token for blocked producers
 -- KEYS[5]  ready    list    wake token for a blocked consumer
 -- KEYS[6]  window   string  the cap (returned, so the consumer knows when to acknowledge)
--- KEYS[7]  seq      string  next number to claim (optional: checks the acknowledgement)
+-- KEYS[7]  seq      string  next number to claim (checks the acknowledgement)
 -- ARGV[1]  ack      every number below it has been delivered; -1: keep the cursor
 -- ARGV[2]  from     first number to read; -1 (or anything below the cursor): the cursor
 -- ARGV[3]  max      most outcomes to return
@@ -20,11 +20,9 @@
 -- stream's state went back in time (a failover that lost writes) or was deleted.
 local nxt = tonumber(redis.call('GET', KEYS[1]) or '0')
 local ack = tonumber(ARGV[1])
-if KEYS[7] then
-  local claimed = tonumber(redis.call('GET', KEYS[7]) or '0')
-  if ack > claimed then
-    return redis.error_reply('ROLLBACK ' .. claimed)
-  end
+local claimed = tonumber(redis.call('GET', KEYS[7]) or '0')
+if ack > claimed then
+  return redis.error_reply('ROLLBACK ' .. claimed)
 end
 if ack > nxt then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ack)
