@@ -40,9 +40,13 @@ class _Target:
         }
         return sorted(name for name in found if name)
 
+    def open(self, name: str) -> OrderedResultStream:
+        """The existing stream ``name``; raises :class:`StreamNotFound`."""
+        return OrderedResultStream(self.app, name, redis_url=self.redis_url, create=False)
+
     def stream(self, name: str) -> OrderedResultStream:
         try:
-            return OrderedResultStream(self.app, name, redis_url=self.redis_url, create=False)
+            return self.open(name)
         except StreamNotFound:
             raise click.ClickException(f"no stream named {name!r} in this Redis") from None
 
@@ -83,7 +87,11 @@ def list_streams(ctx: click.Context) -> None:
         return
     width = max(len(name) for name in names)
     for name in names:
-        click.echo(f"{name:<{width}}  {_describe(target.stream(name).stats())}")
+        try:
+            stats = target.open(name).stats()
+        except StreamNotFound:
+            continue  # deleted, or expired, since the scan: no longer there to list
+        click.echo(f"{name:<{width}}  {_describe(stats)}")
 
 
 @ordered.command()

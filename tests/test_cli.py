@@ -10,6 +10,7 @@ import redis
 from celery.bin.celery import celery as celery_command
 from click.testing import CliRunner
 
+from celery_ordered import commands
 from celery_ordered.cli import main as standalone
 from celery_ordered.keys import StreamKeys
 from tests.tasks import echo
@@ -51,6 +52,29 @@ def test_ls_lists_streams_with_their_progress(blocked_stream: Any) -> None:
     line = next(line for line in result.output.splitlines() if blocked_stream.name in line)
     assert "1/4 delivered" in line
     assert "window 9" in line
+
+
+def test_ls_leaves_out_a_stream_that_ends_while_it_lists(
+    blocked_stream: Any, make_stream: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a stream that is deleted (or expires) after ls found its name,
+    # before ls reads its counters: what finished jobs do all the time
+    gone = make_stream(window=5)
+    gone.put("a marker")
+    scan = commands._Target.names
+
+    def names_then_delete(target: Any) -> list[str]:
+        found = scan(target)
+        assert gone.name in found
+        gone.delete()
+        return found
+
+    monkeypatch.setattr(commands._Target, "names", names_then_delete)
+    # Then ls lists the others and leaves it out, instead of failing on it
+    result = run("ls")
+    assert result.exit_code == 0, result.output
+    assert gone.name not in result.output
+    assert any(blocked_stream.name in line for line in result.output.splitlines())
 
 
 def test_window_changes_the_cap_live_and_refuses_nonsense(blocked_stream: Any) -> None:

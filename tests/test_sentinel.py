@@ -70,7 +70,7 @@ def run_through_a_failover(sentinel: LocalSentinel, *, waits: bool, **settings: 
     """Put TASKS tasks into a stream on the Sentinel URL; fail over mid-stream.
 
     At STALL_AT outcomes the replicas fall behind (stopped, their link
-    clogged); the primary is killed once writes are blocked waiting for them
+    cut); the primary is killed once writes are blocked waiting for them
     (``waits``) or once the consumer has taken AHEAD more outcomes from the
     primary alone; then the replicas run again and one is promoted.
     """

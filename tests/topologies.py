@@ -334,17 +334,27 @@ class LocalSentinel:
         primary = self.primary_address()[1]
         return [node for node in self.servers if node.port != primary]
 
-    def stall_replication(self, filler_bytes: int = 32 << 20) -> None:
-        """Make the replicas fall behind the primary, as a slow network would.
+    def stall_replication(self) -> None:
+        """Make the replicas fall behind the primary, as a partition would.
 
-        The replicas stop reading (SIGSTOP), and one big write fills the
-        replication link and the kernel's buffers, so every later write waits
-        in the primary's memory: lost with it if it dies now.
+        The replicas stop (SIGSTOP), then the primary drops its links to them,
+        so that nothing written from now on reaches them: lost with the
+        primary if it dies now. (Filling the link instead is not enough: a
+        kernel that lets a socket buffer 32 MiB passes later writes on.)
         """
         for node in self.replica_nodes():
             assert node.proc is not None
             node.proc.send_signal(signal.SIGSTOP)
-        self.primary().client(socket_timeout=30).set("co-filler", b"\0" * filler_bytes)
+        for node in self.replica_nodes():
+            assert node.proc is not None
+            pid = node.proc.pid
+            wait_until(lambda pid=pid: _stopped(pid), f"replica {node.port} stopped")
+        primary = self.primary().client(socket_timeout=5)
+        primary.execute_command("CLIENT", "KILL", "TYPE", "replica")
+        wait_until(
+            lambda: primary.info("replication")["connected_slaves"] == 0,
+            "the primary without replicas",
+        )
 
     def resume_replicas(self) -> None:
         """Let stalled replicas run again (SIGCONT)."""
@@ -502,3 +512,9 @@ def topology_workers(
     finally:
         for worker in workers:
             worker.stop()
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped by a signal (state T in /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] == "T"
