@@ -102,19 +102,24 @@ def _names_on_distinct_nodes(store: Store, count: int) -> list[str]:
     return names
 
 
-def one_stream(store: Store, n: int) -> float:
+def _map_rate(store: Store, items: int, chunksize: int, what: str) -> float:
+    """``items`` echo tasks through one stream's ``map``: items/s."""
     from tests.tasks import echo
 
     stream = store.stream()
     try:
         began = time.perf_counter()
-        values = list(stream.map(echo, range(n), timeout=TIMEOUT))
+        values = list(stream.map(echo, range(items), chunksize=chunksize, timeout=TIMEOUT))
         elapsed = time.perf_counter() - began
     finally:
         stream.delete()
-    if values != list(range(n)):
-        raise BenchError(f"{store.label}: stream.map gave wrong values")
-    return n / elapsed
+    if values != list(range(items)):
+        raise BenchError(f"{store.label}: {what} gave wrong values")
+    return items / elapsed
+
+
+def one_stream(store: Store, n: int) -> float:
+    return _map_rate(store, n, 1, "stream.map")
 
 
 def three_streams(store: Store, n: int) -> float:
@@ -153,19 +158,7 @@ def three_streams(store: Store, n: int) -> float:
 
 
 def chunked(store: Store, n: int) -> float:
-    from tests.tasks import echo
-
-    items = n * CHUNK_SCALE
-    stream = store.stream()
-    try:
-        began = time.perf_counter()
-        values = list(stream.map(echo, range(items), chunksize=100, timeout=TIMEOUT))
-        elapsed = time.perf_counter() - began
-    finally:
-        stream.delete()
-    if values != list(range(items)):
-        raise BenchError(f"{store.label}: chunked stream.map gave wrong values")
-    return items / elapsed
+    return _map_rate(store, n * CHUNK_SCALE, 100, "chunked stream.map")
 
 
 JOBS: list[tuple[str, str, Callable[[Store, int], float]]] = [

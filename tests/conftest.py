@@ -133,6 +133,47 @@ class WorkerProcess:
         return self.log.read_text(errors="replace")
 
 
+@contextlib.contextmanager
+def example_worker(
+    spec: str,
+    app: Any,
+    task: Any,
+    *extra_args: str,
+    cwd: Path = ROOT,
+    env: dict[str, str],
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``celery -A spec worker`` on ``app``'s default queue, as an example's docs start it.
+
+    Yields the process once it has run ``task(0, 0.0)`` (an example's
+    ``process`` task) for a stream; its log is in the error if it never does.
+    """
+    log = Path(tempfile.mkstemp(prefix="co-example-worker-", suffix=".log")[1])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", spec, "worker",
+         "-Q", app.conf.task_default_queue, *extra_args,
+         "--concurrency=3", "--loglevel=WARNING",
+         "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        cwd=cwd, env={**env, "C_FORCE_ROOT": "1"}, stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        from celery_ordered import OrderedResultStream
+
+        stream = OrderedResultStream(app)
+        try:
+            stream.put(task, 0, 0.0)
+            assert stream.get(timeout=60)["item"] == 0
+        except Exception as exc:
+            raise RuntimeError(f"the example's worker did not answer:\n{log.read_text()}") from exc
+        finally:
+            stream.delete()
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.unlink()
+
+
 @pytest.fixture(scope="session")
 def worker(app: Any) -> Iterator[WorkerProcess]:
     """A session-wide worker with 4 processes on the tests' default queue."""

@@ -11,17 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from celery_ordered import OrderedResultStream
-from tests.conftest import ROOT
+from tests.conftest import ROOT, example_worker
 
 EXAMPLE = ROOT / "examples" / "django_project"
 
@@ -60,35 +56,14 @@ def project_worker(
     project: Any, redis_url: str, *extra_args: str
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``celery -A project worker`` on the project app's queue, once it answers."""
-    log = Path(tempfile.mkstemp(prefix="co-django-worker-", suffix=".log")[1])
+    from jobs.tasks import process
+
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         "DJANGO_SETTINGS_MODULE": "project.settings",
         "REDIS_URL": redis_url,
         "BROKER_URL": os.environ["CO_TEST_BROKER_URL"],
-        "C_FORCE_ROOT": "1",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "project", "worker",
-         "-Q", project.conf.task_default_queue, *extra_args,
-         "--concurrency=3", "--loglevel=WARNING",
-         "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        cwd=EXAMPLE, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        from jobs.tasks import process
-
-        stream = OrderedResultStream(project)
-        try:
-            stream.put(process, 0, 0.0)
-            assert stream.get(timeout=60)["item"] == 0
-        except Exception as exc:
-            raise RuntimeError(f"the example's worker did not answer:\n{log.read_text()}") from exc
-        finally:
-            stream.delete()
+    with example_worker("project", project, process, *extra_args, cwd=EXAMPLE, env=env) as proc:
         yield proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.unlink()

@@ -57,6 +57,12 @@ def alive(pid: int) -> bool:
     return stat is not None and stat[0] not in ("Z", "X", "x")
 
 
+def stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped by a signal (SIGSTOP): state T."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] == "T"
+
+
 def group_members(pgid: int) -> set[int]:
     """Running processes whose process group is ``pgid``."""
     members = set()

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,6 +27,7 @@ from tests.conftest import ROOT
 from tests.django_example import EXAMPLE, configured_project
 from tests.django_example import project_worker as start_project_worker
 from tests.tasks import echo, gate
+from tests.topologies import wait_until
 
 OPEN = b": open\n\n"
 KEEP_ALIVE = b": keep-alive\n\n"
@@ -283,10 +283,7 @@ def test_asgi_response_streams_from_a_thread_and_closes_on_disconnect(
     assert got[2] == KEEP_ALIVE  # the event loop was free while the body waited
     assert redis_client.llen(gate_key) == 0
     # The body is closed in its own thread, right after the disconnect.
-    deadline = time.monotonic() + 10
-    while not stream.stats().closed and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert stream.stats().closed is True
+    wait_until(lambda: stream.stats().closed, "the stream closed by the body's thread", 10)
 
 
 @pytest.mark.usefixtures("project", "worker")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,7 +21,6 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 from werkzeug.serving import make_server
 
-from celery_ordered import OrderedResultStream
 from tests.browser import (
     DEADLINE,
     CutFirstEventStream,
@@ -34,7 +31,7 @@ from tests.browser import (
     state,
     wait_until_done,
 )
-from tests.conftest import ROOT
+from tests.conftest import example_worker as start_example_worker
 from tests.tasks import gate
 
 pytestmark = pytest.mark.topology
@@ -64,34 +61,12 @@ def example(redis_url: str) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def example_worker(example: Any, redis_url: str) -> Iterator[subprocess.Popen[bytes]]:
     """The worker the example's docstring starts (plus the tests' tasks), on its queue."""
-    log = Path(tempfile.mkstemp(prefix="co-flask-worker-", suffix=".log")[1])
-    env = {
-        **os.environ,
-        "REDIS_URL": redis_url,
-        "BROKER_URL": os.environ["CO_TEST_BROKER_URL"],
-        "C_FORCE_ROOT": "1",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "examples.flask_app.app:celery_app", "worker",
-         "-Q", example.celery_app.conf.task_default_queue, "--include", "tests.tasks",
-         "--concurrency=3", "--loglevel=WARNING",
-         "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        stream = OrderedResultStream(example.celery_app)
-        try:
-            stream.put(example.process, 0, 0.0)
-            assert stream.get(timeout=60)["item"] == 0
-        except Exception as exc:
-            raise RuntimeError(f"the example's worker did not answer:\n{log.read_text()}") from exc
-        finally:
-            stream.delete()
+    env = {**os.environ, "REDIS_URL": redis_url, "BROKER_URL": os.environ["CO_TEST_BROKER_URL"]}
+    with start_example_worker(
+        "examples.flask_app.app:celery_app", example.celery_app, example.process,
+        "--include", "tests.tasks", env=env,
+    ) as proc:  # fmt: skip
         yield proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.unlink()
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import shutil
@@ -34,6 +35,8 @@ from typing import Any, TypeVar
 import redis
 from celery import Celery
 from redis.crc import key_slot
+
+from tests.processes import stopped
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -347,8 +350,7 @@ class LocalSentinel:
             node.proc.send_signal(signal.SIGSTOP)
         for node in self.replica_nodes():
             assert node.proc is not None
-            pid = node.proc.pid
-            wait_until(lambda pid=pid: _stopped(pid), f"replica {node.port} stopped")
+            wait_until(functools.partial(stopped, node.proc.pid), f"replica {node.port} stopped")
         primary = self.primary().client(socket_timeout=5)
         primary.execute_command("CLIENT", "KILL", "TYPE", "replica")
         wait_until(
@@ -512,9 +514,3 @@ def topology_workers(
     finally:
         for worker in workers:
             worker.stop()
-
-
-def _stopped(pid: int) -> bool:
-    """Whether process ``pid`` is stopped by a signal (state T in /proc)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rsplit(")", 1)[1].split()[0] == "T"
