@@ -20,8 +20,9 @@ from .errors import (
     TaskFailed,
     UnsendableError,
 )
+from .maps import imap
 from .progress import Progress, ProgressBar, progress_bar
-from .stream import OrderedResultStream, StreamStats, imap
+from .stream import OrderedResultStream, StreamStats
 from .task import OrderedTask, ordered_task
 
 __version__ = "0.1.0"

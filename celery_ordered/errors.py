@@ -7,7 +7,7 @@
     ├── UnsendableError        (also TypeError): put() refused a task or its arguments
     ├── StreamClosedError      (also ValueError): put() on a closed stream
     ├── StreamFull             (also queue.Full): put() timed out on a full window
-    ├── StreamEmpty            (also queue.Empty): get() timed out
+    ├── StreamEmpty            (also queue.Empty and TimeoutError): get() timed out
     ├── StreamExhausted        get() on a closed stream with nothing left
     ├── StreamNotFound         (also LookupError): create=False and no such stream
     ├── StreamStateLost        the stream's state in Redis went back in time
@@ -58,8 +58,22 @@ class StreamFull(OrderedStreamError, queue.Full):
     """``put(timeout=...)`` found the window full for the whole timeout."""
 
 
-class StreamEmpty(OrderedStreamError, queue.Empty):
-    """``get(timeout=...)`` found no next result for the whole timeout."""
+class StreamEmpty(OrderedStreamError, queue.Empty, TimeoutError):
+    """``get(timeout=...)`` found no next result for the whole timeout.
+
+    Both a ``queue.Empty`` (as ``queue.Queue.get`` and ``parallel_queue``
+    raise) and a ``TimeoutError`` (as ``concurrent.futures`` and
+    ``multiprocessing``'s ``imap`` iterators raise), so either ``except``
+    catches it.
+    """
+
+    def __init__(self, message: str = "", *, stream: str | None = None, seq: int | None = None):
+        # OSError (TimeoutError's base) would read a second positional
+        # argument as errno; pass the message alone.
+        OrderedStreamError.__init__(self, message, stream=stream, seq=seq)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class StreamExhausted(OrderedStreamError):
