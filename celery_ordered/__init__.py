@@ -6,12 +6,15 @@ from .compat import ParallelQueue, ParallelSingleTaskQueue
 from .embedded import LocalCluster, RedisServer, local_cluster
 from .errors import (
     ConfigurationError,
+    ConsumerFenced,
     DispatchError,
     OrderedStreamError,
+    ProducerFailed,
     RedisUnavailable,
     RemoteTraceback,
     ResultLost,
     StreamClosedError,
+    StreamDeleted,
     StreamEmpty,
     StreamExhausted,
     StreamFull,
@@ -20,7 +23,8 @@ from .errors import (
     TaskFailed,
     UnsendableError,
 )
-from .maps import imap
+from .executor import OrderedExecutor
+from .maps import imap, starmap
 from .progress import Progress, ProgressBar, progress_bar
 from .stream import OrderedResultStream, StreamStats
 from .task import OrderedTask, ordered_task
@@ -32,6 +36,8 @@ __all__ = [
     "OrderedResultStream",
     "StreamStats",
     "imap",
+    "starmap",
+    "OrderedExecutor",
     # Progress
     "Progress",
     "ProgressBar",
@@ -48,12 +54,15 @@ __all__ = [
     "ordered_task",
     # Errors
     "ConfigurationError",
+    "ConsumerFenced",
     "DispatchError",
     "OrderedStreamError",
+    "ProducerFailed",
     "RedisUnavailable",
     "RemoteTraceback",
     "ResultLost",
     "StreamClosedError",
+    "StreamDeleted",
     "StreamEmpty",
     "StreamExhausted",
     "StreamFull",

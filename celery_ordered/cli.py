@@ -8,6 +8,7 @@ import click
 
 from . import __version__
 from .commands import ordered
+from .config import mask_url
 
 
 @click.group()
@@ -58,7 +59,7 @@ def demo(
                 "holds the stream may be the broker's)"
             )
         demo_app.conf.update(broker_url=broker_url, ordered_redis_url=redis_url)
-        click.echo(f"Running on the fleet behind {broker_url}")
+        click.echo(f"Running on the fleet behind {mask_url(broker_url)}")
         report = run_demo(
             demo_app,
             documents=documents,

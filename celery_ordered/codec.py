@@ -133,13 +133,20 @@ def exception_payload(
     return payload
 
 
-def _find_class(module: str, qualname: str) -> type[BaseException] | None:
+def _find_class(module: str, qualname: str) -> type[Exception] | None:
+    """The class named, if it is an ``Exception`` class already imported here.
+
+    A ``BaseException`` that is not an ``Exception`` (``SystemExit``,
+    ``KeyboardInterrupt``, ``GeneratorExit``...) is never rebuilt: raised
+    in the consumer it would pass through ``except Exception`` and stop the
+    consumer's process or loop. Such a name becomes a :class:`TaskFailed`.
+    """
     found: Any = sys.modules.get(module)
     if found is None:
         return None
     for part in qualname.split("."):
         found = getattr(found, part, None)
-    if isinstance(found, type) and issubclass(found, BaseException):
+    if isinstance(found, type) and issubclass(found, Exception):
         return found
     return None
 
@@ -147,7 +154,11 @@ def _find_class(module: str, qualname: str) -> type[BaseException] | None:
 def rebuild_exception(
     payload: dict[str, Any], *, stream: str, seq: int, lost: bool = False
 ) -> BaseException:
-    """The exception to raise in the consumer for a failed task."""
+    """The exception to raise in the consumer for a failed task.
+
+    Always an ``Exception``: a name that is not one (or cannot be rebuilt)
+    gives a :class:`TaskFailed` naming it.
+    """
     stack_trace = str(payload.get("stack_trace") or "")
     task_name = payload.get("task_name")
     exc_type = str(payload.get("exc_type") or "Exception")
@@ -156,7 +167,7 @@ def rebuild_exception(
     if not isinstance(args, (list, tuple)):
         args = [args]
     exc: BaseException | None = payload.get("exc") if not lost else None
-    if not isinstance(exc, BaseException):
+    if not isinstance(exc, Exception):  # see _find_class: no SystemExit and the like
         exc = None
         cls = None if lost else _find_class(exc_module, exc_type)
         if cls is not None:

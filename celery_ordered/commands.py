@@ -8,19 +8,32 @@ settings; also part of the standalone ``celery-ordered`` command, where
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import click
+import redis
 from celery import Celery
+from redis.exceptions import AuthorizationError
 
-from .config import redis_client
-from .errors import OrderedStreamError, StreamNotFound
+from .config import mask_url, redis_client, resolve_redis_url
+from .errors import (
+    ConfigurationError,
+    OrderedStreamError,
+    RedisUnavailable,
+    StreamDeleted,
+    StreamNotFound,
+)
 from .keys import KEY_PREFIX, name_from_key
 from .progress import progress_bar
 from .stream import OrderedResultStream, StreamStats
+
+#: How the commands are told which Redis to look in.
+_FLAG_HINT = "--redis-url redis://host:6379/0 (given before the subcommand)"
 
 
 class _Target:
@@ -31,7 +44,9 @@ class _Target:
         self.redis_url = redis_url
 
     def client(self) -> Any:
-        return redis_client(self.app, self.redis_url)
+        # A Redis that never answered fails in about a second, not after
+        # ordered_redis_retry_for: nobody waits 20 s to learn Redis is not there.
+        return redis_client(self.app, self.redis_url, fail_fast=True)
 
     def names(self) -> list[str]:
         found = {
@@ -42,13 +57,75 @@ class _Target:
 
     def open(self, name: str) -> OrderedResultStream:
         """The existing stream ``name``; raises :class:`StreamNotFound`."""
-        return OrderedResultStream(self.app, name, redis_url=self.redis_url, create=False)
+        return OrderedResultStream(self.app, name, client=self.client(), create=False)
 
     def stream(self, name: str) -> OrderedResultStream:
         try:
             return self.open(name)
         except StreamNotFound:
             raise click.ClickException(f"no stream named {name!r} in this Redis") from None
+
+    def where(self) -> str:
+        """The Redis the commands look in, for messages: no password in it."""
+        try:
+            return mask_url(resolve_redis_url(self.app, self.redis_url))
+        except ConfigurationError:
+            return mask_url(self.redis_url or "?")
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _one_line(target: _Target | None, exc: BaseException) -> str:
+    """What went wrong with Redis or the settings, and the fix, as one line."""
+    where = target.where() if target is not None else "?"
+    if isinstance(exc, ConfigurationError):
+        text = mask_url(exc)
+        if target is not None and target.redis_url is not None:
+            return f"--redis-url {mask_url(target.redis_url)!r}: {text}"
+        text = text.replace(", or pass redis_url= to OrderedResultStream", "")
+        return f"{text}; or give the commands {_FLAG_HINT}"
+    causes = list(_causes(exc))
+    refused = next(
+        (c for c in causes if isinstance(c, (redis.AuthenticationError, AuthorizationError))),
+        None,
+    )
+    if refused is not None:
+        return (
+            f"Redis at {where} refused the credentials "
+            f"({mask_url(refused).strip().rstrip('.')}): fix the user "
+            f"and password in the URL given with {_FLAG_HINT}, or in ordered_redis_url"
+        )
+    down = next(
+        (c for c in causes if isinstance(c, (redis.ConnectionError, redis.TimeoutError))), None
+    )
+    if down is not None:
+        reason = mask_url(down).strip().rstrip(".")
+        return (
+            f"cannot reach Redis at {where} ({reason}): start it, or point the command "
+            f"at the Redis holding the streams with {_FLAG_HINT}"
+        )
+    return mask_url(exc)
+
+
+class _OrderedGroup(click.Group):
+    """``ordered``: a Redis that is down or refuses the password is one line, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the subcommand; Redis and setting errors become a one-line ``Error:``."""
+        try:
+            return super().invoke(ctx)
+        except StreamDeleted as exc:  # purged or expired while the command looked at it
+            raise click.ClickException(f"stream {exc.stream!r} was deleted") from None
+        except (ConfigurationError, RedisUnavailable, redis.RedisError) as exc:
+            target = ctx.meta.get("celery_ordered")
+            raise click.ClickException(_one_line(target, exc)) from None
 
 
 def _describe(stats: StreamStats) -> str:
@@ -60,7 +137,7 @@ def _describe(stats: StreamStats) -> str:
     )
 
 
-@click.group(name="ordered")
+@click.group(name="ordered", cls=_OrderedGroup)
 @click.option("--redis-url", default=None, help="Redis holding the streams [default: the app's].")
 @click.pass_context
 def ordered(ctx: click.Context, redis_url: str | None) -> None:
@@ -89,7 +166,7 @@ def list_streams(ctx: click.Context) -> None:
     for name in names:
         try:
             stats = target.open(name).stats()
-        except StreamNotFound:
+        except (StreamNotFound, StreamDeleted):
             continue  # deleted, or expired, since the scan: no longer there to list
         click.echo(f"{name:<{width}}  {_describe(stats)}")
 
@@ -108,6 +185,8 @@ def inspect(ctx: click.Context, name: str) -> None:
         ("out of order", stats.out_of_order),
         ("window", stats.window),
         ("closed", "yes" if stats.closed else "no"),
+        ("redispatched", stats.redispatched),
+        ("lost", stats.lost),
     ]
     if stats.blocker is None:
         rows.append(("blocker", "none: nothing is missing"))
@@ -120,8 +199,16 @@ def inspect(ctx: click.Context, name: str) -> None:
 
 @ordered.command()
 @click.argument("name")
-@click.option("--interval", default=0.5, show_default=True, help="Seconds between refreshes.")
-@click.option("--count", type=int, default=None, help="Stop after this many refreshes.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
+@click.option(
+    "--count", type=click.IntRange(min=1), default=None, help="Stop after this many refreshes."
+)
 @click.option(
     "--bar/--lines",
     default=None,
@@ -132,8 +219,20 @@ def inspect(ctx: click.Context, name: str) -> None:
 def watch(
     ctx: click.Context, name: str, interval: float, count: int | None, bar: bool | None
 ) -> None:
-    """A live view of one stream: progress bar and throughput, until it is done."""
-    stream = _target(ctx).stream(name)
+    """A live view of one stream, until it is done (Ctrl-C stops watching).
+
+    While the stream is open its total is unknown (producers may still put),
+    so it shows delivered/claimed-so-far and the rate; the bar and its
+    percentage appear once the stream is closed and the total is final.
+    """
+    # Like watch(1): Ctrl-C ends the watching quietly, with success.
+    with contextlib.suppress(KeyboardInterrupt):
+        _watch(_target(ctx).stream(name), interval, count, bar)
+
+
+def _watch(
+    stream: OrderedResultStream, interval: float, count: int | None, bar: bool | None
+) -> None:
     out = sys.stdout
     if bar is None:
         bar = out.isatty()
@@ -147,14 +246,13 @@ def watch(
         while True:
             stats = stream.stats()
             if live is not None:
-                live.set_total(stats.claimed)
+                if stats.closed:
+                    live.set_total(stats.claimed)  # final: the percentage only grows
                 live.update(stats.delivered)
             else:
                 elapsed = time.monotonic() - began
                 rate = (stats.delivered - first) / elapsed if elapsed > 0 else 0.0
-                filled = 30 * stats.delivered // max(stats.claimed, 1)
-                line = "#" * filled + "." * (30 - filled)
-                click.echo(f"[{line}] {_describe(stats)}, {rate:,.0f}/s")
+                click.echo(f"{_progress_line(stats)}, {rate:,.0f}/s")
             shown += 1
             done = stats.closed and stats.delivered >= stats.claimed
             if done or (count is not None and shown >= count):
@@ -165,6 +263,16 @@ def watch(
             live.close()
             if stats is not None:
                 click.echo(_describe(stats))
+
+
+def _progress_line(stats: StreamStats) -> str:
+    """One refresh of ``watch --lines``: a bar only once the total is final."""
+    if not stats.closed:
+        return _describe(stats)
+    filled = 30 * min(stats.delivered, stats.claimed) // max(stats.claimed, 1)
+    if stats.claimed == 0:
+        filled = 30
+    return f"[{'#' * filled}{'.' * (30 - filled)}] {_describe(stats)}"
 
 
 @ordered.command()

@@ -18,19 +18,33 @@ defined in ``__main__`` work) and uses pickle, as the original did: tuples,
 custom classes and exceptions round-trip exactly. Pass ``app=`` to run the same
 code on a real Celery fleet instead (with that app's serializer).
 
-How the original's sizes map here:
+How the original's sizes map here. The original holds an item in one of
+five places between ``put`` and ``get``: its input queue (``in_q_max``), a
+worker's hands (one per worker, running or waiting for the consumer to make
+room), the queue from the workers to the consumer (``worker_q_max``, one
+queue shared by all workers), the consumer's reordering buffer
+(``consumer_buffer_max``: results up to that many positions ahead of the
+next one to hand out), and the output queue ``get`` reads (``out_q_max``).
+Its ``put`` blocks only when the input queue is full, so the most it ever
+accepts ahead of ``get`` is the sum of those places. Here one window in
+Redis bounds everything between ``put`` and ``get``, and it is that sum::
 
-- ``consumer_buffer_max`` is the window: how many tasks may be dispatched
-  ahead of the consumer (default 10 x ``num_workers``, as in the original).
-  It bounds everything in between, workers' queues included.
-- ``out_q_max`` caps how many ready results the consumer reads per round trip.
-- ``in_q_max`` and ``worker_q_max`` are accepted for compatibility; Celery's
-  broker holds the queued tasks, and the window already bounds them.
+    window = in_q_max + num_workers + worker_q_max + consumer_buffer_max + out_q_max
+
+with the original's defaults (``in_q_max=1000``, ``out_q_max=1000``,
+``worker_q_max=100``, ``consumer_buffer_max=10 * num_workers``), so whatever
+the original accepted without blocking is accepted here; ``put`` blocks (or
+raises ``queue.Full`` after its timeout) one item later than the original
+could at the earliest. ``out_q_max`` also caps how many ready results the
+consumer reads per round trip to Redis. Where the original took 0 as "no
+bound" (``multiprocessing.Queue(maxsize=0)``), a size here must be >= 1:
+a stream's window is always bounded, so pass a large number instead.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 import weakref
 from collections.abc import Callable
@@ -38,6 +52,7 @@ from typing import Any
 
 from celery import Celery
 
+from . import checks
 from .embedded import LocalCluster
 from .errors import StreamEmpty, StreamExhausted
 from .stream import DEFAULT_PREFETCH, OrderedResultStream
@@ -46,13 +61,31 @@ from .task import CALL_TASK_NAME, INHERITED, INHERITED_PREFIX, function_referenc
 #: Window per worker when ``consumer_buffer_max`` is not given.
 DEFAULT_BUFFER_PER_WORKER = 10
 
+#: The original's default size of its input queue.
+DEFAULT_IN_Q_MAX = 1000
 
-def _positive(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
-    return value
+#: The original's default size of its output queue.
+DEFAULT_OUT_Q_MAX = 1000
+
+#: The original's default size of the queue from its workers to its consumer.
+DEFAULT_WORKER_Q_MAX = 100
+
+
+def window_for(
+    num_workers: int,
+    in_q_max: int = DEFAULT_IN_Q_MAX,
+    out_q_max: int = DEFAULT_OUT_Q_MAX,
+    worker_q_max: int = DEFAULT_WORKER_Q_MAX,
+    consumer_buffer_max: int | None = None,
+) -> int:
+    """The window that accepts whatever the original accepted with these sizes.
+
+    Every place the original can hold an item between ``put`` and ``get``,
+    added up (see the module docs).
+    """
+    if consumer_buffer_max is None:
+        consumer_buffer_max = DEFAULT_BUFFER_PER_WORKER * num_workers
+    return in_q_max + num_workers + worker_q_max + consumer_buffer_max + out_q_max
 
 
 class ParallelQueue:
@@ -62,11 +95,16 @@ class ParallelQueue:
         num_workers: worker processes of the private cluster (default: CPU count).
         daemon: accepted as in the original; the workers never outlive the
             queue, whether it is stopped, garbage-collected or its process killed.
-        in_q_max, worker_q_max: accepted for compatibility (see the module docs).
-        out_q_max: most ready results read per round trip to Redis.
+        in_q_max, out_q_max, worker_q_max: the original's queue sizes (defaults
+            1000, 1000 and 100, as there); with ``num_workers`` and
+            ``consumer_buffer_max`` they add up to the window (see the module
+            docs), so ``put`` accepts at least what the original did.
+            ``out_q_max`` also caps the ready results read per round trip.
         worker_init_f: called with no arguments in each local worker process
             as it starts.
-        consumer_buffer_max: the window (default 10 x ``num_workers``).
+        consumer_buffer_max: how far ahead of the next result the original's
+            consumer held results (default 10 x ``num_workers``); part of the
+            window.
         app: run on this Celery app's workers instead of a private cluster.
         name: the stream's name (default: a unique one).
     """
@@ -75,23 +113,32 @@ class ParallelQueue:
         self,
         num_workers: int | None = None,
         daemon: bool = False,
-        in_q_max: int | None = None,
-        out_q_max: int | None = None,
-        worker_q_max: int | None = None,
+        in_q_max: int = DEFAULT_IN_Q_MAX,
+        out_q_max: int = DEFAULT_OUT_Q_MAX,
+        worker_q_max: int = DEFAULT_WORKER_Q_MAX,
         worker_init_f: Callable[[], Any] | None = None,
         consumer_buffer_max: int | None = None,
         *,
         app: Celery | None = None,
         name: str | None = None,
     ) -> None:
-        self.num_workers = _positive("num_workers", num_workers) or os.cpu_count() or 1
+        self.num_workers = checks.count("num_workers", num_workers, none=True) or (
+            os.cpu_count() or 1
+        )
         self.daemon = daemon
-        self.in_q_max = _positive("in_q_max", in_q_max)
-        self.worker_q_max = _positive("worker_q_max", worker_q_max)
-        out_q_max = _positive("out_q_max", out_q_max)
-        window = _positive("consumer_buffer_max", consumer_buffer_max)
-        if window is None:
-            window = DEFAULT_BUFFER_PER_WORKER * self.num_workers
+        self.in_q_max = checks.count("in_q_max", in_q_max)
+        self.out_q_max = checks.count("out_q_max", out_q_max)
+        self.worker_q_max = checks.count("worker_q_max", worker_q_max)
+        self.consumer_buffer_max = checks.count(
+            "consumer_buffer_max", consumer_buffer_max, none=True
+        ) or (DEFAULT_BUFFER_PER_WORKER * self.num_workers)
+        window = window_for(
+            self.num_workers,
+            self.in_q_max,
+            self.out_q_max,
+            self.worker_q_max,
+            self.consumer_buffer_max,
+        )
         self._cluster: LocalCluster | None = None
         self._stopped = False
         self._private_redis_gone = False
@@ -108,7 +155,7 @@ class ParallelQueue:
             )
         self.app = app
         self._stream = OrderedResultStream(
-            app, name, window=window, prefetch=out_q_max or DEFAULT_PREFETCH
+            app, name, window=window, prefetch=min(self.out_q_max, DEFAULT_PREFETCH)
         )
 
     def _before_fork(self) -> None:
@@ -177,6 +224,9 @@ class ParallelQueue:
             return
         if self._cluster is not None:
             self._stream._prefetch_all()
+            # What was read is handed out from memory from now on: no
+            # acknowledgement may try the Redis that is about to go.
+            self._stream._ack_every = sys.maxsize
             self._cluster.stop()
             self._private_redis_gone = True
             self._after_stop()

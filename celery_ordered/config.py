@@ -32,10 +32,12 @@ Sentinel, told apart by the URL (see :func:`parse_redis_url`).
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -56,6 +58,7 @@ from redis.exceptions import (
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
+from . import checks
 from .errors import ConfigurationError
 
 #: Default window cap per CPU, as the original parallel_queue sized its buffer.
@@ -109,11 +112,45 @@ _OPTIONS_SETTING = {
 }
 
 
+#: Settings of ours that Celery must hide wherever it shows the configuration
+#: (``celery report``, ``celery inspect conf``, ``app.conf.humanize()``): a
+#: Redis URL holds its password.
+HIDDEN_SETTINGS = ("ordered_redis_url",)
+
+
+def hide_settings_from_celery() -> None:
+    """Make Celery mask :data:`HIDDEN_SETTINGS` as it masks its own secrets.
+
+    Celery hides a setting whose name matches ``celery.app.utils.HIDDEN_SETTINGS``
+    (``PASS``, ``SECRET``, ``KEY``...) and sanitizes only its own URL settings;
+    it offers no hook to register another, so the names of ours are added to
+    that pattern, once, when celery-ordered is imported (the ``celery`` command
+    imports it through its ``celery.commands`` entry point, workers through
+    their tasks). Every other setting is masked exactly as before.
+    """
+    from celery.app import utils
+
+    pattern = getattr(utils, "HIDDEN_SETTINGS", None)
+    if not isinstance(pattern, re.Pattern):
+        return  # a Celery without the pattern masks by other means
+    missing = [name for name in HIDDEN_SETTINGS if not pattern.search(name)]
+    if missing:
+        names = "|".join(f"^{re.escape(name)}$" for name in missing)
+        utils.HIDDEN_SETTINGS = re.compile(f"{pattern.pattern}|{names}", pattern.flags)
+
+
+hide_settings_from_celery()
+
+
 def default_window(app: Celery) -> int:
     """The window a new stream gets when none is given."""
     configured = app.conf.get("ordered_window")
     if configured is not None:
-        return validate_window(configured)
+        try:
+            return validate_window(configured)
+        except (TypeError, ValueError) as exc:
+            # validate_window's message begins with "window": name the setting.
+            raise ConfigurationError(f"app.conf.ordered_{exc}") from None
     return DEFAULT_WINDOW_PER_CPU * (os.cpu_count() or 1)
 
 
@@ -138,14 +175,34 @@ def validate_window(window: object) -> int:
 
 
 def _seconds(app: Celery, setting: str, default: float, *, allow_zero: bool = True) -> float:
+    """The setting as a finite number of seconds (``default`` when unset).
+
+    Anything else (a string, a bool, a negative number, infinity, NaN) is a
+    :class:`~celery_ordered.ConfigurationError` naming the setting, raised
+    where the setting is read rather than deep inside a Redis call.
+    """
     value = app.conf.get(setting)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigurationError(f"{setting} must be a number of seconds >= 0, got {value!r}")
-    if not allow_zero and value == 0:
-        raise ConfigurationError(f"{setting} must be more than 0 seconds")
-    return float(value)
+    try:
+        seconds: float = checks.seconds(setting, value, none=False, zero=allow_zero)
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"app.conf.{exc}; unset it for the default of {default:g}"
+        ) from None
+    return seconds
+
+
+def _count(app: Celery, setting: str, default: int, *, minimum: int = 0) -> int:
+    """The setting as an int >= ``minimum`` (``default`` when unset), else ConfigurationError."""
+    value = app.conf.get(setting)
+    if value is None:
+        return default
+    try:
+        number: int = checks.count(setting, value, minimum=minimum)
+    except ValueError as exc:
+        raise ConfigurationError(f"app.conf.{exc}; unset it for the default of {default}") from None
+    return number
 
 
 def stream_ttl(app: Celery) -> float:
@@ -160,12 +217,7 @@ def lost_after(app: Celery) -> float:
 
 def max_redispatches(app: Celery) -> int:
     """Times an overdue task is dispatched again before it counts as lost."""
-    value = app.conf.get("ordered_max_redispatches")
-    if value is None:
-        return DEFAULT_MAX_REDISPATCHES
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigurationError(f"ordered_max_redispatches must be an int >= 0, got {value!r}")
-    return value
+    return _count(app, "ordered_max_redispatches", DEFAULT_MAX_REDISPATCHES)
 
 
 def redis_retry_for(app: Celery) -> float:
@@ -204,7 +256,7 @@ def _as_redis_url(url: Any) -> str | None:
     return text
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class RedisTarget:
     """A Redis URL taken apart: which topology it names, and where to connect.
 
@@ -227,12 +279,63 @@ class RedisTarget:
         """The nodes or Sentinels as ``host:port,...``, without credentials."""
         return ",".join(f"{host}:{port}" for host, port in self.nodes)
 
+    def __repr__(self) -> str:
+        options = {
+            key: "***" if key == "password" else value for key, value in self.options.items()
+        }
+        return (
+            f"RedisTarget(kind={self.kind!r}, url={mask_url(self.url)!r}, "
+            f"node_url={mask_url(self.node_url)!r}, nodes={self.nodes!r}, "
+            f"options={options!r}, master_name={self.master_name!r})"
+        )
+
 
 _HOST_PORT = re.compile(r"(?:\[(?P<ip6>[^\]]+)\]|(?P<host>[^:\[\]/?@,]+))(?::(?P<port>\d+))?")
 
 
+#: Query arguments whose value is a secret (``?password=``, ``?sentinel_password=``...).
+_SECRET_QUERY = re.compile(
+    r"(?P<key>[?&;][^=&;?#]*(?:pass|secret|token|auth|credential)[^=&;?#]*=)[^&;#]*",
+    re.IGNORECASE,
+)
+#: Where a URL (one part of a Sentinel list) begins: ``scheme://``.
+_URL_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def mask_url(url: object) -> str:
+    """``url`` as text fit for a message, a log line or a repr: no password in it.
+
+    The password of the user part is replaced by ``***`` even when it holds an
+    unencoded ``@``, ``/`` or ``:``, in every part of a ``;``-separated list
+    (Sentinel, failover); so is the value of every query argument naming a
+    secret (``?password=``, ``?sentinel_password=``, tokens). The user name,
+    hosts, ports and database stay, to say which Redis is meant.
+    """
+    text = _SECRET_QUERY.sub(r"\g<key>***", str(url))
+    starts = [match.start() for match in _URL_START.finditer(text)]
+    if not starts:
+        return text
+    pieces = [text[: starts[0]]]
+    for begin, end in zip(starts, [*starts[1:], len(text)], strict=True):
+        pieces.append(_mask_userinfo(text[begin:end]))
+    return "".join(pieces)
+
+
+def _mask_userinfo(part: str) -> str:
+    scheme_end = part.index("://") + 3
+    rest = part[scheme_end:]
+    # The host follows the last "@": a password may hold "@", "/" or ":" unencoded.
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return part
+    user, colon, _password = userinfo.partition(":")
+    if not colon:
+        return part  # a user name alone: nothing secret in it
+    return f"{part[:scheme_end]}{user}:***@{host}"
+
+
 def _without_password(url: str) -> str:
-    return re.sub(r"(://[^:/@;]*:)[^@;]*@", r"\1***@", url)
+    return mask_url(url)
 
 
 def _split(rest: str) -> tuple[str, str, str]:
@@ -441,22 +544,62 @@ class _Refused(Exception):
     """Carries an error that retrying cannot mend through redis-py's Retry."""
 
 
+class _Contact:
+    """Whether a client's Redis has ever answered: shared by the client's connections."""
+
+    def __init__(self) -> None:
+        self.answered = False
+
+
 class _Retry(Retry):
     """redis-py's Retry, but a wrong password or ACL fails at once.
 
     Authentication errors are connection errors to redis-py, so they would be
-    retried for the whole ``retry_for`` although they stay wrong.
+    retried for the whole ``retry_for`` although they stay wrong. With
+    ``first_contact_for`` set, a Redis that has never answered this client
+    (refused the connection, no such host or socket) is retried for only that
+    long: retrying rides out a Redis that went away, not one that was never
+    there. Once it has answered, failures are retried for ``retry_for``.
     """
 
     #: About how long the retries last, in seconds (see :func:`retry_policy`).
     retry_for: float | None = None
+    #: Seconds to retry a Redis that never answered (None: as long as ``retry_for``).
+    first_contact_for: float | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.contact = _Contact()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Retry:
+        # redis-py deep-copies the policy into each connection: the copies
+        # share what they learn about the server (whether it ever answered).
+        clone = copy.copy(self)
+        clone._backoff = copy.deepcopy(self._backoff, memo)
+        return clone
 
     def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call ``do`` with retries, as redis-py's Retry does (see the class)."""
+        began = time.monotonic()
+        failures = 0
+
         def guarded() -> Any:
+            nonlocal failures
             try:
-                return do()
+                result = do()
             except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
                 raise _Refused(exc) from exc
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                failures += 1
+                budget = self.first_contact_for
+                if budget is not None and not self.contact.answered:
+                    # Give up rather than pause past the budget.
+                    pause = self._backoff.compute(failures)
+                    if time.monotonic() - began + pause > budget:
+                        raise _Refused(exc) from exc
+                raise
+            self.contact.answered = True
+            return result
 
         try:
             return super().call_with_retry(guarded, fail, *args, **kwargs)
@@ -467,7 +610,7 @@ class _Retry(Retry):
 #: A client of the streams' Redis: one server (also Sentinel's primary) or a cluster.
 Client = redis.Redis | RedisCluster
 
-_clients: dict[tuple[int, str, float, str], Client] = {}
+_clients: dict[tuple[int, str, float, str, bool], Client] = {}
 _clients_lock = threading.Lock()
 
 #: Longest pause between two retries of a failing Redis, in seconds.
@@ -476,16 +619,22 @@ RETRY_BACKOFF_CAP = 1.0
 #: Seconds to wait for a TCP connection (to a server, a cluster node or a Sentinel).
 CONNECT_TIMEOUT = 5.0
 
+#: Seconds a ``fail_fast`` client retries a Redis that never answered it.
+FIRST_CONTACT_RETRY_FOR = 1.0
 
-def retry_policy(retry_for: float) -> Retry:
+
+def retry_policy(retry_for: float, *, first_contact_for: float | None = None) -> Retry:
     """Exponential backoff that keeps trying for about ``retry_for`` seconds.
 
     Pauses double from 50 ms to :data:`RETRY_BACKOFF_CAP` (about 1.5 s in all),
-    then stay at the cap; a wrong password or ACL is never retried.
+    then stay at the cap; a wrong password or ACL is never retried. With
+    ``first_contact_for``, a Redis that never answered is retried for only
+    about that long.
     """
     retries = int(retry_for / RETRY_BACKOFF_CAP) + 4 if retry_for > 0 else 0
     policy = _Retry(ExponentialBackoff(cap=RETRY_BACKOFF_CAP, base=0.05), retries)
     policy.retry_for = retry_for
+    policy.first_contact_for = first_contact_for
     return policy
 
 
@@ -494,6 +643,7 @@ def client_for(
     retry_for: float = DEFAULT_REDIS_RETRY_FOR,
     *,
     transport_options: Mapping[str, Any] | None = None,
+    fail_fast: bool = False,
 ) -> Client:
     """One shared client (and so one set of connections) per URL per process.
 
@@ -509,35 +659,47 @@ def client_for(
     seconds before they are raised; a wrong password fails at once. Every
     script is atomic, so a retried call never half-applies; a retried claim
     returns the numbers of the first try.
+
+    ``fail_fast=True`` (the CLI's choice) gives up after about
+    :data:`FIRST_CONTACT_RETRY_FOR` seconds on a Redis that has never answered
+    this client, such as one that refuses the connection; once it has
+    answered, it is retried for ``retry_for`` like any other.
     """
     options = dict(transport_options or {})
-    key = (os.getpid(), url, retry_for, repr(sorted(options.items())))
+    key = (os.getpid(), url, retry_for, repr(sorted(options.items())), fail_fast)
     client = _clients.get(key)
     if client is None:
         with _clients_lock:
             client = _clients.get(key)
             if client is None:
-                client = _new_client(parse_redis_url(url), retry_for, options)
+                first = FIRST_CONTACT_RETRY_FOR if fail_fast else None
+                client = _new_client(parse_redis_url(url), retry_for, options, first)
                 _clients[key] = client
     return client
 
 
-def redis_client(app: Celery, redis_url: str | None = None) -> Client:
-    """The shared client of the Redis holding ``app``'s streams (or ``redis_url``)."""
+def redis_client(app: Celery, redis_url: str | None = None, *, fail_fast: bool = False) -> Client:
+    """The shared client of the Redis holding ``app``'s streams (or ``redis_url``).
+
+    ``fail_fast``: see :func:`client_for`.
+    """
     url, options = resolve_redis(app, redis_url)
-    return client_for(url, redis_retry_for(app), transport_options=options)
+    return client_for(url, redis_retry_for(app), transport_options=options, fail_fast=fail_fast)
 
 
-def _new_client(target: RedisTarget, retry_for: float, options: dict[str, Any]) -> Client:
+def _new_client(
+    target: RedisTarget, retry_for: float, options: dict[str, Any], first_contact_for: float | None
+) -> Client:
+    retry = retry_policy(retry_for, first_contact_for=first_contact_for)
     if target.kind == "cluster":
-        return _cluster_client(target, retry_policy(retry_for))
+        return _cluster_client(target, retry)
     if target.kind == "sentinel":
-        return _sentinel_client(target, retry_policy(retry_for), options)
+        return _sentinel_client(target, retry, options)
     return redis.Redis.from_url(
         target.node_url,
         health_check_interval=30,
         socket_connect_timeout=CONNECT_TIMEOUT,
-        retry=retry_policy(retry_for),
+        retry=retry,
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
 
@@ -696,14 +858,9 @@ class Durability:
 
 def durability(app: Celery) -> Durability | None:
     """What ``ordered_wait_replicas`` and ``ordered_wait_timeout`` ask for (None: no waiting)."""
-    replicas = app.conf.get("ordered_wait_replicas")
-    if replicas is None or replicas == 0:
+    replicas = _count(app, "ordered_wait_replicas", 0)
+    if replicas == 0:
         return None
-    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
-        raise ConfigurationError(
-            f"ordered_wait_replicas must be an int >= 0 (replicas each write waits for), "
-            f"got {replicas!r}"
-        )
     timeout = _seconds(app, "ordered_wait_timeout", DEFAULT_WAIT_TIMEOUT, allow_zero=False)
     return Durability(replicas, timeout)
 

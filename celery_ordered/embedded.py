@@ -22,8 +22,11 @@ the same.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
+import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -32,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 import warnings
 import weakref
@@ -50,6 +54,10 @@ DEFAULT_START_TIMEOUT = 60.0
 DEFAULT_STOP_TIMEOUT = 10.0
 
 
+#: Most characters of a worker's start-up failure (its traceback's end) that
+#: the error raised in the owner quotes.
+FAILURE_TAIL_CHARS = 4000
+
 #: Pipe ends this process holds for its private servers and clusters. A
 #: forked child must not hold them too: the keeper or worker at the other end
 #: waits for them to close, which must happen when this process goes.
@@ -57,9 +65,23 @@ _OWNED_FDS: set[int] = set()
 
 
 def _close_owned_fds() -> None:
+    # Not os.close(): the fd numbers stay taken (by /dev/null), so that a file
+    # object the child inherited around one of them (a keeper's stdin) closes
+    # /dev/null if it is ever dropped, never whatever reused the number.
+    if not _OWNED_FDS:
+        return
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+    except OSError:  # pragma: no cover - no /dev/null: close them after all
+        null = -1
     for fd in list(_OWNED_FDS):
         with contextlib.suppress(OSError):
-            os.close(fd)
+            if null >= 0:
+                os.dup2(null, fd)
+            else:  # pragma: no cover
+                os.close(fd)
+    if null >= 0 and null not in _OWNED_FDS:
+        os.close(null)
     _OWNED_FDS.clear()
 
 
@@ -110,6 +132,7 @@ class RedisServer:
         self._keep = directory is not None
         self.directory: str | None = directory
         self._keeper: subprocess.Popen[bytes] | None = None
+        self._owner_pid: int | None = None
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
@@ -166,6 +189,7 @@ class RedisServer:
         )
         assert self._keeper.stdin is not None
         assert self._keeper.stdout is not None
+        self._owner_pid = os.getpid()
         _OWNED_FDS.add(self._keeper.stdin.fileno())
         line = _readline(self._keeper.stdout, self.start_timeout)
         if line.strip() != b"ready":
@@ -186,7 +210,13 @@ class RedisServer:
         return self._keeper is not None and self._keeper.poll() is None
 
     def stop(self) -> None:
-        """Stop the server and remove its directory (idempotent)."""
+        """Stop the server and remove its directory (idempotent).
+
+        Only the process that started it stops it: in a process forked from
+        the owner (a worker, a multiprocessing child) this does nothing.
+        """
+        if self._keeper is not None and self._owner_pid != os.getpid():
+            return
         keeper, self._keeper = self._keeper, None
         if keeper is None:
             return
@@ -228,7 +258,8 @@ class LocalCluster:
     Args:
         workers: worker processes (default: the CPU count).
         app: a Celery app to bind to the private Redis (its broker and
-            ``ordered_redis_url`` are replaced); default: a new app.
+            ``ordered_redis_url`` are replaced while the cluster runs; every
+            setting changed is restored when it stops); default: a new app.
         worker_init: called with no arguments in each worker process as it starts.
         serializer: task and result serializer; the cluster is private, so
             ``"pickle"`` is safe here and carries any Python object.
@@ -251,11 +282,14 @@ class LocalCluster:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         self.workers = workers
+        self._callers_app = app is not None
         self.app = (
             app
             if app is not None
             else Celery(f"celery_ordered_local_{uuid.uuid4().hex[:8]}", set_as_current=False)
         )
+        #: The caller's settings this cluster replaced: (had it, value) by key.
+        self._saved_settings: dict[str, tuple[bool, Any]] | None = None
         self.worker_init = worker_init
         self.serializer = serializer
         self.loglevel = loglevel
@@ -284,7 +318,14 @@ class LocalCluster:
             raise
         self.startup_seconds = time.monotonic() - began
         self._finalizer = weakref.finalize(
-            self, _stop_processes, self._worker_pid, self._death_w, self.redis
+            self,
+            _finalize,
+            os.getpid(),
+            self._worker_pid,
+            self._death_w,
+            self.redis,
+            self.app,
+            self._saved_settings,
         )
         return self
 
@@ -293,7 +334,7 @@ class LocalCluster:
         # connections; drop them, or its sends would go to the old server.
         _forget_broker_connections(self.app)
         accept = sorted({self.serializer, "json"})
-        self.app.conf.update(
+        settings = dict(
             broker_url=self.redis.broker_url,
             result_backend=None,
             ordered_redis_url=self.redis.url,
@@ -310,6 +351,10 @@ class LocalCluster:
             worker_send_task_events=False,
             task_send_sent_event=False,
         )
+        if self._callers_app and self._saved_settings is None:
+            changes = self.app.conf.changes  # the caller's own settings
+            self._saved_settings = {key: (key in changes, changes.get(key)) for key in settings}
+        self.app.conf.update(settings)
 
     def _fork_worker(self) -> None:
         ready_r, ready_w = os.pipe()
@@ -318,10 +363,15 @@ class LocalCluster:
         if pid == 0:  # pragma: no cover - the child's coverage is not collected
             os.close(ready_r)
             os.close(death_w)
+            # Garbage the owner had not collected yet (other clusters, queues,
+            # streams) was copied here: its finalizers are the owner's to run,
+            # never this worker's, so the collector leaves it alone.
+            gc.freeze()
             status = 1
             try:
-                _run_worker(self, ready_w, death_r)
-                status = 0
+                status = _run_worker(self, ready_w, death_r)
+            except BaseException:
+                _say_failure(ready_w, traceback.format_exc())
             finally:
                 os._exit(status)
         os.close(ready_w)
@@ -329,12 +379,7 @@ class LocalCluster:
         self._worker_pid = pid
         self._death_w = death_w
         _OWNED_FDS.add(death_w)
-        with os.fdopen(ready_r, "rb") as ready:
-            line = _readline(ready, self.start_timeout)
-        if line.strip() != b"ready":
-            raise ConfigurationError(
-                f"the local Celery worker did not start within {self.start_timeout}s"
-            )
+        _await_ready(pid, ready_r, self.start_timeout)
 
     def stop(self, *, graceful: bool = False, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
         """Stop the worker and Redis, and remove the private directory.
@@ -350,6 +395,8 @@ class LocalCluster:
         death_w, self._death_w = self._death_w, None
         _stop_processes(pid, death_w, self.redis, timeout if graceful else None)
         _forget_broker_connections(self.app)
+        saved, self._saved_settings = self._saved_settings, None
+        _restore_settings(self.app, saved)
 
     def stop_workers(
         self, *, graceful: bool = False, timeout: float = DEFAULT_STOP_TIMEOUT
@@ -360,7 +407,10 @@ class LocalCluster:
         _stop_processes(pid, death_w, None, timeout if graceful else None)
         if self._finalizer is not None:
             self._finalizer.detach()
-            self._finalizer = weakref.finalize(self, _stop_processes, None, None, self.redis)
+            self._finalizer = weakref.finalize(
+                self, _finalize, os.getpid(), None, None, self.redis, self.app,
+                self._saved_settings,
+            )  # fmt: skip
 
     def is_running(self) -> bool:
         """Whether the worker is running."""
@@ -378,11 +428,27 @@ class LocalCluster:
         self.stop()
 
 
-def _run_worker(cluster: LocalCluster, ready_w: int, death_r: int) -> None:  # pragma: no cover
-    """The worker process: runs in the child of ``os.fork()``."""
+def _run_worker(cluster: LocalCluster, ready_w: int, death_r: int) -> int:  # pragma: no cover
+    """The worker process: runs in the child of ``os.fork()``; returns its exit status.
+
+    A worker that ends before it is ready raises :class:`_StartFailure`
+    with what Celery logged as the cause.
+    """
+    import multiprocessing.process
+
     from celery import signals
 
     os.setpgrp()  # the worker and its pool form a group we can kill together
+    # billiard makes its temporary directory ("pymp-*") on first use and
+    # removes it at a clean exit, which a killed worker group never has: put
+    # it in the private directory, which goes with the cluster's Redis.
+    if cluster.redis.directory is not None:
+        private_tmp = os.path.join(cluster.redis.directory, "pymp")
+        os.makedirs(private_tmp, mode=0o700, exist_ok=True)
+        process: Any = multiprocessing.process.current_process()
+        process._config["tempdir"] = private_tmp  # what get_temp_dir() reads
+    errors = _ErrorLog()
+    logging.getLogger().addHandler(errors)
 
     def watch_owner() -> None:
         # read() returns b"" once the owner's end is closed: the owner stopped
@@ -393,9 +459,12 @@ def _run_worker(cluster: LocalCluster, ready_w: int, death_r: int) -> None:  # p
 
     threading.Thread(target=watch_owner, daemon=True).start()
 
+    ready: list[bool] = []
+
     def on_ready(**_: Any) -> None:
         os.write(ready_w, b"ready\n")
         os.close(ready_w)
+        ready.append(True)
 
     signals.worker_ready.connect(on_ready, weak=False)
     if cluster.worker_init is not None:
@@ -422,6 +491,152 @@ def _run_worker(cluster: LocalCluster, ready_w: int, death_r: int) -> None:  # p
         hostname=f"local-{os.getpid()}@{socket.gethostname()}",
     )
     worker.start()
+    if not ready:
+        # Celery logs an error of its start-up instead of raising it.
+        raise _StartFailure(errors.text() or "the worker stopped before it was ready")
+    return 0
+
+
+class _StartFailure(Exception):
+    """The worker ended before it was ready; the message says why."""
+
+
+class _ErrorLog(logging.Handler):
+    """Keeps the text of every error logged in the worker process (with tracebacks)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.records.append(self.format(record))
+
+    def text(self) -> str:
+        return "\n".join(self.records)
+
+
+def _say_failure(ready_w: int, text: str) -> None:  # pragma: no cover - in the child
+    """Tell the owner why the worker could not start (the end of ``text``)."""
+    data = b"failed\n" + text[-FAILURE_TAIL_CHARS:].encode("utf-8", "replace")
+    with contextlib.suppress(OSError):
+        while data:
+            data = data[os.write(ready_w, data) :]
+
+
+def _await_ready(pid: int, ready_r: int, timeout: float) -> None:
+    """Return once worker ``pid`` says ``ready`` on ``ready_r`` (which this closes).
+
+    Raises :class:`ConfigurationError` quoting the worker's own traceback as
+    soon as it exits (or reports a failure), or after ``timeout`` seconds.
+    """
+    pidfd: int | None = None
+    with contextlib.suppress(AttributeError, OSError):
+        pidfd = os.pidfd_open(pid)  # readable once the worker exits
+    deadline = time.monotonic() + timeout
+    received = b""
+    exited = False
+    try:
+        while not received.startswith(b"ready\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ConfigurationError(
+                    f"the local Celery worker did not start within {timeout}s" + _quoted(received)
+                )
+            watched = [ready_r] if pidfd is None else [ready_r, pidfd]
+            readable, _, _ = select.select(watched, [], [], remaining)
+            if ready_r in readable:
+                chunk = os.read(ready_r, 65536)
+                received += chunk
+                if chunk:
+                    continue
+                # End of the pipe: the worker is gone (its pool, which may
+                # hold the pipe too, dies with its group).
+            elif pidfd is None or pidfd not in readable:
+                continue
+            exited = True
+            break
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    if not exited:
+        os.close(ready_r)
+        return
+    # Whatever the worker wrote before it exited is in the pipe already.
+    os.set_blocking(ready_r, False)
+    with contextlib.suppress(OSError):
+        while chunk := os.read(ready_r, 65536):
+            received += chunk
+    os.close(ready_r)
+    raise ConfigurationError(
+        f"the local Celery worker {_exit_description(pid)} while starting" + _quoted(received)
+    )
+
+
+def _quoted(received: bytes) -> str:
+    """The failure report a worker wrote, as the end of an error message."""
+    text = received.decode("utf-8", "replace")
+    if text.startswith("failed\n"):
+        text = text[len("failed\n") :]
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    # The cause first (a traceback's last line), then the report itself.
+    return f": {lines[-1].strip()}\n" + "\n".join(lines)
+
+
+def _exit_description(pid: int) -> str:
+    """ "exited with code N" or "was killed by signal N" for a child that is ending."""
+    result: list[int] = []
+
+    def reap() -> None:
+        with contextlib.suppress(ChildProcessError):
+            result.append(os.waitpid(pid, 0)[1])
+
+    reaper = threading.Thread(target=reap, daemon=True)
+    reaper.start()
+    reaper.join(1.0)  # it has exited, or closed its end of the pipe as it exits
+    if not result:
+        return "stopped"
+    status = result[0]
+    if os.WIFSIGNALED(status):
+        return f"was killed by signal {os.WTERMSIG(status)}"
+    return f"exited with code {os.waitstatus_to_exitcode(status)}"
+
+
+def _restore_settings(app: Celery, saved: dict[str, tuple[bool, Any]] | None) -> None:
+    """Put back the caller's settings a cluster replaced (see ``_configure_app``)."""
+    if not saved:
+        return
+    changes = app.conf.changes
+    for key, (had, value) in saved.items():
+        if had:
+            changes[key] = value
+        else:
+            changes.pop(key, None)
+    _forget_broker_connections(app)
+
+
+def _finalize(
+    owner_pid: int,
+    pid: int | None,
+    death_w: int | None,
+    redis_server: RedisServer | None,
+    app: Celery,
+    saved: dict[str, tuple[bool, Any]] | None,
+) -> None:
+    """A cluster garbage-collected without ``stop()``: stop it, in its owner only.
+
+    A process forked from the owner (a worker of another cluster, a
+    multiprocessing child) holds a copy of the cluster object; collecting that
+    copy must not kill the owner's workers or close file descriptors whose
+    numbers mean something else there.
+    """
+    if os.getpid() != owner_pid:
+        return
+    _stop_processes(pid, death_w, redis_server)
+    _restore_settings(app, saved)
 
 
 def _forget_broker_connections(app: Celery) -> None:

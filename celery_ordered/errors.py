@@ -11,6 +11,9 @@
     ├── StreamExhausted        get() on a closed stream with nothing left
     ├── StreamNotFound         (also LookupError): create=False and no such stream
     ├── StreamStateLost        the stream's state in Redis went back in time
+    │   └── StreamDeleted      the stream was deleted (or wiped from Redis) under a handle
+    ├── ConsumerFenced         another consumer took the stream over from this one
+    ├── ProducerFailed         the producer closed the stream with an error
     ├── DispatchError          sending a claimed task failed; its place holds this error
     ├── RedisUnavailable       Redis could not be reached
     └── TaskFailed             a task failed and its exception class could not be rebuilt
@@ -97,6 +100,56 @@ class StreamStateLost(OrderedStreamError):
     start the work again on a new stream. ``ordered_wait_replicas`` makes
     every write wait for replicas, so that a failover cannot take it back.
     """
+
+
+class StreamDeleted(StreamStateLost):
+    """The stream was deleted while this handle used it.
+
+    ``delete()``, ``celery ordered purge``, its keys expired after
+    ``ordered_stream_ttl`` unused, or its Redis lost every key (a restart
+    without persistence, ``FLUSHDB``). Raised at once in producers
+    (``put``, ``close``), consumers (``get``) and ``join``; nothing is written
+    into Redis, so a deleted stream is never brought back half-way. A
+    :class:`StreamStateLost`, so handlers of that catch it too.
+    """
+
+
+class ConsumerFenced(OrderedStreamError):
+    """Another consumer took this stream over, so this one may not go on.
+
+    A stream has one consumer at a time: it holds a lease
+    (``ordered_consumer_lease``), renewed by each of its round trips. A
+    successor takes over once the lease lapses, or at once with
+    ``takeover=True`` / :meth:`~celery_ordered.OrderedResultStream.take_over`;
+    the consumer it replaced then gets this error instead of skipping or
+    repeating outcomes. Its outcomes handed out but not yet acknowledged are
+    handed out again by the successor.
+    """
+
+
+class ProducerFailed(OrderedStreamError):
+    """The producer closed the stream with an error: the work was cut short.
+
+    Raised by the consumer after every outcome put before the failure, in
+    place of a normal end (and again on each later ``get()``). ``exc_type``
+    and ``exc_module`` name the producer's exception class, ``stack_trace``
+    holds its traceback text (also shown as the ``__cause__``).
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        stream: str | None = None,
+        seq: int | None = None,
+        exc_type: str = "",
+        exc_module: str = "",
+        stack_trace: str = "",
+    ):
+        super().__init__(message, stream=stream, seq=seq)
+        self.exc_type = exc_type
+        self.exc_module = exc_module
+        self.stack_trace = stack_trace
 
 
 class DispatchError(OrderedStreamError):

@@ -50,7 +50,7 @@ def validate_name(name: object) -> str:
 
 @dataclass(frozen=True)
 class StreamKeys:
-    """The key names of one stream (see the table in DESIGN.md)."""
+    """The key names of one stream (see the table in docs/how-it-works.md)."""
 
     name: str
 
@@ -113,6 +113,37 @@ class StreamKeys:
         return self._key("producers")
 
     @property
+    def created(self) -> str:
+        """The stream's incarnation: a random id written when the stream is created.
+
+        Every handle learns it when it opens the stream and hands it to the
+        scripts that write: a stream deleted (or wiped from Redis) has none,
+        and one created again under the same name has another, so a handle
+        of the old one is told its stream was deleted instead of writing into
+        a stream it does not know.
+        """
+        return self._key("created")
+
+    @property
+    def consumer(self) -> str:
+        """Hash of the consumer lease: ``epoch``, ``owner`` and ``until`` (ms).
+
+        Only the consumer holding the current epoch may acknowledge; a
+        consumer fenced by a successor (a higher epoch) is refused.
+        """
+        return self._key("consumer")
+
+    @property
+    def error(self) -> str:
+        """The producer's error, encoded, when the stream was closed by a failure."""
+        return self._key("error")
+
+    @property
+    def counters(self) -> str:
+        """Hash of counts over the stream's life: ``redispatched`` and ``lost``."""
+        return self._key("counters")
+
+    @property
     def mark(self) -> str:
         """Written with every write that waits for replicas (``WAIT``).
 
@@ -136,6 +167,10 @@ class StreamKeys:
             self.pending,
             self.deadlines,
             self.producers,
+            self.created,
+            self.consumer,
+            self.error,
+            self.counters,
             self.mark,
         )
 

@@ -33,7 +33,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import AskError, MovedError, NoScriptError
 
 from .config import Client, Durability, _ClusterUnavailable
-from .errors import ConfigurationError, StreamStateLost
+from .errors import ConfigurationError, ConsumerFenced, StreamDeleted, StreamStateLost
 from .keys import StreamKeys
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,23 @@ class Batch:
     start: int
     window: int
     members: list[bytes]
+    #: The caller's consumer lease epoch.
+    epoch: int = 0
+    #: Numbers claimed so far.
+    claimed: int = 0
+    #: The producer's encoded error, once ``start`` reached a stream closed with one.
+    error: bytes = b""
+
+
+class LeaseHeld(Exception):
+    """:meth:`Protocol.pop` could not acquire the consumer lease: another consumer holds it."""
+
+    def __init__(self, remaining: float, owner: str) -> None:
+        super().__init__(f"held by {owner} for {remaining:g}s more")
+        #: Seconds until the other consumer's lease lapses, unless it renews it.
+        self.remaining = remaining
+        #: The other consumer's id (host, pid and handle).
+        self.owner = owner
 
 
 @dataclass(frozen=True)
@@ -121,6 +138,12 @@ class RawStats:
     #: When the head-of-line blocker (number ``next + contiguous``, the first
     #: one whose outcome is missing) was claimed, in ms; None if none waits.
     head_claimed_ms: int | None
+    #: The stream's incarnation id ("" when the stream does not exist).
+    incarnation: str = ""
+    #: Overdue tasks dispatched again, over the stream's life.
+    redispatched: int = 0
+    #: Places filled as lost after their last re-dispatch.
+    lost: int = 0
 
 
 @dataclass(frozen=True)
@@ -150,6 +173,9 @@ class Protocol:
     ) -> None:
         self.client = client
         self.keys = StreamKeys(name)
+        #: The stream's incarnation id, learned by :meth:`open`: the scripts
+        #: that write refuse a stream that is not this incarnation any more.
+        self.incarnation = ""
         #: ms every key lives after its last use; 0: forever.
         self.ttl_ms = int(ttl * 1000) if ttl else 0
         self.durability = durability
@@ -305,12 +331,15 @@ class Protocol:
         try:
             first, count = self._call(
                 "claim",
-                [k.seq, k.next, k.window, k.closed, k.space, k.pending, k.deadlines, k.producers],
+                [k.seq, k.next, k.window, k.closed, k.space, k.pending, k.deadlines, k.producers,
+                 k.created],
                 [
                     len(records), default_window, int((lost_after or 0) * 1000), self.ttl_ms,
-                    producer, claim_id, *records,
+                    producer, claim_id, self.incarnation, *records,
                 ],
             )  # fmt: skip
+        except redis.ResponseError as exc:
+            raise self._deleted_or(exc, "put") from exc
         except NotReplicated as exc:
             # The numbers are taken on the primary: raising would leave them
             # undispatched (a gap until lost_after) and a retried put would
@@ -321,7 +350,7 @@ class Protocol:
         if claim.count:
             last_id, floor = self._claimed_to.get(producer, ("", 0))
             if claim_id != last_id and claim.first < floor:
-                raise self._went_back(
+                raise self.went_back(
                     f"Redis handed out number {claim.first} again, after this producer "
                     f"had claimed up to {floor - 1}",
                     seq=claim.first,
@@ -329,52 +358,125 @@ class Protocol:
             self._claimed_to[producer] = (claim_id, claim.first + claim.count)
         return claim
 
-    def _went_back(self, what: str, *, seq: int) -> StreamStateLost:
+    def went_back(self, what: str, *, seq: int) -> StreamStateLost:
+        """The error for a stream whose state in Redis went back in time: ``what`` happened."""
         return StreamStateLost(
             f"stream {self.keys.name!r}: {what}. The stream's state in Redis went back in "
             "time (a failover to a replica that had not yet received the latest writes, "
-            "or a restore from an older snapshot), or the stream was deleted meanwhile, "
-            "so outcomes may be missing or doubled: start the work again on a new stream. "
+            "or a restore from an older snapshot), so outcomes may be missing or doubled: "
+            "start the work again on a new stream. "
             "app.conf.ordered_wait_replicas makes every write wait for replicas, so that "
             "a failover cannot take it back",
             stream=self.keys.name,
             seq=seq,
         )
 
-    def publish(self, seq: int, member: bytes) -> int:
-        """Store one outcome; 1 stored, 0 duplicate or late, -1 never claimed."""
+    def deleted(self, what: str) -> StreamDeleted:
+        """The error for a stream that is gone (or is another incarnation) under ``what``."""
+        return StreamDeleted(
+            f"stream {self.keys.name!r} was deleted (delete(), celery ordered purge, its "
+            "keys expired after ordered_stream_ttl unused, or its Redis lost them: a "
+            f"restart without persistence, FLUSHDB) while {what} used it; nothing was "
+            "written. Start the work again on a new stream",
+            stream=self.keys.name,
+        )
+
+    def _deleted_or(self, exc: redis.ResponseError, what: str) -> Exception:
+        """A script's ``DELETED`` error reply as :class:`StreamDeleted`; others as they are."""
+        if str(exc) == "DELETED":
+            return self.deleted(what)
+        return exc
+
+    def publish(self, seq: int, member: bytes, *, incarnation: str | None = None) -> int:
+        """Store one outcome; 1 stored, 0 duplicate or late, -1 never claimed.
+
+        ``incarnation`` (default: this handle's, if it opened the stream) is
+        the incarnation the number was claimed in: another one (the stream
+        was deleted, maybe created again) refuses the outcome. "" skips that
+        check.
+        """
         k = self.keys
         return int(
             self._call(
                 "publish",
-                [k.seq, k.next, k.results, k.ready, k.closed, k.done, k.pending, k.deadlines],
-                [seq, member, self.ttl_ms],
+                [
+                    k.seq,
+                    k.next,
+                    k.results,
+                    k.ready,
+                    k.closed,
+                    k.done,
+                    k.pending,
+                    k.deadlines,
+                    k.created,
+                ],
+                [
+                    seq,
+                    member,
+                    self.ttl_ms,
+                    self.incarnation if incarnation is None else incarnation,
+                ],
             )
         )
 
-    def pop(self, ack: int, start: int, limit: int) -> Batch:
+    def pop(
+        self,
+        ack: int,
+        start: int,
+        limit: int,
+        *,
+        owner: str = "",
+        epoch: int = 0,
+        lease: float = 30.0,
+        mode: str = "",
+    ) -> Batch:
         """Acknowledge below ``ack`` and read the gapless run from ``start``.
+
+        Only the holder of the consumer lease may: ``epoch`` is the caller's
+        (0 acquires the lease, raising :class:`LeaseHeld` while ``owner``'s
+        rival holds a live one, unless ``mode`` is ``"take"``); another epoch
+        raises :class:`~celery_ordered.ConsumerFenced`. ``lease`` (seconds)
+        is renewed by every call; ``mode="free"`` releases it after this call.
 
         Acknowledging numbers that were never claimed means the stream's state
         went back in time: :class:`~celery_ordered.StreamStateLost`, instead
-        of waiting for outcomes that can never come.
+        of waiting for outcomes that can never come. A stream deleted since
+        it was opened: :class:`~celery_ordered.StreamDeleted`.
         """
         k = self.keys
         try:
             reply = self._call(
                 "pop",
-                [k.next, k.results, k.closed, k.space, k.ready, k.window, k.seq],
-                [ack, start, limit, self.ttl_ms],
-            )
+                [k.next, k.results, k.closed, k.space, k.ready, k.window, k.seq, k.created,
+                 k.consumer, k.error],
+                [ack, start, limit, self.ttl_ms, self.incarnation, owner, epoch,
+                 max(1, int(lease * 1000)), mode],
+            )  # fmt: skip
         except redis.ResponseError as exc:
-            if not str(exc).startswith("ROLLBACK "):
-                raise
-            claimed = int(str(exc).split()[1])
-            raise self._went_back(
-                f"this consumer has taken outcomes up to number {ack - 1}, but Redis says "
-                f"only {claimed} numbers were ever claimed",
-                seq=claimed,
-            ) from exc
+            word, _, rest = str(exc).partition(" ")
+            if word == "ROLLBACK":
+                claimed = int(rest)
+                raise self.went_back(
+                    f"this consumer has taken outcomes up to number {ack - 1}, but Redis says "
+                    f"only {claimed} numbers were ever claimed",
+                    seq=claimed,
+                ) from exc
+            if word == "LEASED":
+                remaining, _, holder = rest.partition(" ")
+                raise LeaseHeld(int(remaining) / 1000, holder) from exc
+            if word == "FENCED":
+                current, _, holder = rest.partition(" ")
+                raise ConsumerFenced(
+                    f"stream {self.keys.name!r}: another consumer ({holder}) took over "
+                    f"consuming it (lease epoch {current}; this consumer had {epoch}), so "
+                    "this one stopped rather than skip or repeat outcomes; its outcomes "
+                    "handed out but not acknowledged go to the new consumer. Keep one "
+                    "consumer per stream, and get() more often than ordered_consumer_lease "
+                    "(a consumer that pauses for longer may be taken over); take_over() "
+                    "makes this one the consumer again",
+                    stream=self.keys.name,
+                ) from exc
+            raise self._deleted_or(exc, "a consumer") from exc
         closed = int(reply[1])
         return Batch(
             next=int(reply[0]),
@@ -382,26 +484,51 @@ class Protocol:
             stored=int(reply[2]),
             start=int(reply[3]),
             window=int(reply[4]),
-            members=list(reply[5:]),
+            epoch=int(reply[5]),
+            claimed=int(reply[6]),
+            error=bytes(reply[7]),
+            members=list(reply[8:]),
         )
 
-    def close(self) -> int:
-        """Close the stream to claims; returns the number of claims made."""
+    def close(self, error: bytes = b"") -> int:
+        """Close the stream to claims; returns the number of claims made.
+
+        ``error`` (encoded) is kept for consumers if this call is the one that
+        closes the stream: they get it after every outcome, in place of a
+        normal end.
+        """
         k = self.keys
-        return int(
-            self._call(
-                "close",
-                [k.seq, k.next, k.results, k.closed, k.ready, k.done, k.space],
-                [self.ttl_ms],
+        try:
+            return int(
+                self._call(
+                    "close",
+                    [
+                        k.seq,
+                        k.next,
+                        k.results,
+                        k.closed,
+                        k.ready,
+                        k.done,
+                        k.space,
+                        k.created,
+                        k.error,
+                    ],
+                    [self.ttl_ms, self.incarnation, error],
+                )
             )
-        )
+        except redis.ResponseError as exc:
+            raise self._deleted_or(exc, "close()") from exc
 
     def stats(self) -> RawStats:
         """One consistent snapshot of the stream's counters."""
         k = self.keys
-        claimed, nxt, window, stored, contiguous, closed, now, head = self._call(
-            "stats", [k.seq, k.next, k.window, k.results, k.closed, k.pending], [], write=False
-        )
+        (claimed, nxt, window, stored, contiguous, closed, now, head, incarnation,
+         redispatched, lost) = self._call(
+            "stats",
+            [k.seq, k.next, k.window, k.results, k.closed, k.pending, k.created, k.counters],
+            [],
+            write=False,
+        )  # fmt: skip
         return RawStats(
             int(claimed),
             int(nxt),
@@ -411,6 +538,9 @@ class Protocol:
             None if int(closed) < 0 else int(closed),
             int(now),
             None if int(head) < 0 else int(head),
+            incarnation.decode() if isinstance(incarnation, bytes) else str(incarnation),
+            int(redispatched),
+            int(lost),
         )
 
     def reclaim(self, lost_after: float, limit: int, batch: int = 100) -> list[Overdue]:
@@ -422,8 +552,8 @@ class Protocol:
         k = self.keys
         reply = self._call(
             "reclaim",
-            [k.next, k.results, k.pending, k.deadlines],
-            [int(lost_after * 1000), limit, batch],
+            [k.next, k.results, k.pending, k.deadlines, k.counters],
+            [int(lost_after * 1000), limit, batch, self.ttl_ms],
             write=False,
         )
         return [
@@ -431,21 +561,46 @@ class Protocol:
             for i in range(0, len(reply), 3)
         ]
 
+    def open(
+        self, new_id: str, *, create: bool, window: int = 0, only_if_unset: bool = False
+    ) -> int | None:
+        """Learn the stream's incarnation (:attr:`incarnation`), creating the stream if asked.
+
+        ``create``: a stream that does not exist is created as incarnation
+        ``new_id``; else it is left alone and None returned. A ``window`` is
+        stored as :meth:`set_window` does. Returns the cap in force (0: none).
+        """
+        k = self.keys
+        cap, incarnation = self._call(
+            "window",
+            [k.window, k.space, k.created, k.seq],
+            [window, int(only_if_unset), self.ttl_ms, new_id, "create" if create else "attach"],
+            # Attaching writes nothing worth waiting for replicas (at most the
+            # id of a stream made before incarnation ids, or its expiry).
+            write=create or bool(window),
+        )
+        if not incarnation:
+            return None
+        self.incarnation = incarnation.decode() if isinstance(incarnation, bytes) else incarnation
+        return int(cap)
+
     def set_window(self, window: int, *, only_if_unset: bool = False) -> int:
         """Store the window cap and wake blocked producers to look at it.
 
         Returns the cap in force: with ``only_if_unset``, a cap already stored
-        stays.
+        stays. Raises :class:`~celery_ordered.StreamDeleted` if the stream is
+        not the incarnation :meth:`open` found any more.
         """
         k = self.keys
-        return int(
-            self._call("window", [k.window, k.space], [window, int(only_if_unset), self.ttl_ms])
-        )
-
-    def exists(self) -> bool:
-        """Whether anything was ever claimed in (or a window set on) the stream."""
-        k = self.keys
-        return bool(self._cluster_hint(lambda: self.client.exists(k.seq, k.window)))
+        try:
+            cap, _ = self._call(
+                "window",
+                [k.window, k.space, k.created, k.seq],
+                [window, int(only_if_unset), self.ttl_ms, self.incarnation, "known"],
+            )
+        except redis.ResponseError as exc:
+            raise self._deleted_or(exc, "set_window()") from exc
+        return int(cap)
 
     def delete(self) -> int:
         """Remove every key of the stream; returns how many existed."""
@@ -466,13 +621,16 @@ class Protocol:
         return self._wait(self.keys.ready, timeout)
 
     def wait_done(self, timeout: float) -> bool:
-        """Block until every claimed number may be filled (or ``timeout``)."""
-        got = self._wait(self.keys.done, timeout)
-        if got:
-            # Being done is final: leave the token for any other joiner.
-            self.client.rpush(self.keys.done, 1)
-            self.client.ltrim(self.keys.done, 0, 0)
-        return got
+        """Block until every claimed number may be filled (or ``timeout``).
+
+        Being done is final, so the token stays for any other joiner: the
+        list is rotated onto itself (``BRPOPLPUSH done done``), never emptied,
+        so it keeps the expiry the scripts gave it; nothing is written here.
+        """
+        wait = min(max(timeout, 0.001), self.wait_slice)
+        key = self.keys.done
+        got = self._cluster_hint(lambda: self.client.execute_command("BRPOPLPUSH", key, key, wait))
+        return got is not None
 
 
 def _send(node: redis.Redis, conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:

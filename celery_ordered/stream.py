@@ -6,10 +6,12 @@ import collections
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
+import traceback
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +20,7 @@ from celery import Celery, Task, current_app
 from celery.canvas import Signature
 from kombu.serialization import prepare_accept_content, registry
 
-from . import codec
+from . import checks, codec
 from .config import (
     Client,
     accepted_content,
@@ -35,22 +37,27 @@ from .config import lost_after as configured_lost_after
 from .config import max_redispatches as configured_max_redispatches
 from .errors import (
     ConfigurationError,
+    ConsumerFenced,
     DispatchError,
     OrderedStreamError,
+    ProducerFailed,
     RedisUnavailable,
+    RemoteTraceback,
     ResultLost,
     StreamClosedError,
     StreamEmpty,
     StreamExhausted,
     StreamFull,
     StreamNotFound,
+    StreamStateLost,
     UnsendableError,
 )
 from .keys import validate_name
 from .progress import Progress
-from .protocol import WAIT_SLICE, Batch, Claim, NotReplicated, Protocol
+from .protocol import WAIT_SLICE, Batch, Claim, LeaseHeld, NotReplicated, Protocol, RawStats
 from .task import (
     CALL_TASK_NAME,
+    HEADER_INCARNATION,
     HEADER_SEQ,
     HEADER_SERIALIZER,
     HEADER_STREAM,
@@ -71,6 +78,11 @@ RECORDED_OPTIONS = frozenset(
 #: Status of a dispatch record: a task to send, or a marker to publish.
 RECORD_TASK = b"T"
 RECORD_MARKER = b"M"
+
+#: Seconds a consumer's lease lasts after its last round trip to Redis, unless
+#: the app sets ``ordered_consumer_lease``: a successor waits this long after
+#: a consumer crashed before it takes over (or at once with ``takeover=True``).
+DEFAULT_CONSUMER_LEASE = 30.0
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +110,32 @@ class StreamStats:
     blocker: int | None = None
     #: Seconds since the blocker was dispatched (None if unknown).
     blocker_waited: float | None = None
+    #: Overdue tasks dispatched again (by reclaim), over the stream's life.
+    redispatched: int = 0
+    #: Places filled with :class:`~celery_ordered.ResultLost` after the last re-dispatch.
+    lost: int = 0
+
+
+def stats_from_raw(raw: RawStats, default_window: int) -> StreamStats:
+    """A :class:`StreamStats` from the snapshot :meth:`Protocol.stats` read."""
+    blocker = raw.next + raw.contiguous
+    return StreamStats(
+        claimed=raw.claimed,
+        delivered=raw.next,
+        in_flight=raw.claimed - raw.next - raw.stored,
+        buffered=raw.stored,
+        out_of_order=raw.stored - raw.contiguous,
+        window=raw.window or default_window,
+        closed=raw.closed_at is not None,
+        blocker=blocker if blocker < raw.claimed else None,
+        blocker_waited=(
+            (raw.now_ms - raw.head_claimed_ms) / 1000
+            if raw.head_claimed_ms is not None and blocker < raw.claimed
+            else None
+        ),
+        redispatched=raw.redispatched,
+        lost=raw.lost,
+    )
 
 
 @dataclass(frozen=True)
@@ -113,15 +151,16 @@ class _Prepared:
     options: dict[str, Any] | None = None
 
 
-def _check_timeout(timeout: float | None) -> float | None:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
-        raise ValueError(
-            f"timeout must be None (wait as long as it takes) or a number of seconds "
-            f">= 0, got {timeout!r}"
-        )
-    return float(timeout)
+def _consumer_lease_setting(app: Celery) -> float:
+    """The app's ``ordered_consumer_lease`` (seconds), else :data:`DEFAULT_CONSUMER_LEASE`."""
+    value = app.conf.get("ordered_consumer_lease")
+    if value is None:
+        return DEFAULT_CONSUMER_LEASE
+    try:
+        lease = checks.seconds("ordered_consumer_lease", value, none=False, zero=False)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    return float(lease or DEFAULT_CONSUMER_LEASE)
 
 
 class OrderedResultStream:
@@ -171,6 +210,18 @@ class OrderedResultStream:
             :func:`~celery_ordered.progress_bar`. It runs in the consuming
             thread, so keep it quick; an exception it raises is logged and
             the stream goes on.
+        takeover: True to take the stream's consumption over at once from
+            another consumer, which is fenced (its next round trip raises
+            :class:`~celery_ordered.ConsumerFenced`). Without it, a second
+            consumer waits (within its ``get`` timeout) as a standby until the
+            first one's lease lapses or is released.
+        consumer_lease: seconds a consumer's lease lasts after its last round
+            trip (default: the app's ``ordered_consumer_lease``, else 30): how
+            soon a successor takes over from a consumer that died.
+
+    A stream has one consumer at a time. The first ``get`` takes the
+    consumer lease, renewed by every round trip (each ``get`` that reads
+    from Redis, each acknowledgement, and every 2 s while it waits).
     """
 
     def __init__(
@@ -190,6 +241,8 @@ class OrderedResultStream:
         max_redispatches: int | None = None,
         create: bool = True,
         progress: Callable[[Progress], object] | None = None,
+        takeover: bool = False,
+        consumer_lease: float | None = None,
     ) -> None:
         self.app: Celery = app if app is not None else current_app
         self.name = validate_name(name) if name is not None else f"stream-{uuid.uuid4().hex}"
@@ -212,31 +265,21 @@ class OrderedResultStream:
             accept if accept is not None else accepted_content(self.app, self.serializer)
         )
         self.task_options = dict(task_options or {})
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
-            raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
-        self.prefetch = prefetch
-        if ack_every is not None and (
-            isinstance(ack_every, bool) or not isinstance(ack_every, int) or ack_every < 1
-        ):
-            raise ValueError(f"ack_every must be None or an int >= 1, got {ack_every!r}")
-        self.ack_every = ack_every
-        if lost_after is not None and not _check_timeout(lost_after):
-            raise ValueError(
-                "lost_after must be more than 0 seconds: it is how long a task may take "
-                "before it is dispatched again"
-            )
-        self.lost_after = lost_after or configured_lost_after(self.app)
-        if max_redispatches is not None and (
-            isinstance(max_redispatches, bool)
-            or not isinstance(max_redispatches, int)
-            or max_redispatches < 0
-        ):
-            raise ValueError(f"max_redispatches must be an int >= 0, got {max_redispatches!r}")
+        self.prefetch: int = checks.count("prefetch", prefetch)
+        self.ack_every = checks.count("ack_every", ack_every, none=True)
+        lost = checks.seconds("lost_after", lost_after, none=True, zero=False)
+        self.lost_after = lost if lost is not None else configured_lost_after(self.app)
+        redispatches = checks.count("max_redispatches", max_redispatches, minimum=0, none=True)
         self.max_redispatches = (
-            max_redispatches
-            if max_redispatches is not None
-            else configured_max_redispatches(self.app)
+            redispatches if redispatches is not None else configured_max_redispatches(self.app)
         )
+        if not isinstance(takeover, bool):
+            raise TypeError(f"takeover must be True or False, got {takeover!r}")
+        lease = checks.seconds("consumer_lease", consumer_lease, none=True, zero=False)
+        #: Seconds this consumer's lease lasts after each of its round trips.
+        self.consumer_lease = lease if lease is not None else _consumer_lease_setting(self.app)
+        if window is not None:
+            window = validate_window(window)
         if progress is not None and not callable(progress):
             raise TypeError(
                 f"progress must be a callable taking a celery_ordered.Progress, such as "
@@ -254,17 +297,19 @@ class OrderedResultStream:
         self._next_reclaim = 0.0
         self._producer_id = uuid.uuid4().hex
         with self._redis_errors():
-            if not create and not self._proto.exists():
-                raise StreamNotFound(
-                    f"no stream named {self.name!r} in this Redis: it was never created, "
-                    "was deleted, or expired unused (ordered_stream_ttl); check the name, "
-                    "or pass create=True to start it",
-                    stream=self.name,
-                )
-            if window is not None:
-                self._proto.set_window(validate_window(window))
-            elif create:
-                self._proto.set_window(self._default_window, only_if_unset=True)
+            cap = self._proto.open(
+                uuid.uuid4().hex,
+                create=create,
+                window=window or (self._default_window if create else 0),
+                only_if_unset=window is None,
+            )
+        if cap is None:
+            raise StreamNotFound(
+                f"no stream named {self.name!r} in this Redis: it was never created, "
+                "was deleted, or expired unused (ordered_stream_ttl); check the name, "
+                "or pass create=True to start it",
+                stream=self.name,
+            )
         self._closed_here = False
         # Consumer state: outcomes read from Redis but not yet handed out, the
         # next number to read, and the number below which all was handed out
@@ -274,7 +319,16 @@ class OrderedResultStream:
         self._delivered = -1
         self._acked = -1
         self._ack_every = 1
-        self._window_seen = window or self._default_window
+        self._window_seen = window or cap or self._default_window
+        # The highest claim count and close this consumer has seen: Redis
+        # saying less later means the stream's state went back in time.
+        self._claimed_seen = 0
+        # Consumer lease: this handle's id, its epoch (0: it holds none) and
+        # whether its next acquisition takes over from a live consumer.
+        self._consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._epoch = 0
+        self._take_over_next = takeover
+        self._fenced: ConsumerFenced | None = None
         self._consumer_lock = threading.Lock()
         #: The most outcomes ever seen waiting out of order by this consumer.
         self.peak_out_of_order = 0
@@ -319,9 +373,10 @@ class OrderedResultStream:
         leaves no gap: :class:`~celery_ordered.UnsendableError` (a
         ``TypeError``) for a lambda, a nested function or arguments the
         serializer cannot encode; :class:`~celery_ordered.StreamClosedError`
-        after :meth:`close`.
+        after :meth:`close`; :class:`~celery_ordered.StreamDeleted` once the
+        stream was deleted (or Redis lost it), writing nothing.
         """
-        timeout = _check_timeout(timeout)
+        timeout = checks.seconds("timeout", timeout)
         prepared = self._prepare(task, args, kwargs)
         if self._closed_here:
             raise StreamClosedError(
@@ -448,7 +503,8 @@ class OrderedResultStream:
     def _send(self, prepared: _Prepared, seq: int) -> None:
         if prepared.marker is not None:
             with self._redis_errors():
-                self._proto.publish(seq, prepared.marker.member(seq, codec.MARKER))
+                if self._proto.publish(seq, prepared.marker.member(seq, codec.MARKER)) < 0:
+                    raise self._proto.deleted("put()")
             return
         try:
             self._dispatch(
@@ -477,7 +533,12 @@ class OrderedResultStream:
         options: dict[str, Any],
         seq: int,
     ) -> None:
-        headers = {HEADER_STREAM: self.name, HEADER_SEQ: seq, HEADER_SERIALIZER: self.serializer}
+        headers = {
+            HEADER_STREAM: self.name,
+            HEADER_SEQ: seq,
+            HEADER_SERIALIZER: self.serializer,
+            HEADER_INCARNATION: self._proto.incarnation,
+        }
         options = dict(options)
         options["headers"] = {**(options.get("headers") or {}), **headers}
         options["ignore_result"] = True
@@ -568,15 +629,67 @@ class OrderedResultStream:
     def _reclaim_every(self) -> float:
         return min(self._proto.wait_slice, max(0.05, self.lost_after / 4))
 
-    def close(self) -> None:
+    def close(self, error: BaseException | None = None) -> None:
         """Close the stream to further puts (idempotent; any process may do it).
 
         Consumers then get every outcome already put, after which iteration
         ends and :meth:`get` raises :class:`~celery_ordered.StreamExhausted`.
+
+        ``error``: the exception that stopped the producer before it put all
+        its work. Consumers then get every outcome put before it, followed by
+        :class:`~celery_ordered.ProducerFailed` (its text, class name and
+        traceback) instead of a normal end. Leaving ``with stream:`` by an
+        exception does this. Only the call that closes the stream records an
+        error: closing an already closed stream keeps it as it was.
         """
+        member = b""
+        if error is not None:
+            if not isinstance(error, BaseException):
+                raise TypeError(
+                    f"close(error=...) takes the exception that stopped the producer "
+                    f"(or None for a normal end), got {type(error).__name__}: {error!r}"
+                )
+            member = self._encode_producer_error(error)
         with self._redis_errors():
-            self._proto.close()
+            self._proto.close(member)
         self._closed_here = True
+
+    def _encode_producer_error(self, error: BaseException) -> bytes:
+        stack_trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        payload = codec.exception_payload(error, stack_trace, self.serializer, None)
+        payload.pop("exc", None)  # text travels, never the object: consumers rebuild nothing
+        try:
+            encoded = codec.encode(payload, self.serializer, what="producer's error")
+        except UnsendableError:  # say, a traceback over the size limit: keep its end
+            payload["stack_trace"] = stack_trace[-100_000:]
+            payload["exc_message"] = [repr(a)[:10_000] for a in error.args]
+            encoded = codec.encode(payload, self.serializer, what="producer's error")
+        return encoded.member(0, codec.ERROR)
+
+    def _producer_failed(self, member: bytes, closed_at: int) -> ProducerFailed:
+        try:
+            payload = codec.decode(member, self.accept).value
+            exc_type = str(payload.get("exc_type") or "Exception")
+            exc_module = str(payload.get("exc_module") or "")
+            args = payload.get("exc_message") or []
+            message = ", ".join(str(a) for a in (args if isinstance(args, list) else [args]))
+            stack_trace = str(payload.get("stack_trace") or "")
+        except Exception as exc:  # an error this consumer cannot read: say so
+            exc_type, exc_module, stack_trace = "?", "", ""
+            message = f"(its error could not be decoded here: {exc})"
+        name = f"{exc_module}.{exc_type}" if exc_module not in ("", "builtins") else exc_type
+        error = ProducerFailed(
+            f"the producer of stream {self.name!r} failed after putting {closed_at} "
+            f"outcome(s), all handed out: {name}: {message}",
+            stream=self.name,
+            seq=closed_at,
+            exc_type=exc_type,
+            exc_module=exc_module,
+            stack_trace=stack_trace,
+        )
+        if stack_trace:
+            error.__cause__ = RemoteTraceback(stack_trace)
+        return error
 
     # -- consuming ---------------------------------------------------------
 
@@ -590,9 +703,17 @@ class OrderedResultStream:
         be rebuilt (else :class:`~celery_ordered.TaskFailed`), with
         ``stack_trace`` and ``seq`` attributes; the stream goes on after it.
         Raises :class:`~celery_ordered.StreamExhausted` once the stream is
-        closed and everything put was delivered.
+        closed and everything put was delivered, or
+        :class:`~celery_ordered.ProducerFailed` there instead if the producer
+        closed it with an error.
+
+        The first ``get`` makes this handle the stream's consumer (see
+        :class:`OrderedResultStream`): while another consumer holds the lease,
+        it waits for it within ``timeout``. :class:`~celery_ordered.ConsumerFenced`
+        once another consumer took over; :class:`~celery_ordered.StreamDeleted`
+        at once if the stream was deleted (or Redis lost it).
         """
-        timeout = _check_timeout(timeout)
+        timeout = checks.seconds("timeout", timeout)
         if self._progress is None:
             return self._get(timeout)
         before = self._handed_out
@@ -622,6 +743,8 @@ class OrderedResultStream:
 
     def _get(self, timeout: float | None) -> Any:
         with self._consumer_lock:
+            if self._fenced is not None:
+                raise ConsumerFenced(str(self._fenced), stream=self.name)
             if not self._buffer:
                 self._fetch(timeout)
             elif self._delivered - self._acked >= self._ack_every:
@@ -651,9 +774,31 @@ class OrderedResultStream:
 
     def _fetch(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
+        told_waiting = False
         with self._redis_errors():
             while True:
-                batch = self._pop(self.prefetch)
+                try:
+                    batch = self._pop(self.prefetch)
+                except LeaseHeld as held:
+                    # Another consumer holds the stream: wait as its standby.
+                    remaining = WAIT_SLICE if deadline is None else deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise StreamEmpty(
+                            f"stream {self.name!r}: another consumer ({held.owner}) holds its "
+                            f"consumer lease for {held.remaining:g}s more, and this one waited "
+                            f"{timeout}s for it. A stream has one consumer at a time; pass "
+                            "takeover=True (or call take_over()) to take it over at once",
+                            stream=self.name,
+                        ) from None
+                    if not told_waiting:
+                        told_waiting = True
+                        logger.warning(
+                            "stream %r: another consumer (%s) holds its consumer lease (%gs "
+                            "more); this one waits to take over once it lapses or is released",
+                            self.name, held.owner, held.remaining,
+                        )  # fmt: skip
+                    threading.Event().wait(min(held.remaining + 0.005, remaining, WAIT_SLICE))
+                    continue
                 if batch.members:
                     self._buffer.extend(batch.members)
                     self._read = batch.start + len(batch.members)
@@ -662,6 +807,8 @@ class OrderedResultStream:
                     return
                 self._read = batch.start
                 if batch.closed_at is not None and batch.start >= batch.closed_at:
+                    if batch.error:
+                        raise self._producer_failed(batch.error, batch.closed_at)
                     raise StreamExhausted(
                         f"stream {self.name!r} is closed and all {batch.closed_at} outcomes "
                         "were delivered",
@@ -681,10 +828,36 @@ class OrderedResultStream:
                 if not self._proto.wait_ready(min(remaining, self._reclaim_every())):
                     self._maybe_reclaim()
 
-    def _pop(self, limit: int) -> Batch:
-        """Acknowledge what was handed out; read up to ``limit`` more (lock held)."""
-        with self._redis_errors():
-            batch = self._proto.pop(self._delivered, self._read, limit)
+    def _pop(self, limit: int, mode: str = "") -> Batch:
+        """Acknowledge what was handed out; read up to ``limit`` more (lock held).
+
+        Takes the consumer lease first if this handle holds none (raising
+        :class:`~celery_ordered.protocol.LeaseHeld` while another consumer
+        holds it), and renews it otherwise; ``mode="free"`` releases it.
+        """
+        if self._fenced is not None:
+            raise ConsumerFenced(str(self._fenced), stream=self.name)
+        acquiring = self._epoch == 0
+        if acquiring and self._take_over_next:
+            mode = "take"
+        try:
+            with self._redis_errors():
+                batch = self._proto.pop(
+                    -1 if acquiring else self._delivered,
+                    self._read,
+                    limit,
+                    owner=self._consumer_id,
+                    epoch=self._epoch,
+                    lease=self.consumer_lease,
+                    mode=mode,
+                )
+        except ConsumerFenced as exc:
+            self._fenced = exc
+            raise
+        if acquiring:
+            self._epoch = batch.epoch
+            self._take_over_next = False
+        self._check_not_rolled_back(batch)
         self._delivered = max(self._delivered, batch.next)
         self._acked = batch.next
         if batch.closed_at is not None:
@@ -692,6 +865,25 @@ class OrderedResultStream:
         self._window_seen = batch.window or self._default_window
         self._ack_every = self.ack_every or max(1, self._window_seen // 2)
         return batch
+
+    def _check_not_rolled_back(self, batch: Batch) -> None:
+        """Redis must never say less than this consumer has already seen."""
+        if batch.claimed < self._claimed_seen:
+            raise self._proto.went_back(
+                f"this consumer saw {self._claimed_seen} numbers claimed, but Redis now says "
+                f"{batch.claimed}",
+                seq=batch.claimed,
+            )
+        if self._closed_at is not None and (
+            batch.closed_at is None or batch.closed_at < self._closed_at
+        ):
+            now = "open" if batch.closed_at is None else f"closed at {batch.closed_at}"
+            raise self._proto.went_back(
+                f"this consumer saw the stream closed at {self._closed_at} claims, but Redis "
+                f"now says it is {now}",
+                seq=self._closed_at,
+            )
+        self._claimed_seen = batch.claimed
 
     def _prefetch_all(self) -> None:
         """Read every outcome that has arrived into this consumer's buffer.
@@ -703,7 +895,7 @@ class OrderedResultStream:
             while True:
                 try:
                     self._fetch(timeout=0)
-                except (StreamExhausted, StreamEmpty):
+                except (StreamExhausted, StreamEmpty, ProducerFailed):
                     return
 
     def _buffered_locally(self) -> int:
@@ -713,10 +905,47 @@ class OrderedResultStream:
         """Tell Redis what this consumer has handed out so far.
 
         :meth:`get` does this on its next round trip by itself; call it before
-        pausing a consumer for long, so producers see the window free up.
+        pausing a consumer for long, so producers see the window free up (and
+        the consumer lease is renewed). Does nothing on a handle that has not
+        consumed.
         """
         with self._consumer_lock:
+            if self._epoch:
+                self._pop(0)
+
+    def take_over(self) -> None:
+        """Make this handle the stream's consumer now, fencing any other one.
+
+        The consumer it replaces raises :class:`~celery_ordered.ConsumerFenced`
+        on its next round trip. This handle goes on from what the stream has
+        acknowledged: outcomes the other consumer handed out but had not
+        acknowledged (at most its ``ack_every``) are handed out again. For a
+        client that comes back after its old connection is gone, such as a
+        browser resuming a server-sent event stream.
+        """
+        with self._consumer_lock:
+            self._fenced = None
+            self._epoch = 0
+            self._take_over_next = True
+            self._buffer.clear()
+            self._read = self._delivered = self._acked = -1
             self._pop(0)
+
+    def release(self) -> None:
+        """Acknowledge what was handed out and give up the consumer lease.
+
+        Another consumer (a standby waiting in ``get``) may then take over at
+        once instead of after ``ordered_consumer_lease``. A later ``get`` on
+        this handle takes the lease again (if free) and goes on from what the
+        stream has acknowledged. Does nothing on a handle that holds no lease.
+        """
+        with self._consumer_lock:
+            if not self._epoch or self._fenced is not None:
+                return
+            self._pop(0, mode="free")
+            self._epoch = 0
+            self._buffer.clear()
+            self._read = -1
 
     def __iter__(self) -> OrderedResultStream:
         return self
@@ -740,8 +969,13 @@ class OrderedResultStream:
 
         Returns after ``timeout`` seconds even if that has not happened:
         :meth:`is_alive` tells which. The outcomes need not be consumed yet.
+        A stream its producer closed with an error (:meth:`close` ``error=``)
+        is finished too: ``join`` returns, and its consumer gets
+        :class:`~celery_ordered.ProducerFailed` after the last outcome.
+        Raises :class:`~celery_ordered.StreamDeleted` if the stream was
+        deleted (or Redis lost it): it would never finish.
         """
-        timeout = _check_timeout(timeout)
+        timeout = checks.seconds("timeout", timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._redis_errors():
             while not self._finished():
@@ -752,8 +986,14 @@ class OrderedResultStream:
                     self._maybe_reclaim()
 
     def _finished(self) -> bool:
-        raw = self._proto.stats()
+        raw = self._stats("join()")
         return raw.closed_at is not None and raw.next + raw.stored >= raw.closed_at
+
+    def _stats(self, what: str) -> RawStats:
+        raw = self._proto.stats()
+        if raw.incarnation != self._proto.incarnation:
+            raise self._proto.deleted(what)
+        return raw
 
     def is_alive(self) -> bool:
         """False once the stream is closed and every outcome has arrived."""
@@ -761,36 +1001,27 @@ class OrderedResultStream:
             return not self._finished()
 
     def stats(self) -> StreamStats:
-        """Counters of the stream, read from Redis in one consistent snapshot."""
-        if self._delivered >= 0:
+        """Counters of the stream, read from Redis in one consistent snapshot.
+
+        Raises :class:`~celery_ordered.StreamDeleted` if the stream was deleted.
+        """
+        if self._delivered >= 0 and self._fenced is None:
             self.ack()
         with self._redis_errors():
-            raw = self._proto.stats()
-        blocker = raw.next + raw.contiguous
-        return StreamStats(
-            claimed=raw.claimed,
-            delivered=raw.next,
-            in_flight=raw.claimed - raw.next - raw.stored,
-            buffered=raw.stored,
-            out_of_order=raw.stored - raw.contiguous,
-            window=raw.window or self._default_window,
-            closed=raw.closed_at is not None,
-            blocker=blocker if blocker < raw.claimed else None,
-            blocker_waited=(
-                (raw.now_ms - raw.head_claimed_ms) / 1000
-                if raw.head_claimed_ms is not None and blocker < raw.claimed
-                else None
-            ),
-        )
+            raw = self._stats("stats()")
+        return stats_from_raw(raw, self._default_window)
 
     @property
     def window(self) -> int:
         """The window cap stored in Redis."""
         with self._redis_errors():
-            return self._proto.stats().window or self._default_window
+            return self._stats("window").window or self._default_window
 
     def set_window(self, window: int) -> None:
-        """Change the window cap for every producer, while the stream runs."""
+        """Change the window cap for every producer, while the stream runs.
+
+        Raises :class:`~celery_ordered.StreamDeleted` if the stream was deleted.
+        """
         window = validate_window(window)
         with self._redis_errors():
             self._proto.set_window(window)
@@ -799,7 +1030,9 @@ class OrderedResultStream:
         """Remove every key of the stream from Redis.
 
         Late outcomes for a deleted stream are dropped by the workers; they
-        leave nothing behind.
+        leave nothing behind. Every handle of the stream, this one included,
+        then raises :class:`~celery_ordered.StreamDeleted` on its next use
+        (a consumer waiting in ``get`` within 2 s), writing nothing.
         """
         with self._redis_errors():
             self._proto.delete()
@@ -809,24 +1042,52 @@ class OrderedResultStream:
     def __enter__(self) -> OrderedResultStream:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc is None:
+            self.close()
+            return
+        # The producer failed: consumers must not take that for a normal end.
+        try:
+            self.close(error=exc)
+        except (StreamStateLost, RedisUnavailable) as failed:  # the producer's error goes on
+            logger.warning(
+                "stream %r: could not close it with the producer's error %r: %s",
+                self.name, exc, failed,
+            )  # fmt: skip
 
     def map(
         self,
         task: Callable[..., Any] | Task,
-        iterable: Any,
-        *,
+        iterable: Iterable[Any],
+        *iterables: Iterable[Any],
         chunksize: int = 1,
         timeout: float | None = None,
     ) -> Iterator[Any]:
         """Put ``task(item)`` for each item; iterate over the outcomes in order.
 
-        Lazy over ``iterable`` like ``multiprocessing.Pool.imap``: it is read
+        With several iterables, ``task(*items)`` over ``zip(*iterables)``, the
+        shortest ending it, as the builtin ``map`` and ``Executor.map`` do.
+
+        Lazy over its input like ``multiprocessing.Pool.imap``: it is read
         only as window space frees up, so an endless generator works. A failed
         item raises at its position and the iteration goes on after it
-        (``next()`` again). The stream is closed once ``iterable`` is exhausted.
-        ``timeout`` applies to each wait for an outcome or for window space.
+        (``next()`` again). An exception raised by the input iterable itself
+        comes out once, after the outcomes of every item read before it, and
+        ends the iteration; the stream is then closed with that error
+        (consumers elsewhere see :class:`~celery_ordered.ProducerFailed`).
+        Otherwise the stream is closed once the input is exhausted, and every
+        outcome handed out is acknowledged at the end. ``close()`` on the
+        iterator ends it at once, as on a generator.
+
+        ``timeout`` (seconds) bounds each ``next()``: its wait for window space
+        and for the item's outcome together, as ``Pool.imap``'s
+        ``next(timeout)``, not counted from this call as in ``Executor.map``
+        (the input may be endless). It raises
+        :class:`~celery_ordered.StreamEmpty`, both a ``TimeoutError`` and a
+        ``queue.Empty``; nothing is lost, and ``next()`` again waits for the
+        same item.
 
         With ``chunksize > 1``, up to that many items travel in one Celery
         message, run one after the other on one worker, and come back as one
@@ -836,13 +1097,31 @@ class OrderedResultStream:
         item (no per-item retries, routing or signals); plain functions suit
         chunks best.
         """
-        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError(f"chunksize must be an int >= 1, got {chunksize!r}")
-        from .maps import ChunkedMap, OrderedMap  # the iterators build on this class
+        from .maps import map_iterator  # the iterators build on this class
 
-        if chunksize == 1:
-            return OrderedMap(self, task, iter(iterable), timeout)
-        return ChunkedMap(self, task, iter(iterable), timeout, chunksize)
+        return map_iterator(
+            self, task, (iterable, *iterables), chunksize=chunksize, timeout=timeout
+        )
+
+    def starmap(
+        self,
+        task: Callable[..., Any] | Task,
+        iterable: Iterable[Iterable[Any]],
+        *,
+        chunksize: int = 1,
+        timeout: float | None = None,
+    ) -> Iterator[Any]:
+        """Put ``task(*args)`` for each ``args`` of ``iterable``; outcomes in order.
+
+        :meth:`map` for argument tuples, like ``itertools.starmap`` and
+        ``multiprocessing.Pool.starmap`` (but lazy): everything :meth:`map`
+        says holds, ``chunksize`` and ``timeout`` included.
+        """
+        from .maps import map_iterator
+
+        return map_iterator(
+            self, task, (iterable,), star=True, chunksize=chunksize, timeout=timeout
+        )
 
     def _chunk_target(self, task: Any) -> str:
         """What a chunk runs: ``"task:NAME"`` or a plain function reference."""

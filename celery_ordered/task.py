@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 HEADER_STREAM = "co_stream"
 HEADER_SEQ = "co_seq"
 HEADER_SERIALIZER = "co_ser"
+#: The stream's incarnation id: an outcome for another incarnation (the stream
+#: was deleted, and maybe created again under its name) is dropped.
+HEADER_INCARNATION = "co_inc"
 
 #: Name of the task that runs plain functions for streams.
 CALL_TASK_NAME = "celery_ordered.call"
@@ -85,8 +88,12 @@ class OrderedTask(Task):
 
     def _publish(self, target: tuple[str, int, str], status: bytes, value: Any) -> None:
         stream, seq, serializer = target
+        incarnation = str(getattr(self.request, HEADER_INCARNATION, None) or "")
         try:
-            publish_outcome(self.app, stream, seq, serializer, status, value, self.name)
+            publish_outcome(
+                self.app, stream, seq, serializer, status, value, self.name,
+                incarnation=incarnation,
+            )  # fmt: skip
         except redis.RedisError as exc:
             # Leave the message unacknowledged and put it back: another
             # attempt publishes once Redis answers again.
@@ -114,16 +121,28 @@ class OrderedTask(Task):
 
 
 def publish_outcome(
-    app: Any, stream: str, seq: int, serializer: str, status: bytes, value: Any, task_name: str
+    app: Any,
+    stream: str,
+    seq: int,
+    serializer: str,
+    status: bytes,
+    value: Any,
+    task_name: str,
+    *,
+    incarnation: str = "",
 ) -> None:
-    """Publish one outcome into a stream from a worker (first outcome wins)."""
+    """Publish one outcome into a stream from a worker (first outcome wins).
+
+    ``incarnation`` (the message's ``co_inc`` header) is the incarnation of
+    the stream the number was claimed in; "" publishes without that check.
+    """
     try:
         encoded = codec.encode(value, serializer, what=f"result of {task_name}")
     except Exception as exc:  # the result cannot travel: its place holds why
         status = codec.ERROR
         encoded = codec.encode(codec.exception_payload(exc, "", serializer, task_name), serializer)
     proto = Protocol(redis_client(app), stream, ttl=stream_ttl(app), durability=durability(app))
-    stored = proto.publish(seq, encoded.member(seq, status))
+    stored = proto.publish(seq, encoded.member(seq, status), incarnation=incarnation)
     if stored == 0:
         logger.debug("dropped a duplicate or late outcome for %s[%d]", stream, seq)
     elif stored < 0:
@@ -153,8 +172,9 @@ def _publish_unknown_task(
     payload = codec.exception_payload(error, "", serializer, name)
     try:
         publish_outcome(
-            app, str(stream), int(headers[HEADER_SEQ]), serializer, codec.ERROR, payload, name
-        )
+            app, str(stream), int(headers[HEADER_SEQ]), serializer, codec.ERROR, payload, name,
+            incarnation=str(headers.get(HEADER_INCARNATION) or ""),
+        )  # fmt: skip
     except Exception:  # never break the worker's consumer over this
         logger.exception("could not publish the unknown-task error for %s", stream)
 
@@ -271,11 +291,12 @@ def call(self: OrderedTask, reference: str, args: list[Any], kwargs: dict[str, A
 
 
 @shared_task(name=CHUNK_TASK_NAME, base=OrderedTask, bind=True)
-def chunk(self: OrderedTask, target: str, items: list[Any]) -> list[list[Any]]:
+def chunk(self: OrderedTask, target: str, items: list[Any], star: bool = False) -> list[list[Any]]:
     """Run ``target`` on each item; one ``["r", value]`` or ``["e", error]`` per item.
 
     ``target`` is ``"task:NAME"`` (a registered task, called directly, not
-    sent) or a plain function reference. An item's exception fails only that
+    sent) or a plain function reference. With ``star``, each item is a list
+    of arguments: ``target(*item)``. An item's exception fails only that
     item: its traceback travels with it.
     """
     if target.startswith(TASK_TARGET_PREFIX):
@@ -286,7 +307,7 @@ def chunk(self: OrderedTask, target: str, items: list[Any]) -> list[list[Any]]:
     outcomes: list[list[Any]] = []
     for item in items:
         try:
-            outcomes.append(["r", function(item)])
+            outcomes.append(["r", function(*item) if star else function(item)])
         except Exception as exc:
             payload = codec.exception_payload(exc, traceback.format_exc(), serializer, target)
             outcomes.append(["e", payload])

@@ -43,6 +43,7 @@ over.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Generator, Iterable
@@ -51,6 +52,9 @@ from typing import Any, Literal
 
 from .errors import (
     ConfigurationError,
+    ConsumerFenced,
+    OrderedStreamError,
+    ProducerFailed,
     RedisUnavailable,
     StreamEmpty,
     StreamExhausted,
@@ -110,13 +114,20 @@ _HEARTBEAT = object()  # nothing arrived for a heartbeat's time
 
 #: Errors about the whole stream, not one position: they would come back on
 #: every read, so they end the response instead of becoming a failure event.
-_FATAL = (RedisUnavailable, StreamStateLost, ConfigurationError)
+_FATAL = (RedisUnavailable, StreamStateLost, ConfigurationError, ConsumerFenced)
 
 
 def _read_stream(
-    stream: OrderedResultStream, wait: float | None, on_disconnect: OnDisconnect
+    stream: OrderedResultStream,
+    wait: float | None,
+    on_disconnect: OnDisconnect,
+    takeover: bool = False,
 ) -> Generator[object, None, None]:
     try:
+        if takeover:
+            # A client resuming (Last-Event-ID): its old response is gone, but
+            # may still hold the consumer lease until the server notices.
+            stream.take_over()
         while True:
             try:
                 value = stream.get(timeout=wait)
@@ -124,6 +135,12 @@ def _read_stream(
                 yield _HEARTBEAT
                 continue
             except StreamExhausted:
+                yield _End(stream.position)
+                return
+            except ProducerFailed as exc:
+                # The job was cut short: say so after the last outcome, then
+                # end the body, so the client stops rather than reconnects.
+                yield _Item(stream.position, error=exc)
                 yield _End(stream.position)
                 return
             except _FATAL:
@@ -143,6 +160,11 @@ def _read_stream(
             except RedisUnavailable:
                 logger.warning("stream %r: could not close it after the client left", stream.name)
         raise
+    finally:
+        # Hand the stream on at once (a reconnecting client, another page)
+        # rather than after the consumer lease lapses.
+        with contextlib.suppress(OrderedStreamError):
+            stream.release()
 
 
 def _read_iterable(iterable: Iterable[Any]) -> Generator[object, None, None]:
@@ -177,7 +199,7 @@ def _read(
     """Outcomes past ``after``, heartbeat tokens, then the end (closing the source if cut short)."""
     reader: Generator[object, None, None]
     if isinstance(source, OrderedResultStream):
-        reader = _read_stream(source, wait, on_disconnect)
+        reader = _read_stream(source, wait, on_disconnect, takeover=after is not None)
     else:
         reader = _read_iterable(source)
     try:
@@ -336,7 +358,11 @@ def sse_events(
             ``stream.map(...)`` (positions count from 0; an item that raises
             is a failure and the iteration goes on if the iterator does).
         after: skip positions up to this one: the ``Last-Event-ID`` a
-            reconnecting ``EventSource`` sends.
+            reconnecting ``EventSource`` sends. An ``OrderedResultStream``
+            source is then taken over (:meth:`~celery_ordered.OrderedResultStream.take_over`):
+            the client's old response is gone, though it may still hold the
+            stream's consumer lease. Without it, a second response on the
+            same stream waits (sending keep-alives) until the first one ends.
         heartbeat: seconds between ``: keep-alive`` comments while the next
             outcome is awaited, so that proxies keep the connection open and a
             departed client is noticed; None for none. Only an

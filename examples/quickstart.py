@@ -5,8 +5,9 @@ Needs a Redis (broker and stream store) and a worker. From the repository root:
     celery -A examples.quickstart worker --loglevel=INFO     # terminal 1
     python -m examples.quickstart                            # terminal 2
 
-``REDIS_URL`` picks another Redis (default: redis://127.0.0.1:6379/0), and
-``BROKER_URL`` another broker (default: that Redis).
+``REDIS_URL`` picks another Redis (default: redis://127.0.0.1:6379/0),
+``BROKER_URL`` another broker (default: that Redis), and ``QUEUE`` another
+Celery queue (default: ``celery``) for both commands.
 """
 
 from __future__ import annotations
@@ -26,9 +27,13 @@ BROKER_URL = os.environ.get("BROKER_URL", REDIS_URL)
 
 app = Celery("quickstart", broker=BROKER_URL)
 app.conf.ordered_redis_url = REDIS_URL
+app.conf.task_default_queue = os.environ.get("QUEUE", "celery")
 
 
-@ordered_task
+# The name is explicit: run as ``python -m examples.quickstart`` this module
+# is ``__main__``, and Celery would name the task after that here but after
+# ``examples.quickstart`` in the worker, which would not know it.
+@ordered_task(name="examples.quickstart.render")
 def render(page: int) -> str:
     """Pretend to render a page: uneven work, so tasks finish out of order."""
     time.sleep(random.uniform(0.0, 0.05))

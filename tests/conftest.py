@@ -5,12 +5,19 @@ Redis: ``CO_TEST_REDIS_URL`` if set; else the machine's Redis on
 removed); else, as on a laptop with no Redis, a private ``redis-server``
 started through :mod:`celery_ordered.embedded`. ``CO_TEST_EMBEDDED=1`` forces
 the private one.
+
+A run leaves nothing behind: at its end, kombu's bindings and queues that it
+created in the tests' Redis are deleted, and the run fails if that database
+then holds a key without a TTL that was not there when it began, or if a
+temporary file or directory of ours made during the run remains
+(``co-worker-*``, ``pymp-*``, ``celery-ordered-*``; see :mod:`tests.leftovers`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,7 +32,11 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM_REDIS = "redis://127.0.0.1:6379/13"
 
+#: This run's own mark, in the names of the temporary files it makes.
+SESSION = os.environ.setdefault("CO_TEST_SESSION", uuid.uuid4().hex[:8])
+
 _embedded: Any = None
+_leftovers: Any = None
 
 
 def _system_redis_answers(url: str) -> bool:
@@ -48,6 +59,28 @@ def pytest_configure(config: pytest.Config) -> None:
             os.environ["CO_TEST_BROKER_URL"] = _embedded.broker_url
     os.environ.setdefault("CO_TEST_BROKER_URL", os.environ["CO_TEST_REDIS_URL"])
     os.environ.setdefault("CO_TEST_QUEUE", f"celery-ordered-tests-{uuid.uuid4().hex[:8]}")
+    if not hasattr(config, "workerinput"):  # not a pytest-xdist worker
+        from tests.leftovers import Leftovers
+
+        global _leftovers
+        _leftovers = Leftovers(os.environ["CO_TEST_REDIS_URL"], SESSION)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Delete the kombu keys the run made; fail it if anything of ours is left."""
+    if _leftovers is None:
+        return
+    problems = _leftovers.clean_and_check()
+    if problems:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        text = "the run left things behind:\n  " + "\n  ".join(problems)
+        if reporter is not None:
+            reporter.write_sep("=", "leftovers", red=True)
+            reporter.write_line(text)
+        else:  # pragma: no cover
+            print(text, file=sys.stderr)
+        if session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -86,7 +119,11 @@ class WorkerProcess:
     def __init__(self, concurrency: int, queue: str, name: str) -> None:
         self.concurrency = concurrency
         self.queue = queue
-        self.log = Path(tempfile.mkstemp(prefix="co-worker-", suffix=".log")[1])
+        # The worker's log and temporary files (billiard's, which a killed
+        # worker never removes) live in a directory removed by stop().
+        self.directory = Path(tempfile.mkdtemp(prefix=f"co-worker-{SESSION}-"))
+        self.log = self.directory / "worker.log"
+        self._output: str | None = None
         self.proc = subprocess.Popen(
             [
                 sys.executable, "-m", "celery", "-A", "tests.celeryapp", "worker",
@@ -95,7 +132,7 @@ class WorkerProcess:
                 "--loglevel=WARNING", f"--hostname={name}@%h",
             ],
             cwd=ROOT,
-            env={**os.environ, "C_FORCE_ROOT": "1"},
+            env={**os.environ, "C_FORCE_ROOT": "1", "TMPDIR": str(self.directory)},
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -119,7 +156,7 @@ class WorkerProcess:
             stream.delete()
 
     def stop(self) -> None:
-        """Stop the worker (warm), killing it if it lingers."""
+        """Stop the worker (warm), killing it if it lingers; remove its directory."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -127,10 +164,18 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self._output is None:
+            self._output = self.output()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
     def output(self) -> str:
-        """What the worker logged."""
-        return self.log.read_text(errors="replace")
+        """What the worker logged (kept once it is stopped)."""
+        if self._output is not None:
+            return self._output
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
 
 @contextlib.contextmanager
@@ -147,7 +192,7 @@ def example_worker(
     Yields the process once it has run ``task(0, 0.0)`` (an example's
     ``process`` task) for a stream; its log is in the error if it never does.
     """
-    log = Path(tempfile.mkstemp(prefix="co-example-worker-", suffix=".log")[1])
+    log = Path(tempfile.mkstemp(prefix=f"co-example-worker-{SESSION}-", suffix=".log")[1])
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", spec, "worker",
          "-Q", app.conf.task_default_queue, *extra_args,
@@ -171,7 +216,7 @@ def example_worker(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-        log.unlink()
+        log.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,10 @@ GONE_TIMEOUT = 20.0
 #: The prefix of the private Redis directories celery_ordered.embedded makes.
 REDIS_DIR_GLOB = os.path.join(tempfile.gettempdir(), "celery-ordered-redis-*")
 
+#: billiard's (multiprocessing's) temporary directories, which a worker killed
+#: with its group never removes.
+PYMP_DIR_GLOB = os.path.join(tempfile.gettempdir(), "pymp-*")
+
 
 def _stat(pid: int) -> tuple[str, int, int] | None:
     """(state, ppid, pgrp) of ``pid``, or None when there is no such process."""
@@ -289,9 +293,11 @@ def _dir_in_use(directory: str) -> bool:
 
 @pytest.fixture
 def no_leftovers() -> Iterator[None]:
-    """Fail a test that leaves a process of ours or a private Redis directory behind."""
+    """Fail a test that leaves a process of ours, a private Redis directory or a
+    worker's temporary directory (``pymp-*``) behind."""
     me = os.getpid()
     dirs_before = _redis_dirs()
+    pymp_before = set(glob.glob(PYMP_DIR_GLOB))
     procs_before = descendants(me)
     yield
     # The session's Celery worker (tests/conftest.py) may start during a test.
@@ -303,3 +309,4 @@ def no_leftovers() -> Iterator[None]:
     # living keeper naming them; ours must be gone.
     new_dirs = {d for d in _redis_dirs() - dirs_before if not _dir_in_use(d)}
     wait_gone(paths=new_dirs)
+    wait_gone(paths=set(glob.glob(PYMP_DIR_GLOB)) - pymp_before, timeout=1.0)

@@ -149,3 +149,14 @@ def check_positive(x: int) -> int:
     if x < 0:
         raise ValueError(f"{x} is negative")
     return x
+
+
+# The executor's chunk task (celery_ordered.executor.chunk) must be registered on
+# the workers; redundant once celery_ordered/__init__.py imports the executor.
+import celery_ordered.executor  # noqa: E402,F401
+
+
+@ordered_task
+def keywords(**kwargs: Any) -> Any:
+    """Return the keyword arguments it got (``timeout`` included)."""
+    return kwargs

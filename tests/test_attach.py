@@ -24,6 +24,7 @@ from celery_ordered import (
     StreamNotFound,
     StreamStateLost,
 )
+from celery_ordered.errors import StreamDeleted
 from celery_ordered.keys import StreamKeys
 from tests.tasks import echo, fail, sleep_echo
 
@@ -164,7 +165,7 @@ def test_a_consumer_hands_over_to_another_process_where_it_stopped(make_stream, 
         stream.put(echo, i)
     stream.close()
     assert [stream.get(timeout=30) for _ in range(10)] == list(range(10))
-    stream.ack()  # tell Redis how far this consumer got before leaving
+    stream.release()  # tell Redis how far this consumer got, and hand the stream on
     report = json.loads(finish(spawn(CONSUMER, stream.name)))
     assert report["results"] == list(range(10, 30))
 
@@ -275,7 +276,7 @@ def test_create_false_attaches_where_the_last_consumer_left_off(make_stream, app
     stream.close()
     assert [stream.get(timeout=30) for _ in range(2)] == [0, 1]
     assert stream.position == 2
-    stream.ack()
+    stream.release()  # acknowledges, and lets the next consumer in at once
 
     attached = OrderedResultStream(app, stream.name, create=False)
     assert attached.window == 6
@@ -289,5 +290,6 @@ def test_a_producer_whose_stream_was_deleted_under_it_is_told(make_stream, app):
     for i in range(3):
         stream.put(echo, i)
     OrderedResultStream(app, stream.name).delete()  # from another handle
-    with pytest.raises(StreamStateLost, match=r"went back in time.*deleted"):
+    with pytest.raises(StreamDeleted, match=r"stream '.*' was deleted") as caught:
         stream.put(echo, 3)
+    assert isinstance(caught.value, StreamStateLost)  # existing handlers still catch it

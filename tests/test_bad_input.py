@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import uuid
 from typing import Any
 
@@ -17,6 +18,7 @@ from celery_ordered import (
     StreamClosedError,
     UnsendableError,
 )
+from celery_ordered.keys import StreamKeys
 from tests.tasks import Holder, echo, plain_add, plain_celery_add
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -331,11 +333,52 @@ def test_stream_on_an_explicit_client_works(app, make_stream, redis_url):
 
 
 @pytest.mark.parametrize("call", ["get", "join"])
-@pytest.mark.parametrize("timeout", [-0.5, "1", False])
+@pytest.mark.parametrize("timeout", [-0.5, "1", False, float("nan"), float("inf")])
 def test_bad_timeouts_on_get_and_join(make_stream, call, timeout):
     stream = make_stream(window=4)
     stream.put("m")
     with pytest.raises(ValueError, match="timeout must be None"):
         getattr(stream, call)(timeout=timeout)
+    stream.close()
+    assert list(stream) == ["m"]
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("lost_after", -1),
+        ("lost_after", 0),
+        ("lost_after", "3"),
+        ("lost_after", True),
+        ("lost_after", float("inf")),
+        ("lost_after", float("nan")),
+        ("ack_every", 0),
+        ("ack_every", 2.5),
+        ("ack_every", True),
+        ("max_redispatches", -1),
+        ("max_redispatches", "3"),
+        ("prefetch", float("nan")),
+        ("consumer_lease", 0),
+        ("consumer_lease", float("inf")),
+    ],
+)
+def test_each_numeric_argument_is_checked_at_the_constructor_by_its_own_name(
+    app, redis_client, argument, value
+):
+    # Each refusal names the argument it is about (lost_after=-1 was refused
+    # with a message about `timeout`), and nothing reaches Redis.
+    name = f"test-bad-{uuid.uuid4().hex}"
+    with pytest.raises(ValueError, match=rf"^{argument} must be .*got {re.escape(repr(value))}"):
+        OrderedResultStream(app, name, window=4, **{argument: value})
+    assert redis_client.exists(*StreamKeys(name).all()) == 0
+
+
+def test_a_nan_timeout_is_refused_before_redis_and_the_stream_goes_on(make_stream):
+    # get(timeout=nan) reached Redis and raised redis-py's raw ResponseError.
+    stream = make_stream(window=4)
+    stream.put("m")
+    for call in (stream.get, stream.join, lambda timeout: stream.put("n", timeout=timeout)):
+        with pytest.raises(ValueError, match=r"timeout must be None \(no limit\) or a finite"):
+            call(timeout=float("nan"))
     stream.close()
     assert list(stream) == ["m"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -13,6 +16,7 @@ from click.testing import CliRunner
 from celery_ordered import commands
 from celery_ordered.cli import main as standalone
 from celery_ordered.keys import StreamKeys
+from tests.processes import ROOT
 from tests.tasks import echo
 
 
@@ -125,3 +129,49 @@ def test_the_standalone_command_takes_a_redis_url(blocked_stream: Any, redis_url
     )
     assert result.exit_code == 0, result.output
     assert "blocker       number 1" in result.output
+
+
+def test_watch_shows_no_shrinking_share_and_ctrl_c_ends_it_quietly(
+    blocked_stream: Any,
+) -> None:
+    # Given `ordered watch` following an open stream, as a real process
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tests.celeryapp", "ordered", "watch",
+         blocked_stream.name, "--lines", "--interval", "0.02"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert watcher.stdout is not None
+        lines = [watcher.stdout.readline()]
+        assert "1/4 delivered" in lines[0], lines
+        # When producers claim more while it watches (the total so far grows)
+        for i in range(4):
+            blocked_stream.put(f"more {i}")
+        while "1/8 delivered" not in lines[-1]:
+            line = watcher.stdout.readline()
+            assert line, (lines, watcher.stderr.read() if watcher.stderr else "")
+            lines.append(line)
+        # Then no refresh of the open stream showed a bar or a share that could shrink
+        assert not any("#" in line or "%" in line for line in lines), lines
+        # And Ctrl-C ends it like watch(1): exit code 0, nothing said
+        watcher.send_signal(signal.SIGINT)
+        _, err = watcher.communicate(timeout=30)
+        assert watcher.returncode == 0, err
+        assert "Aborted" not in err
+        assert err.strip() == ""
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.communicate()
+
+
+def test_watch_draws_its_bar_only_once_the_total_is_final(blocked_stream: Any) -> None:
+    open_ = run("watch", blocked_stream.name, "--count", "1", "--bar")
+    assert open_.exit_code == 0, open_.output
+    assert "#" not in open_.output
+    assert "/4 delivered 0/s" not in open_.output
+    assert "1/4 delivered, 1 in flight" in open_.output  # delivered/claimed so far
+    blocked_stream.close()
+    closed = run("watch", blocked_stream.name, "--count", "1", "--lines")
+    assert closed.exit_code == 0, closed.output
+    assert closed.output.startswith("[#######.......................] 1/4 delivered")

@@ -24,6 +24,7 @@ import pytest
 from celery import signals
 
 from celery_ordered import ParallelQueue, ParallelSingleTaskQueue, StreamExhausted
+from celery_ordered.compat import window_for
 from tests.processes import Owner, descendants, footprint, no_leftovers
 
 pytestmark = pytest.mark.usefixtures(no_leftovers.__name__)
@@ -308,7 +309,10 @@ def test_a_nested_function_is_refused_with_a_pointer_to_the_single_task_queue(sh
 
 def test_sequence_numbers_run_far_beyond_every_buffer_size():
     count, batch = 500, 50
-    queue = ParallelQueue(num_workers=2, consumer_buffer_max=4, out_q_max=3)
+    queue = ParallelQueue(
+        num_workers=2, in_q_max=1, worker_q_max=1, consumer_buffer_max=4, out_q_max=3
+    )
+    window = 1 + 2 + 1 + 4 + 3  # every place of the original, added up
     results: list[Any] = []
     peak_ahead = [0]
     failures: list[BaseException] = []
@@ -325,7 +329,7 @@ def test_sequence_numbers_run_far_beyond_every_buffer_size():
     consumer = threading.Thread(target=consume)
     consumer.start()
     try:
-        assert queue.stream.window == 4
+        assert queue.stream.window == window
         for i in range(count):
             queue.put(uneven_square, i, (i * 7919 % 5) / 1000, timeout=RESULT_TIMEOUT)
             if i % batch == batch - 1:
@@ -344,7 +348,7 @@ def test_sequence_numbers_run_far_beyond_every_buffer_size():
             expected.append(BatchDone(i // batch))
     assert results == expected
     assert [type(r) for r in results if isinstance(r, BatchDone)] == [BatchDone] * 10
-    assert peak_ahead[0] <= 4
+    assert peak_ahead[0] <= window
     assert not queue.is_alive()
 
 
@@ -364,12 +368,16 @@ class Gate:
 
 def test_join_with_a_timeout_returns_while_a_task_still_runs():
     gate = Gate()
-    queue = ParallelSingleTaskQueue(gate, num_workers=1, consumer_buffer_max=1)
+    queue = ParallelSingleTaskQueue(
+        gate, num_workers=1, in_q_max=1, out_q_max=1, worker_q_max=1, consumer_buffer_max=1
+    )
     try:
         queue.put("first")
         assert gate.started.wait(RESULT_TIMEOUT)
+        for i in range(4):
+            queue.put(f"waiting {i}", timeout=RESULT_TIMEOUT)
         with pytest.raises(Full):
-            queue.put("second", timeout=0.2)  # the window of 1 is taken
+            queue.put("one too many", timeout=0.2)  # the window of 1+1+1+1+1 is taken
         queue.stop()  # returns at once, though a task still runs
         with pytest.raises(ValueError, match="close"):
             queue.put("too late")
@@ -388,11 +396,75 @@ def test_join_with_a_timeout_returns_while_a_task_still_runs():
 
         assert not queue.is_alive()
         # The workers are gone, but what was not taken yet is still there.
-        assert queue.get(timeout=RESULT_TIMEOUT) == "first"
+        assert take(queue, 5) == ["first", *(f"waiting {i}" for i in range(4))]
         with pytest.raises(Empty):
             queue.get(timeout=0.05)
         with pytest.raises(StreamExhausted):
             queue.get()
+    finally:
+        gate.opened.set()
+        queue.stop()
+        queue.join(timeout=RESULT_TIMEOUT)
+
+
+def test_the_window_adds_up_every_place_the_original_held_an_item():
+    # The original (parallel_queue 0.5): an input queue (in_q_max), one item in
+    # each worker's hands, one queue from the workers to the consumer
+    # (worker_q_max, shared), the consumer's reordering buffer
+    # (consumer_buffer_max) and the output queue get() reads (out_q_max).
+    assert window_for(3, in_q_max=4, out_q_max=4, worker_q_max=1, consumer_buffer_max=3) == 15
+    # Its defaults: 1000, 1000, 100 and 10 per worker.
+    assert window_for(2) == 1000 + 2 + 100 + 20 + 1000
+
+
+@pytest.mark.parametrize("size", ["in_q_max", "out_q_max", "worker_q_max", "consumer_buffer_max"])
+def test_a_size_of_zero_is_refused_by_name(size):
+    # The original read 0 as "unbounded" (multiprocessing.Queue(maxsize=0)).
+    with pytest.raises(ValueError, match=f"{size} must be .*int >= 1, got 0"):
+        ParallelQueue(num_workers=1, **{size: 0})
+
+
+def test_putting_more_than_the_consumer_buffer_before_any_get_does_not_block():
+    # Issue 15's scenario: the original's put blocks only on a full input
+    # queue (1000 by default), whatever consumer_buffer_max says.
+    task = PermutationTask(slots=4)
+    queue = ParallelSingleTaskQueue(task, num_workers=3, consumer_buffer_max=3, daemon=True)
+    try:
+        for slot in range(3):
+            queue.put("sizes", slot, timeout=3)
+        try:
+            queue.put("sizes", 3, timeout=5)
+        except Full:
+            raise AssertionError("timed out putting 3") from None
+        for slot in (3, 1, 2, 0):
+            task.go[slot].set()
+        assert take(queue, 4) == [(PermutationTask.MARK, "sizes", slot) for slot in range(4)]
+    finally:
+        for event in task.go:
+            event.set()
+        queue.stop()
+        queue.join(timeout=RESULT_TIMEOUT)
+
+
+def test_what_the_original_accepted_before_any_get_is_accepted_and_no_more():
+    # Issue 15's sizes. With its tasks finishing at once and nobody calling
+    # get(), the original holds at most 4 (out_q) + 3 (consumer) + 3 (hands)
+    # + 4 (in_q) = 14 before put blocks; the window here is that plus the
+    # workers' queue (1), so all 14 go in and the bound still holds after.
+    gate = Gate()
+    queue = ParallelSingleTaskQueue(
+        gate, num_workers=3, in_q_max=4, out_q_max=4, worker_q_max=1, consumer_buffer_max=3
+    )
+    try:
+        assert queue.stream.window == 15
+        for i in range(15):
+            queue.put(i, timeout=RESULT_TIMEOUT)
+        with pytest.raises(Full):
+            queue.put(15, timeout=0.2)
+        gate.opened.set()
+        assert take(queue, 15) == list(range(15))
+        queue.put(15, timeout=RESULT_TIMEOUT)  # taken results free the window
+        assert queue.get(timeout=RESULT_TIMEOUT) == 15
     finally:
         gate.opened.set()
         queue.stop()
@@ -463,7 +535,9 @@ def test_worker_init_f_with_an_app_is_refused(app):
 def test_parallel_queue_runs_on_a_celery_fleet(app, worker):
     from tests.tasks import echo, pid, plain_add
 
-    queue = ParallelQueue(app=app, consumer_buffer_max=8)
+    queue = ParallelQueue(
+        app=app, num_workers=1, in_q_max=2, out_q_max=2, worker_q_max=1, consumer_buffer_max=2
+    )
     assert queue.stream.window == 8
     for i in range(7):
         queue.put(echo, i, timeout=RESULT_TIMEOUT)

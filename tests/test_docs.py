@@ -24,8 +24,10 @@ import ast
 import inspect
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,19 +165,28 @@ def test_the_docs_build_without_a_warning(
 def test_the_examples_of_a_page_run_and_print_what_it_shows(page: Path, tmp_path: Path) -> None:
     script = tmp_path / f"{page.stem}.md.py"
     script.write_text(page_script(page), encoding="utf-8")
+    # The page's own temporary directory (short: unix socket paths are
+    # limited), which its examples must leave as they found it: empty.
+    scratch = Path(tempfile.mkdtemp(prefix="co-docs-"))
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         "PYTHONUNBUFFERED": "1",  # forked workers must not inherit unwritten output
+        "TMPDIR": str(scratch),
     }
-    done = subprocess.run(
-        [sys.executable, script.name],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=PAGE_TIMEOUT,
-    )  # fmt: skip
+    try:
+        done = subprocess.run(
+            [sys.executable, script.name],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=PAGE_TIMEOUT,
+        )  # fmt: skip
+        left = sorted(path.name for path in scratch.iterdir())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     report = f"--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
     assert done.returncode == 0, (
         f"docs/{page.name}'s examples failed (line numbers are the page's)\n{report}"
     )
+    assert left == [], f"docs/{page.name}'s examples left temporary files: {left}"
     outputs = split_output(done.stdout)
     for start, expected in expected_outputs(page).items():
         assert normalise(outputs.get(start, "")) == normalise(expected), (

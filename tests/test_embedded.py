@@ -6,13 +6,19 @@ none is reachable, and must not outlive its owner however the owner ends.
 
 from __future__ import annotations
 
+import gc
+import glob
 import json
+import multiprocessing
 import os
 import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,11 +26,15 @@ import redis
 from celery import Celery
 
 from celery_ordered import (
+    ConfigurationError,
     LocalCluster,
     OrderedResultStream,
+    ParallelQueue,
+    ParallelSingleTaskQueue,
     RedisServer,
     local_cluster,
 )
+from tests.lifetime_tasks import PermutationTask, collect_garbage, task_1
 from tests.processes import ROOT, Owner, alive, footprint, no_leftovers, wait_gone
 
 pytestmark = pytest.mark.usefixtures(no_leftovers.__name__)
@@ -412,3 +422,141 @@ def test_killing_the_owner_of_a_bare_redis_server_ends_it():
         owner.kill()
 
     wait_gone({keeper, server_pid}, paths={directory})
+
+
+# -- Start-up failures, the caller's app, temporary files --------------------
+
+
+def test_a_worker_that_dies_at_start_up_says_why_at_once():
+    # Given an app whose worker cannot start: a module it must import is missing
+    app = Celery(f"broken-{os.getpid()}", set_as_current=False)
+    app.conf.imports = ["tests.no_such_module_for_the_worker"]
+    cluster = LocalCluster(1, app=app)
+    began = time.monotonic()
+    # When the cluster starts
+    with pytest.raises(ConfigurationError) as raised:
+        cluster.start()
+    # Then the error quotes the worker's own traceback, at once
+    assert time.monotonic() - began < cluster.start_timeout / 2
+    message = str(raised.value)
+    assert message.startswith("the local Celery worker exited with code 1 while starting: ")
+    assert (
+        "ModuleNotFoundError: No module named 'tests.no_such_module_for_the_worker'"
+        in (message.splitlines()[0])
+    )
+    assert "Traceback (most recent call last)" in message
+    assert not cluster.is_running()
+    assert not os.path.exists(cluster.redis.directory or "")
+
+
+def test_the_callers_app_gets_its_settings_back():
+    # Given the caller's app, with settings of its own
+    app = Celery(f"callers-{os.getpid()}", broker="memory://", set_as_current=False)
+    app.conf.task_serializer = "json"
+    app.conf.accept_content = ["json"]
+    before = dict(app.conf)
+    own = dict(app.conf.changes)
+    # When a pickle cluster runs on it, then stops
+    with local_cluster(1, app=app, serializer="pickle") as cluster:
+        assert app.conf.task_serializer == "pickle"
+        stream = OrderedResultStream(app)
+        stream.put(double, 4)
+        stream.close()
+        assert list(stream) == [8]
+        assert cluster.app is app
+    # Then every setting is what it was, and nothing was added to its own
+    assert app.conf.task_serializer == "json"
+    assert app.conf.accept_content == ["json"]
+    assert app.conf.broker_url == "memory://"
+    assert dict(app.conf.changes) == own
+    assert dict(app.conf) == before
+
+
+def pymp_dirs() -> set[str]:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "pymp-*")))
+
+
+def test_a_local_cluster_leaves_no_temporary_directory_of_its_workers():
+    before = pymp_dirs()
+    with local_cluster(2) as cluster:
+        stream = OrderedResultStream(cluster.app)
+        for i in range(4):
+            stream.put(double, i)
+        stream.close()
+        assert list(stream) == [0, 2, 4, 6]
+        fp = footprint(cluster)
+        # billiard's temporary directory, if the workers made one, is the cluster's
+        private = os.path.join(cluster.redis.directory, "pymp")
+        assert os.path.isdir(private)
+    fp.wait_gone()
+    assert not os.path.exists(private)
+    assert pymp_dirs() - before == set()
+
+
+# -- Many clusters in one process ---------------------------------------------
+
+
+def test_collecting_one_private_cluster_leaves_another_working():
+    # Issue 15, item 2: a queue a failed test never stopped (A) is garbage,
+    # collected only by the cyclic collector, while another queue (B) starts:
+    # B's workers are forked with a copy of A in them.
+    gc.collect()
+    gc.disable()  # A must still be uncollected garbage when B's workers fork
+    try:
+        events = [multiprocessing.Event() for _ in range(4)]
+        a = ParallelSingleTaskQueue(
+            PermutationTask(events, (0, 1, 2, 3)),
+            num_workers=3,
+            consumer_buffer_max=3,
+            daemon=True,
+        )
+        for i in range(3):
+            a.put(i, timeout=RESULT_TIMEOUT)
+        a_fp = footprint(a._cluster)
+        a.itself = a  # type: ignore[attr-defined]  # a cycle: only gc frees A
+        del a
+
+        b = ParallelQueue(num_workers=3, in_q_max=2, out_q_max=2, worker_q_max=2, daemon=True)
+        # When B's worker processes collect their garbage (their copy of A)
+        for _ in range(3):
+            b.put(collect_garbage)
+        b.put(task_1)
+        for _ in range(3):
+            assert b.get(timeout=RESULT_TIMEOUT) >= 0
+        # Then A is untouched by them: its workers still run
+        a_fp.assert_running()
+        # And when this process collects A, B goes on
+        b.put(task_1)
+        gc.collect()
+        assert b.get(timeout=RESULT_TIMEOUT) == 1
+        assert b.get(timeout=RESULT_TIMEOUT) == 1
+        a_fp.wait_gone()  # A ended with its owner's collection, as it should
+        b.stop()
+        b.join(timeout=RESULT_TIMEOUT)
+        assert not b.is_alive()
+    finally:
+        gc.enable()
+
+
+def test_clusters_end_in_any_order_from_any_thread():
+    clusters = [LocalCluster(1).start() for _ in range(3)]
+    fps = [footprint(cluster) for cluster in clusters]
+    # The middle one ends from another thread, the first by garbage collection
+    ender = threading.Thread(target=clusters[1].stop)
+    ender.start()
+    ender.join()
+    del clusters[1]
+    first = clusters.pop(0)
+    first.itself = first  # type: ignore[attr-defined]
+    del first
+    gc.collect()
+    fps[0].wait_gone()
+    fps[1].wait_gone()
+    # The last one still works
+    last = clusters.pop()
+    stream = OrderedResultStream(last.app)
+    stream.put(double, 21)
+    stream.close()
+    assert list(stream) == [42]
+    last.stop()
+    fps[2].wait_gone()

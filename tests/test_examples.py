@@ -1,73 +1,138 @@
-"""The examples run as their READMEs say, against real Redis and workers."""
+"""The examples run as their READMEs say, against real Redis and workers.
+
+Each test runs the documented commands as they are written (examples/README.md
+and the examples' docstrings), as subprocesses from the directory the docs
+name; only the environment points them at the tests' Redis.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from tests.conftest import ROOT
 from tests.tasks import echo
 
+#: Seconds a documented command may take.
+COMMAND_TIMEOUT = 180
+
+
+def documented(path: Path, command_start: str) -> list[str]:
+    """The argv of the first command in ``path`` starting with ``command_start``."""
+    for line in path.read_text().splitlines():
+        text = line.strip().lstrip("$").strip()
+        for piece in re.findall(r"`([^`]+)`", text) or [text]:
+            if piece.startswith(command_start):
+                return shlex.split(piece.split("#")[0])
+    raise AssertionError(f"{path.relative_to(ROOT)} documents no {command_start!r} command")
+
+
+def python(argv: list[str]) -> list[str]:
+    """``argv`` run by this interpreter (``python ...``, ``celery ...``)."""
+    if argv[0] == "python":
+        return [sys.executable, *argv[1:]]
+    if argv[0] == "celery":
+        return [sys.executable, "-m", "celery", *argv[1:]]
+    raise AssertionError(f"not a python or celery command: {argv}")
+
 
 @pytest.fixture
-def example_env(redis_url: str) -> dict[str, str]:
-    return {
+def example_env(redis_url: str, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """The tests' Redis as the examples' Redis and broker, on a queue of the test's own.
+
+    The queue's keys in the broker are deleted after the test.
+    """
+    queue = f"example-{uuid.uuid4().hex[:8]}"
+    yield {
         **os.environ,
         "REDIS_URL": redis_url,
         "BROKER_URL": os.environ["CO_TEST_BROKER_URL"],
+        "QUEUE": queue,
         "C_FORCE_ROOT": "1",
+        "TMPDIR": str(tmp_path),
     }
-
-
-def test_quickstart_prints_pages_and_markers_in_order(example_env: dict[str, str]) -> None:
-    # Given the worker the quickstart's docstring tells to start, on a queue of its own
-    queue = f"quickstart-{uuid.uuid4().hex[:8]}"
-    env = example_env
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "examples.quickstart", "worker",
-         "-Q", queue, "--concurrency=3", "--loglevel=WARNING",
-         "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    broker = redis.Redis.from_url(os.environ["CO_TEST_BROKER_URL"])
     try:
-        # When the quickstart runs (its tasks routed to that queue)
-        code = (
-            "import examples.quickstart as q;"
-            f"q.app.conf.task_default_queue = {queue!r};"
-            "q.main(30, 10)"
-        )
-        run = subprocess.run(
-            [sys.executable, "-c", code], cwd=ROOT, env=env,
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        broker.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
     finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+        broker.close()
+
+
+@contextlib.contextmanager
+def background(argv: list[str], env: dict[str, str], log: Path) -> Iterator[None]:
+    """Run ``argv`` (a documented worker) until the block ends; then stop it as Ctrl-C would."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            python(argv), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"the worker did not stop on Ctrl-C:\n{log.read_text()}") from None
+
+
+def run(argv: list[str], env: dict[str, str], cwd: Path = ROOT) -> str:
+    done = subprocess.run(
+        python(argv), cwd=cwd, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_the_quickstart_as_documented_prints_pages_and_markers_in_order(
+    example_env: dict[str, str], tmp_path: Path
+) -> None:
+    # Given the worker the examples' README starts
+    readme = ROOT / "examples" / "README.md"
+    worker = documented(readme, "celery -A examples.quickstart worker")
+    assert worker == ["celery", "-A", "examples.quickstart", "worker"]
+    with background(worker, example_env, tmp_path / "worker.log"):
+        # When the quickstart runs as documented: as a module, its own __main__
+        command = documented(readme, "python -m examples.quickstart")
+        out = run(command, example_env)
     # Then every page and marker comes out, in order
-    assert run.returncode == 0, run.stderr
-    lines = run.stdout.splitlines()
+    lines = out.splitlines()
     pages = [int(m.group(1)) for line in lines if (m := re.match(r"page\s+(\d+) rendered", line))]
-    assert pages == list(range(30))
+    assert pages == list(range(40))
     markers = [line for line in lines if line.startswith("---")]
-    assert markers == [f"--- pages {a}-{a + 9} done ---" for a in (0, 10, 20)]
+    assert markers == [f"--- pages {a}-{a + 9} done ---" for a in (0, 10, 20, 30)]
     assert lines.index(markers[0]) == 10  # after pages 0-9, before page 10
 
 
-def test_batch_indexing_logs_every_batch_in_order() -> None:
-    run = subprocess.run(
-        [sys.executable, "examples/batch_indexing.py", "4", "15"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    batches = re.findall(r"batch (\d+) done: 15 documents \((\d+) indexed so far\)", run.stdout)
-    assert [int(b) for b, _ in batches] == [0, 1, 2, 3]
-    assert [int(n) for _, n in batches] == [15, 30, 45, 60]
+def test_batch_indexing_as_documented_logs_every_batch_in_order() -> None:
+    command = documented(ROOT / "examples" / "README.md", "python examples/batch_indexing.py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "CO_TEST_"))}
+    out = run(command, env)
+    batches = re.findall(r"batch (\d+) done: 50 documents \((\d+) indexed so far\)", out)
+    assert [int(b) for b, _ in batches] == list(range(10))
+    assert [int(n) for _, n in batches] == [50 * (b + 1) for b in range(10)]
+
+
+def test_the_django_command_as_documented_runs_a_job_locally() -> None:
+    project = ROOT / "examples" / "django_project"
+    command = documented(project / "README.md", "python manage.py run_ordered_job --local")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "CO_TEST_"))}
+    out = run(command, env, cwd=project)
+    assert "40 items, 3 failed, every outcome in order" in out
+    assert [int(n) for n in re.findall(r"batch (\d+)", out)][:4] == [0, 1, 2, 3]
 
 
 def test_celery_ordered_inspect_on_the_quickstarts_running_stream(
@@ -82,14 +147,14 @@ def test_celery_ordered_inspect_on_the_quickstarts_running_stream(
     assert stream.get(timeout=30) == "zero"
     stream.ack()
     # When Celery's own command looks at it through the quickstart's app
-    run = subprocess.run(
+    run_ = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "examples.quickstart", "ordered", "inspect",
          stream.name],
         cwd=ROOT, env=example_env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     # Then it shows the stream's counters and names the head-of-line blocker
-    assert run.returncode == 0, run.stderr
-    fields = dict(re.findall(r"^(\w[\w ]*?)\s{2,}(.+)$", run.stdout, re.MULTILINE))
+    assert run_.returncode == 0, run_.stderr
+    fields = dict(re.findall(r"^(\w[\w ]*?)\s{2,}(.+)$", run_.stdout, re.MULTILINE))
     assert fields["claimed"] == "3"
     assert fields["delivered"] == "1"
     assert fields["in flight"] == "1"

@@ -117,8 +117,13 @@ def lab(network: netns.Network, server: int, tmp_path: Path) -> Iterator[Lab]:
     for host in network:
         # The host's only way to the server: the far end of its own link.
         url = f"redis://{host.server_address}:{server}/0"
+        # Its temporary files (billiard's pymp-* folder) go where the test's
+        # own go: a host powered off cannot clean up after itself.
+        scratch = tmp_path / f"{host.name}-tmp"
+        scratch.mkdir()
         env = {
             **os.environ,
+            "TMPDIR": str(scratch),
             "CO_TEST_REDIS_URL": url,
             "CO_TEST_BROKER_URL": url,
             "CO_TEST_QUEUE": queue,

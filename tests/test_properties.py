@@ -40,6 +40,7 @@ def test_any_interleaving_keeps_the_invariants(
 ) -> None:
     name = f"test-prop-{uuid.uuid4().hex}"
     proto = Protocol(redis_client, name)
+    proto.open(uuid.uuid4().hex, create=True)  # as a stream handle opens it
     claimed = 0  # numbers handed out
     published: set[int] = set()  # numbers whose first outcome is stored
     delivered: list[int] = []  # what the consumer read, in order
@@ -95,6 +96,7 @@ def test_any_interleaving_keeps_the_invariants(
 def test_a_retried_claim_returns_the_same_numbers(redis_client: Any) -> None:
     # A claim whose reply was lost is retried by the client with the same id.
     proto = Protocol(redis_client, f"test-prop-{uuid.uuid4().hex}")
+    proto.open(uuid.uuid4().hex, create=True)
     try:
         first = proto.claim([RECORD] * 2, 10, producer="p", claim_id="one")
         again = proto.claim([RECORD] * 2, 10, producer="p", claim_id="one")

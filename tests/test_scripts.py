@@ -30,7 +30,10 @@ def name(redis_client: redis.Redis) -> Any:
 
 @pytest.fixture
 def proto(redis_client: redis.Redis, name: str) -> Protocol:
-    return Protocol(redis_client, name)
+    """A Protocol on a stream it created, as a stream handle does."""
+    proto = Protocol(redis_client, name)
+    proto.open(uuid.uuid4().hex, create=True)
+    return proto
 
 
 #: A dispatch record as put writes it (here: for a marker holding {}).
@@ -216,32 +219,45 @@ def test_scripts_run_inside_a_pipeline(redis_client, name, flush_first):
         redis_client.register_script(_lua(s)) for s in ("claim", "publish", "pop", "close", "stats")
     )
     k = StreamKeys(name)
-    claim_keys = [k.seq, k.next, k.window, k.closed, k.space, k.pending, k.deadlines, k.producers]
-    publish_keys = [k.seq, k.next, k.results, k.ready, k.closed, k.done, k.pending, k.deadlines]
+    claim_keys = [k.seq, k.next, k.window, k.closed, k.space, k.pending, k.deadlines, k.producers,
+                  k.created]  # fmt: skip
+    publish_keys = [k.seq, k.next, k.results, k.ready, k.closed, k.done, k.pending, k.deadlines,
+                    k.created]  # fmt: skip
+    redis_client.set(k.created, "inc-1")  # the stream's incarnation, as window.lua writes it
     if flush_first:
         redis_client.script_flush()
     with redis_client.pipeline() as pipe:
-        claim(keys=claim_keys, args=[3, 8, 0, 0, "p", "c1", RECORD, RECORD, RECORD], client=pipe)
-        publish(keys=publish_keys, args=[2, member(2, "c"), 0], client=pipe)
-        publish(keys=publish_keys, args=[0, member(0, "a"), 0], client=pipe)
-        publish(keys=publish_keys, args=[0, member(0, "dup"), 0], client=pipe)
-        publish(keys=publish_keys, args=[1, member(1, "b"), 0], client=pipe)
-        stats(keys=[k.seq, k.next, k.window, k.results, k.closed, k.pending], client=pipe)
+        claim(
+            keys=claim_keys,
+            args=[3, 8, 0, 0, "p", "c1", "inc-1", RECORD, RECORD, RECORD],
+            client=pipe,
+        )
+        publish(keys=publish_keys, args=[2, member(2, "c"), 0, "inc-1"], client=pipe)
+        publish(keys=publish_keys, args=[0, member(0, "a"), 0, ""], client=pipe)
+        publish(keys=publish_keys, args=[0, member(0, "dup"), 0, "inc-1"], client=pipe)
+        publish(keys=publish_keys, args=[1, member(1, "b"), 0, "inc-1"], client=pipe)
+        stats(
+            keys=[k.seq, k.next, k.window, k.results, k.closed, k.pending, k.created, k.counters],
+            client=pipe,
+        )
         close(
-            keys=[k.seq, k.next, k.results, k.closed, k.ready, k.done, k.space],
-            args=[0],
+            keys=[k.seq, k.next, k.results, k.closed, k.ready, k.done, k.space, k.created,
+                  k.error],
+            args=[0, "inc-1", ""],
             client=pipe,
-        )
+        )  # fmt: skip
         pop(
-            keys=[k.next, k.results, k.closed, k.space, k.ready, k.window, k.seq],
-            args=[-1, -1, 10, 0],
+            keys=[k.next, k.results, k.closed, k.space, k.ready, k.window, k.seq, k.created,
+                  k.consumer, k.error],
+            args=[-1, -1, 10, 0, "inc-1", "consumer-1", 0, 30000, ""],
             client=pipe,
-        )
+        )  # fmt: skip
         results = pipe.execute()
     claimed, *published, snapshot, closed_at, popped = results
     assert claimed == [0, 3]
     assert published == [1, 1, 0, 1]
     assert snapshot[:6] == [3, 0, 8, 3, 3, -1]
+    assert snapshot[8:] == [b"inc-1", 0, 0]  # the incarnation; nothing re-dispatched or lost
     assert closed_at == 3
-    assert popped[:4] == [0, 3, 3, 0]
+    assert popped[:8] == [0, 3, 3, 0, 8, 1, 3, b""]  # ..., epoch 1, 3 claimed, no error
     assert popped[-3:] == [member(0, "a"), member(1, "b"), member(2, "c")]

@@ -27,6 +27,7 @@ from celery_ordered import (
     TaskFailed,
     UnsendableError,
 )
+from celery_ordered.errors import ProducerFailed
 from tests.tasks import (
     CustomError,
     check_positive,
@@ -561,7 +562,17 @@ def test_context_manager_closes_on_exit(make_stream):
     with pytest.raises(RuntimeError, match="producer broke"):
         produce_and_break()
     assert other.stats().closed
-    assert list(other) == [1]
+    # A failed producer is not a normal end: the outcome put before the
+    # failure, then the producer's error, never StopIteration
+    assert other.get(timeout=30) == 1
+    with pytest.raises(ProducerFailed, match="RuntimeError: producer broke") as failed:
+        next(other)
+    assert failed.value.exc_type == "RuntimeError"
+    assert 'raise RuntimeError("producer broke")' in failed.value.stack_trace
+    with pytest.raises(ProducerFailed):  # and again: the stream stays failed
+        other.get(timeout=5)
+    other.join(timeout=5)  # join returns: every outcome is in
+    assert not other.is_alive()
 
 
 def test_stats_reports_what_the_stream_holds(make_stream, gates):

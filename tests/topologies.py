@@ -454,7 +454,10 @@ class TopologyWorker:
         self, store_url: str, queue: str, *, concurrency: int = 2, **settings: Any
     ) -> None:
         self.queue = queue
-        self.log = Path(tempfile.mkstemp(prefix="co-topology-worker-", suffix=".log")[1])
+        # Its log and temporary files (billiard's, which a killed group never
+        # removes) live in a directory that stop() removes.
+        self.directory = Path(tempfile.mkdtemp(prefix="co-topology-worker-"))
+        self.log = self.directory / "worker.log"
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
                 [
@@ -466,7 +469,7 @@ class TopologyWorker:
                 cwd=ROOT,
                 env={
                     **os.environ, "C_FORCE_ROOT": "1", STORE_ENV: store_url,
-                    SETTINGS_ENV: json.dumps(settings),
+                    SETTINGS_ENV: json.dumps(settings), "TMPDIR": str(self.directory),
                 },
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=_die_with_parent,
@@ -500,7 +503,7 @@ class TopologyWorker:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         finally:
-            self.log.unlink(missing_ok=True)
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 @contextlib.contextmanager

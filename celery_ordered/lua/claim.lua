@@ -10,6 +10,7 @@
 --                             was claimed (ms), until its outcome arrives
 -- KEYS[7]  deadlines  zset    numbers scored by when they count as lost (ms)
 -- KEYS[8]  producers  hash    producer id -> "<claim id>:<first>:<count>" of its last claim
+-- KEYS[9]  created    string  the stream's incarnation id, written when it was created
 -- ARGV[1]  wanted     how many numbers the caller would like (>= 1)
 -- ARGV[2]  default    window to store when KEYS[3] is absent
 -- ARGV[3]  lost_after ms after which an unfilled number counts as lost (0: never)
@@ -17,12 +18,19 @@
 -- ARGV[5]  producer   id of the calling producer (one per process, thread and stream)
 -- ARGV[6]  claim id   unique per call: a retry of this call (its reply lost to a
 --                     connection error) returns the same numbers, never new ones
--- ARGV[7..6+wanted]   one dispatch record per wanted number
+-- ARGV[7]  incarnation the id of KEYS[9] the caller opened the stream with
+-- ARGV[8..7+wanted]   one dispatch record per wanted number
 --
 -- Returns {first, count}:
 --   count >= 1   numbers first .. first+count-1 now belong to the caller
 --   count == 0   the window is full: wait on KEYS[5] and try again
 --   first == -1  the stream is closed: nothing was claimed
+-- An error reply "DELETED" when KEYS[9] is not ARGV[7]: the stream was deleted
+-- (or Redis lost it, or it expired) since the caller opened it. Nothing is
+-- written then: a claim never creates a stream the caller did not open.
+if redis.call('GET', KEYS[9]) ~= ARGV[7] then
+  return redis.error_reply('DELETED')
+end
 local prior = redis.call('HGET', KEYS[8], ARGV[5])
 if prior then
   local id, first, count = string.match(prior, '^([^:]+):(%d+):(%d+)$')
@@ -51,7 +59,7 @@ local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local due = now + lost_after
 for i = 0, count - 1 do
-  redis.call('HSET', KEYS[6], seq + i, ARGV[7 + i], 't:' .. (seq + i), now)
+  redis.call('HSET', KEYS[6], seq + i, ARGV[8 + i], 't:' .. (seq + i), now)
   if lost_after > 0 then
     redis.call('ZADD', KEYS[7], due, seq + i)
   end

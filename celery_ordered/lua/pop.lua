@@ -1,28 +1,71 @@
 -- pop.lua: acknowledge what the consumer delivered, then read the contiguous
--- run of outcomes that follows what it has already read.
+-- run of outcomes that follows what it has already read. Only the consumer
+-- holding the consumer lease may do either: the lease has an epoch, and a
+-- consumer whose epoch is not the current one was fenced by a successor.
 --
--- KEYS[1]  next     string  consumer cursor: every number below it is delivered
--- KEYS[2]  results  zset    outcomes scored by their number
--- KEYS[3]  closed   string  the number of claims when the stream was closed
--- KEYS[4]  space    list    wake token for blocked producers
--- KEYS[5]  ready    list    wake token for a blocked consumer
--- KEYS[6]  window   string  the cap (returned, so the consumer knows when to acknowledge)
--- KEYS[7]  seq      string  next number to claim (checks the acknowledgement)
--- ARGV[1]  ack      every number below it has been delivered; -1: keep the cursor
--- ARGV[2]  from     first number to read; -1 (or anything below the cursor): the cursor
--- ARGV[3]  max      most outcomes to return
--- ARGV[4]  ttl      ms every key of the stream lives after its last use (0: forever)
+-- KEYS[1]  next      string  consumer cursor: every number below it is delivered
+-- KEYS[2]  results   zset    outcomes scored by their number
+-- KEYS[3]  closed    string  the number of claims when the stream was closed
+-- KEYS[4]  space     list    wake token for blocked producers
+-- KEYS[5]  ready     list    wake token for a blocked consumer
+-- KEYS[6]  window    string  the cap (returned, so the consumer knows when to acknowledge)
+-- KEYS[7]  seq       string  next number to claim (checks the acknowledgement)
+-- KEYS[8]  created   string  the stream's incarnation id
+-- KEYS[9]  consumer  hash    the consumer lease: 'epoch', 'owner', 'until' (ms)
+-- KEYS[10] error     string  the producer's error, if it closed the stream with one
+-- ARGV[1]  ack       every number below it has been delivered; -1: keep the cursor
+-- ARGV[2]  from      first number to read; -1 (or anything below the cursor): the cursor
+-- ARGV[3]  max       most outcomes to return
+-- ARGV[4]  ttl       ms every key of the stream lives after its last use (0: forever)
+-- ARGV[5]  incarnation the id of KEYS[8] the consumer opened the stream with
+-- ARGV[6]  owner     the calling consumer's id (host, pid and handle)
+-- ARGV[7]  epoch     the caller's lease epoch; 0: acquire the lease (a new epoch)
+-- ARGV[8]  lease     ms the lease lasts from now
+-- ARGV[9]  mode      '': nothing more; 'take': acquire even while another consumer's
+--                    lease is live (fencing it); 'free': release the lease after this call
 --
--- Returns {next, closed (-1 if open), stored, from, window, member1, member2, ...}:
--- `stored` counts the outcomes still held after the acknowledgement, and the
--- members are those of numbers from, from+1, ... with no gap. An error reply
--- "ROLLBACK <seq>" when ARGV[1] acknowledges numbers never claimed: the
--- stream's state went back in time (a failover that lost writes) or was deleted.
+-- Returns {next, closed (-1 if open), stored, from, window, epoch, claimed, error,
+--          member1, member2, ...}:
+-- `stored` counts the outcomes still held after the acknowledgement, `epoch` is the
+-- caller's lease epoch, `claimed` the numbers claimed so far, `error` the producer's
+-- error ('' if none, or while `from` is below `closed`), and the members are those
+-- of numbers from, from+1, ... with no gap. Error replies, on which nothing is written:
+--   "DELETED"                   KEYS[8] is not ARGV[5]: the stream was deleted (or
+--                               Redis lost it, or it expired) since the caller opened it
+--   "LEASED <ms left> <owner>"  acquiring, but another consumer's lease is live
+--   "FENCED <epoch> <owner>"    the caller's epoch is not the current one
+--   "ROLLBACK <seq>"            ARGV[1] acknowledges numbers never claimed: the
+--                               stream's state went back in time (a failover that lost writes)
+if redis.call('GET', KEYS[8]) ~= ARGV[5] then
+  return redis.error_reply('DELETED')
+end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local epoch = tonumber(redis.call('HGET', KEYS[9], 'epoch') or '0')
+local mine = tonumber(ARGV[7])
+if mine == 0 then
+  local owner = redis.call('HGET', KEYS[9], 'owner') or '-'
+  local lease_end = tonumber(redis.call('HGET', KEYS[9], 'until') or '0')
+  if lease_end > now and owner ~= ARGV[6] and ARGV[9] ~= 'take' then
+    return redis.error_reply('LEASED ' .. (lease_end - now) .. ' ' .. owner)
+  end
+elseif mine ~= epoch then
+  return redis.error_reply('FENCED ' .. epoch .. ' ' .. (redis.call('HGET', KEYS[9], 'owner') or '-'))
+end
 local nxt = tonumber(redis.call('GET', KEYS[1]) or '0')
 local ack = tonumber(ARGV[1])
 local claimed = tonumber(redis.call('GET', KEYS[7]) or '0')
 if ack > claimed then
   return redis.error_reply('ROLLBACK ' .. claimed)
+end
+if mine == 0 then
+  epoch = epoch + 1
+  redis.call('HSET', KEYS[9], 'epoch', epoch, 'owner', ARGV[6])
+end
+if ARGV[9] == 'free' then
+  redis.call('HSET', KEYS[9], 'until', 0)
+else
+  redis.call('HSET', KEYS[9], 'until', now + tonumber(ARGV[8]))
 end
 if ack > nxt then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ack)
@@ -42,9 +85,13 @@ if ttl > 0 then
     redis.call('PEXPIRE', KEYS[i], ttl)
   end
 end
-local reply = {nxt, tonumber(redis.call('GET', KEYS[3]) or '-1'),
-               redis.call('ZCARD', KEYS[2]), from,
-               tonumber(redis.call('GET', KEYS[6]) or '0')}
+local closed = tonumber(redis.call('GET', KEYS[3]) or '-1')
+local err = ''
+if closed >= 0 and from >= closed then
+  err = redis.call('GET', KEYS[10]) or ''
+end
+local reply = {nxt, closed, redis.call('ZCARD', KEYS[2]), from,
+               tonumber(redis.call('GET', KEYS[6]) or '0'), epoch, claimed, err}
 local found = redis.call('ZRANGEBYSCORE', KEYS[2], from, from + tonumber(ARGV[3]) - 1,
                          'WITHSCORES')
 local expected = from

@@ -8,14 +8,20 @@
 -- KEYS[6]  done       list    wake token for join(): every claimed number is filled
 -- KEYS[7]  pending    hash    number -> dispatch record (and 'n:'/'t:' fields), until filled
 -- KEYS[8]  deadlines  zset    numbers scored by when they count as lost
+-- KEYS[9]  created    string  the stream's incarnation id
 -- ARGV[1]  number     the sequence number this outcome fills
 -- ARGV[2]  member     the encoded outcome ("<number>:<status>:<type>:<encoding>:<body>")
 -- ARGV[3]  ttl        ms every key of the stream lives after its last use (0: forever)
+-- ARGV[4]  incarnation the id of KEYS[9] the number was claimed in ('': not checked)
 --
 -- Returns 1 when stored, 0 when dropped as a duplicate or as late (already
--- delivered), -1 when the number was never claimed (say, the stream was deleted).
+-- delivered), -1 when the number was never claimed in this incarnation of the
+-- stream (say, the stream was deleted, or deleted and created again).
 local n = tonumber(ARGV[1])
 if n >= tonumber(redis.call('GET', KEYS[1]) or '0') then
+  return -1
+end
+if ARGV[4] ~= '' and redis.call('GET', KEYS[9]) ~= ARGV[4] then
   return -1
 end
 -- Whatever happens to this outcome, the number no longer waits for one.

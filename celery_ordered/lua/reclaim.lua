@@ -6,9 +6,11 @@
 -- KEYS[3]  pending    hash    number -> dispatch record; 'n:<number>' -> re-dispatches;
 --                             't:<number>' -> first dispatch time (ms)
 -- KEYS[4]  deadlines  zset    numbers scored by when they count as lost (ms)
+-- KEYS[5]  counters   hash    'redispatched' and 'lost': counts over the stream's life
 -- ARGV[1]  lost_after ms until a re-dispatched number counts as lost again
 -- ARGV[2]  limit      most re-dispatches of one number before it is given up
 -- ARGV[3]  max        most numbers to handle in this call
+-- ARGV[4]  ttl        ms every key of the stream lives after its last use (0: forever)
 --
 -- Returns {verdict1, number1, record1, verdict2, ...}, oldest deadline first,
 -- where verdict is 'retry' (dispatch the record again) or 'lost' (re-dispatched
@@ -34,8 +36,16 @@ for _, member in ipairs(due) do
     local tries = redis.call('HINCRBY', KEYS[3], 'n:' .. n, 1)
     if tries > tonumber(ARGV[2]) then
       reply[#reply + 1] = 'lost'
+      if tries == tonumber(ARGV[2]) + 1 then
+        -- Counted once: a caller that dies before filling it gets 'lost' again.
+        redis.call('HINCRBY', KEYS[5], 'lost', 1)
+      end
     else
       reply[#reply + 1] = 'retry'
+      redis.call('HINCRBY', KEYS[5], 'redispatched', 1)
+    end
+    if tonumber(ARGV[4]) > 0 then
+      redis.call('PEXPIRE', KEYS[5], tonumber(ARGV[4]))
     end
     reply[#reply + 1] = n
     reply[#reply + 1] = record

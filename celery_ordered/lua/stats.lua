@@ -6,9 +6,13 @@
 -- KEYS[4]  results  zset    outcomes scored by their number
 -- KEYS[5]  closed   string  the number of claims when closed
 -- KEYS[6]  pending  hash    number -> dispatch record; 't:<number>' -> claim time (ms)
+-- KEYS[7]  created  string  the stream's incarnation id
+-- KEYS[8]  counters hash    'redispatched' and 'lost' over the stream's life
 --
 -- Returns {claimed, next, window (0 if unset), stored, contiguous, closed (-1 if open),
---          now (ms), when the head-of-line blocker was claimed (ms, -1 if none)}
+--          now (ms), when the head-of-line blocker was claimed (ms, -1 if none),
+--          the incarnation id ('' if the stream does not exist),
+--          tasks dispatched again, places filled as lost}
 -- where `contiguous` counts stored outcomes from `next` on with no gap, and the
 -- head-of-line blocker is the first claimed number after them: the one
 -- everything behind it waits for.
@@ -29,4 +33,7 @@ end
 return {tonumber(redis.call('GET', KEYS[1]) or '0'), nxt,
         tonumber(redis.call('GET', KEYS[3]) or '0'), stored, contiguous,
         tonumber(redis.call('GET', KEYS[5]) or '-1'),
-        now, tonumber(redis.call('HGET', KEYS[6], 't:' .. (nxt + contiguous)) or '-1')}
+        now, tonumber(redis.call('HGET', KEYS[6], 't:' .. (nxt + contiguous)) or '-1'),
+        redis.call('GET', KEYS[7]) or '',
+        tonumber(redis.call('HGET', KEYS[8], 'redispatched') or '0'),
+        tonumber(redis.call('HGET', KEYS[8], 'lost') or '0')}

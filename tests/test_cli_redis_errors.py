@@ -1,0 +1,148 @@
+"""The CLI on a Redis that is down or refuses the password: one line, at once.
+
+Each command runs as a real subprocess, as a user runs it, against a port
+nothing listens on or a private password-protected ``redis-server``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from celery_ordered.config import FIRST_CONTACT_RETRY_FOR, client_for
+from celery_ordered.embedded import RedisServer
+from tests.processes import ROOT
+
+#: The commands of issue 11, item 6, with the arguments each needs.
+COMMANDS = [("ls",), ("inspect", "some-stream"), ("window", "some-stream", "3")]
+
+#: A password with what URL parsers trip on: an unencoded "@" and ":".
+PASSWORD = "s3cr@t:pw"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cli(
+    *argv: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run a command to its end; its result and how long it took."""
+    began = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", *argv],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return done, time.monotonic() - began
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *expected: str) -> str:
+    assert done.returncode != 0, done
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("Error: "), lines
+    for text in expected:
+        assert text in lines[0], lines[0]
+    assert PASSWORD not in done.stdout + done.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def protected_redis() -> Iterator[int]:
+    """A private redis-server on a TCP port that asks for PASSWORD."""
+    port = free_port()
+    with RedisServer(port=port, args=("--requirepass", PASSWORD)):
+        yield port
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])
+def test_a_redis_that_refuses_the_connection_is_one_line_in_about_a_second(
+    command: tuple[str, ...],
+) -> None:
+    url = f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0"
+    done, took = cli("celery_ordered", "ordered", "--redis-url", url, *command)
+    line = assert_one_line_error(done, "cannot reach Redis", "Connection refused", "--redis-url")
+    assert "127.0.0.1" in line
+    # Not 22 s of retries: about FIRST_CONTACT_RETRY_FOR, plus the interpreter's start.
+    assert took < FIRST_CONTACT_RETRY_FOR + 4, took
+
+
+def test_celery_ordered_with_the_apps_redis_down_names_the_flag() -> None:
+    # Given the app's own setting (tests/celeryapp.py reads it from the
+    # environment) pointing at a Redis that is not there
+    env = {"CO_TEST_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    done, took = cli("celery", "-A", "tests.celeryapp", "ordered", "inspect", "x", env=env)
+    assert_one_line_error(done, "cannot reach Redis", "--redis-url")
+    assert took < FIRST_CONTACT_RETRY_FOR + 6, took
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])
+def test_a_wrong_password_is_one_line_naming_the_credentials(
+    protected_redis: int, command: tuple[str, ...]
+) -> None:
+    url = f"redis://:wrong@127.0.0.1:{protected_redis}/0"
+    done, took = cli("celery_ordered", "ordered", "--redis-url", url, *command)
+    assert_one_line_error(done, "refused the credentials", "--redis-url")
+    assert "wrong" not in done.stderr
+    assert took < 10, took
+
+
+def test_the_right_password_with_an_unencoded_at_sign_works(protected_redis: int) -> None:
+    url = f"redis://:{PASSWORD}@127.0.0.1:{protected_redis}/0"
+    done, _ = cli("celery_ordered", "ordered", "--redis-url", url, "ls")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "no streams"
+
+
+def test_a_url_that_is_no_redis_url_is_one_line_naming_the_flag() -> None:
+    done, _ = cli("celery_ordered", "ordered", "--redis-url", f"http://u:{PASSWORD}@h/", "ls")
+    assert_one_line_error(done, "--redis-url", "is not a Redis URL")
+
+
+def test_a_fail_fast_client_gives_up_on_a_redis_that_never_answered() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    began = time.monotonic()
+    with pytest.raises(redis.ConnectionError, match="refused"):
+        client_for(url, 30.0, fail_fast=True).ping()
+    assert time.monotonic() - began < FIRST_CONTACT_RETRY_FOR + 0.5
+
+
+def test_a_fail_fast_client_retries_a_redis_that_answered_before() -> None:
+    # Given a fail-fast client that has talked to its Redis
+    port = free_port()
+    server = RedisServer(port=port).start()
+    try:
+        client = client_for(f"redis://127.0.0.1:{port}/0", 3.0, fail_fast=True)
+        assert client.ping()
+    finally:
+        server.stop()
+    # When that Redis goes away, the client retries for its whole retry_for
+    began = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        client.ping()
+    assert time.monotonic() - began >= 2.5
+
+
+def test_the_library_streams_keep_their_retry_time_by_default() -> None:
+    # A stream's own client (fail_fast=False) still rides out a Redis that is
+    # not there yet for ordered_redis_retry_for: workers must not drop outcomes.
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    began = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        client_for(url, 2.5, transport_options={}).ping()
+    assert time.monotonic() - began >= 2.0
