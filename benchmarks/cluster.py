@@ -85,8 +85,8 @@ def _names_on_distinct_nodes(store: Store, count: int) -> list[str]:
     """Stream names in distinct hash slots owned by distinct cluster nodes (or any names)."""
     from redis.cluster import RedisCluster
 
-    from celery_ordered.config import client_for
-    from celery_ordered.keys import StreamKeys
+    from celery_ordered.redis.clients import client_for
+    from celery_ordered.redis.keys import StreamKeys
 
     client = client_for(store.url)
     names: list[str] = []

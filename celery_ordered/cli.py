@@ -8,7 +8,7 @@ import click
 
 from . import __version__
 from .commands import ordered
-from .config import mask_url
+from .redis.urls import mask_url
 
 
 @click.group()

@@ -20,7 +20,7 @@ import redis
 from celery import Celery
 from redis.exceptions import AuthorizationError
 
-from .config import mask_url, redis_client, resolve_redis_url
+from .config import redis_client, resolve_redis_url
 from .errors import (
     ConfigurationError,
     OrderedStreamError,
@@ -28,8 +28,9 @@ from .errors import (
     StreamDeleted,
     StreamNotFound,
 )
-from .keys import KEY_PREFIX, name_from_key
 from .progress import progress_bar
+from .redis.keys import KEY_PREFIX, name_from_key
+from .redis.urls import mask_url
 from .stream import OrderedResultStream, StreamStats
 
 #: How the commands are told which Redis to look in.

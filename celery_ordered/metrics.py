@@ -39,10 +39,11 @@ import redis
 from celery import Celery, current_app
 
 from . import checks
-from .config import Client, client_for, default_window, resolve_redis
+from .config import default_window, resolve_redis
 from .errors import ConfigurationError, OrderedStreamError
-from .keys import KEY_PREFIX, name_from_key, validate_name
-from .protocol import Protocol
+from .redis.clients import Client, client_for
+from .redis.keys import KEY_PREFIX, name_from_key, validate_name
+from .redis.protocol import Protocol
 from .stream import StreamStats, stats_from_raw
 
 __all__ = ["MetricsServer", "OrderedStreamsCollector", "start_metrics_server"]

@@ -22,7 +22,6 @@ from kombu.serialization import prepare_accept_content, registry
 
 from . import checks, codec
 from .config import (
-    Client,
     accepted_content,
     default_window,
     durability,
@@ -52,9 +51,10 @@ from .errors import (
     StreamStateLost,
     UnsendableError,
 )
-from .keys import validate_name
 from .progress import Progress
-from .protocol import WAIT_SLICE, Batch, Claim, LeaseHeld, NotReplicated, Protocol, RawStats
+from .redis.clients import Client
+from .redis.keys import validate_name
+from .redis.protocol import WAIT_SLICE, Batch, Claim, LeaseHeld, NotReplicated, Protocol, RawStats
 from .task import (
     CALL_TASK_NAME,
     HEADER_INCARNATION,
@@ -832,7 +832,7 @@ class OrderedResultStream:
         """Acknowledge what was handed out; read up to ``limit`` more (lock held).
 
         Takes the consumer lease first if this handle holds none (raising
-        :class:`~celery_ordered.protocol.LeaseHeld` while another consumer
+        :class:`~celery_ordered.redis.protocol.LeaseHeld` while another consumer
         holds it), and renews it otherwise; ``mode="free"`` releases it.
         """
         if self._fenced is not None:

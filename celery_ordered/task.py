@@ -31,7 +31,7 @@ from .config import (
     serializer_for,
     stream_ttl,
 )
-from .protocol import Protocol
+from .redis.protocol import Protocol
 
 logger = logging.getLogger(__name__)
 

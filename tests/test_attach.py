@@ -25,7 +25,7 @@ from celery_ordered import (
     StreamStateLost,
 )
 from celery_ordered.errors import StreamDeleted
-from celery_ordered.keys import StreamKeys
+from celery_ordered.redis.keys import StreamKeys
 from tests.tasks import echo, fail, sleep_echo
 
 pytestmark = pytest.mark.usefixtures("worker")

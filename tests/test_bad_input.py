@@ -18,7 +18,7 @@ from celery_ordered import (
     StreamClosedError,
     UnsendableError,
 )
-from celery_ordered.keys import StreamKeys
+from celery_ordered.redis.keys import StreamKeys
 from tests.tasks import Holder, echo, plain_add, plain_celery_add
 
 pytestmark = pytest.mark.usefixtures("worker")

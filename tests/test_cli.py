@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from celery_ordered import commands
 from celery_ordered.cli import main as standalone
-from celery_ordered.keys import StreamKeys
+from celery_ordered.redis.keys import StreamKeys
 from tests.processes import ROOT
 from tests.tasks import echo
 

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from celery_ordered.config import FIRST_CONTACT_RETRY_FOR, client_for
 from celery_ordered.embedded import RedisServer
+from celery_ordered.redis.clients import FIRST_CONTACT_RETRY_FOR, client_for
 from tests.processes import ROOT
 
 #: The commands of issue 11, item 6, with the arguments each needs.

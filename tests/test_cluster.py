@@ -30,7 +30,7 @@ from celery_ordered import (
     StreamFull,
 )
 from celery_ordered.cli import main as standalone
-from celery_ordered.keys import StreamKeys
+from celery_ordered.redis.keys import StreamKeys
 from tests.conftest import require_tool
 from tests.tasks import CustomError, echo, fail, gate, sleep_echo
 from tests.topologies import (

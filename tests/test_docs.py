@@ -35,7 +35,7 @@ import pytest
 from markdown_it import MarkdownIt
 
 import celery_ordered
-from celery_ordered.keys import StreamKeys
+from celery_ordered.redis.keys import StreamKeys
 from tests.conftest import ROOT
 
 DOCS = ROOT / "docs"
@@ -298,7 +298,9 @@ def test_every_key_and_script_of_a_stream_is_described() -> None:
     parts = [key.rsplit(":", 1)[1] for key in StreamKeys("x").all()]
     missing = [part for part in parts if f"`{part}`" not in rows]
     assert not missing, f"keys missing from the table of docs/how-it-works.md: {missing}"
-    scripts = sorted(path.stem for path in (ROOT / "celery_ordered" / "lua").glob("*.lua"))
+    scripts = sorted(
+        path.stem for path in (ROOT / "celery_ordered" / "redis" / "lua").glob("*.lua")
+    )
     described = sorted(re.findall(r"^\*\*(\w+)\*\* \(", text, re.M))
     assert described == scripts, (
         f"docs/how-it-works.md describes the scripts {described}; the package has {scripts}"

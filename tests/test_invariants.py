@@ -18,8 +18,8 @@ from celery import Signature
 from celery.exceptions import NotRegistered
 
 from celery_ordered import StreamEmpty
-from celery_ordered.keys import StreamKeys
-from celery_ordered.protocol import Protocol
+from celery_ordered.redis.keys import StreamKeys
+from celery_ordered.redis.protocol import Protocol
 from celery_ordered.task import HEADER_SEQ, HEADER_SERIALIZER, HEADER_STREAM
 from tests.tasks import die_once, echo, gate, record_start
 

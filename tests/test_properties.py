@@ -10,8 +10,8 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from celery_ordered.keys import StreamKeys
-from celery_ordered.protocol import Protocol
+from celery_ordered.redis.keys import StreamKeys
+from celery_ordered.redis.protocol import Protocol
 
 RECORD = b"0:M:application/json:utf-8:null"
 

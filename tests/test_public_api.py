@@ -60,8 +60,8 @@ def test_version_matches_the_changelog_or_is_unreleased() -> None:
 def test_package_ships_its_scripts_and_type_marker() -> None:
     package = ROOT / "celery_ordered"
     assert (package / "py.typed").exists()
-    scripts = {p.stem for p in (package / "lua").glob("*.lua")}
+    scripts = {p.stem for p in (package / "redis" / "lua").glob("*.lua")}
     assert scripts == {"claim", "publish", "pop", "close", "stats", "reclaim", "window"}
-    for script in (package / "lua").glob("*.lua"):
+    for script in (package / "redis" / "lua").glob("*.lua"):
         header = script.read_text().split("\n\n")[0]
         assert "KEYS[1]" in header, f"{script.name} must name its keys in its header"

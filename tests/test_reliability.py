@@ -29,7 +29,7 @@ from celery_ordered import (
     RedisUnavailable,
     ResultLost,
 )
-from celery_ordered.keys import StreamKeys
+from celery_ordered.redis.keys import StreamKeys
 from tests import faults
 from tests.conftest import ROOT, WorkerProcess
 from tests.tasks import echo
@@ -474,7 +474,7 @@ def test_a_claim_no_replica_confirmed_goes_on_with_its_numbers(
         waiting = OrderedResultStream(app, stream.name, create=False)
     finally:
         app.conf.update(saved)
-    with caplog.at_level("WARNING", logger="celery_ordered.protocol"):
+    with caplog.at_level("WARNING", logger="celery_ordered.redis.protocol"):
         assert waiting.put(echo, "sent") == 0
     assert "only 0 of the 1 replica(s)" in caplog.text
     assert "goes on with the numbers it claimed" in caplog.text

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import redis
 
-from celery_ordered.keys import StreamKeys
-from celery_ordered.protocol import Protocol
+from celery_ordered.redis.keys import StreamKeys
+from celery_ordered.redis.protocol import Protocol
 from tests.tasks import echo
 
 
@@ -209,7 +209,7 @@ def test_streams_work_across_a_script_flush(worker, make_stream, redis_client):
 
 
 def _lua(script: str) -> str:
-    return resources.files("celery_ordered").joinpath("lua", f"{script}.lua").read_text()
+    return resources.files("celery_ordered.redis").joinpath("lua", f"{script}.lua").read_text()
 
 
 @pytest.mark.parametrize("flush_first", [False, True], ids=["cached", "after flush"])

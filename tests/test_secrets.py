@@ -13,7 +13,7 @@ import pytest
 from celery import Celery
 
 from celery_ordered import ConfigurationError, OrderedResultStream
-from celery_ordered.config import mask_url, parse_redis_url
+from celery_ordered.redis.urls import mask_url, parse_redis_url
 from tests.processes import ROOT
 
 SECRET = "Pa55-w0rd"

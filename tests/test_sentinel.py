@@ -24,7 +24,7 @@ from celery_ordered import (
     StreamExhausted,
     StreamStateLost,
 )
-from celery_ordered.keys import StreamKeys
+from celery_ordered.redis.keys import StreamKeys
 from tests.conftest import require_tool
 from tests.tasks import CustomError, fail, sleep_echo
 from tests.topologies import LocalSentinel, TopologyWorker, topology_app, wait_until

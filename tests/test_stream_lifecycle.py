@@ -30,8 +30,8 @@ from celery_ordered import (
     codec,
 )
 from celery_ordered.errors import ConsumerFenced, ProducerFailed, StreamDeleted
-from celery_ordered.keys import StreamKeys
-from celery_ordered.protocol import Protocol
+from celery_ordered.redis.keys import StreamKeys
+from celery_ordered.redis.protocol import Protocol
 from tests.conftest import ROOT
 from tests.tasks import echo
 from tests.topologies import topology_app

@@ -1,8 +1,8 @@
 """Stream names and the Redis keys that hold a stream's state.
 
 Every key of one stream shares the hash tag ``{NAME}``, so a Redis Cluster
-keeps them in one slot and the scripts in :mod:`celery_ordered.protocol` may
-touch them together. Nothing outside :mod:`celery_ordered.protocol` builds a
+keeps them in one slot and the scripts in :mod:`celery_ordered.redis.protocol` may
+touch them together. Nothing outside :mod:`celery_ordered.redis.protocol` builds a
 key by hand.
 """
 

@@ -10,7 +10,7 @@ The client may be one server (Sentinel's primary is one) or a Redis Cluster:
 every key of a stream shares one hash slot, so each script runs whole on the
 one node that holds the stream.
 
-With a :class:`~celery_ordered.config.Durability`, every write (claim,
+With a :class:`Durability`, every write (claim,
 publish, pop, close, window) is followed, on the same connection and in the
 same round trip, by ``WAIT``: the call returns once that many replicas hold
 the write, so a failover to one of them cannot take it back.
@@ -32,8 +32,8 @@ import redis
 from redis.cluster import RedisCluster
 from redis.exceptions import AskError, MovedError, NoScriptError
 
-from .config import Client, Durability, _ClusterUnavailable
-from .errors import ConfigurationError, ConsumerFenced, StreamDeleted, StreamStateLost
+from ..errors import ConfigurationError, ConsumerFenced, StreamDeleted, StreamStateLost
+from .clients import Client, ClusterUnavailable
 from .keys import StreamKeys
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,20 @@ def _scripts(client: Client) -> dict[str, Any]:
         scripts = {name: client.register_script(_lua(name)) for name in _SCRIPTS}
         _registered[client] = scripts
     return scripts
+
+
+#: Seconds a write waits for its replicas before it fails (``ordered_wait_timeout``).
+DEFAULT_WAIT_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True)
+class Durability:
+    """How many replicas each write waits for (``WAIT``), and for how long."""
+
+    #: Replicas that must acknowledge a write before it counts as done.
+    replicas: int
+    #: Seconds to wait for them before the write fails.
+    timeout: float = DEFAULT_WAIT_TIMEOUT
 
 
 class NotReplicated(redis.TimeoutError):
@@ -159,7 +173,7 @@ class Protocol:
     """The operations on one stream's state in Redis.
 
     ``durability`` makes every write wait for that many replicas (see
-    :class:`~celery_ordered.config.Durability`); None writes to the primary
+    :class:`Durability`); None writes to the primary
     only, as Redis does by default.
     """
 
@@ -278,7 +292,7 @@ class Protocol:
             except (MovedError, AskError) as exc:
                 if cluster is None:
                     raise
-                raise _ClusterUnavailable(f"the slot of {key} is moving: {exc}") from exc
+                raise ClusterUnavailable(f"the slot of {key} is moving: {exc}") from exc
             except (redis.ConnectionError, redis.TimeoutError):
                 conn.disconnect()
                 raise
@@ -648,7 +662,7 @@ def _send(node: redis.Redis, conn: Any, commands: list[tuple[Any, ...]]) -> list
 def _retry_of(client: Client) -> Any:
     """The retry policy of ``client`` (None: a single try).
 
-    The clients of :func:`~celery_ordered.config.client_for` retry for about
+    The clients of :func:`~celery_ordered.redis.clients.client_for` retry for about
     ``retry_for`` seconds; a client passed in keeps its own policy.
     """
     if isinstance(client, RedisCluster):
