@@ -148,6 +148,36 @@ def test_the_quickstart_runs_as_written_with_a_worker_started_as_written(
     assert lines == expected
 
 
+def test_the_quickstart_pattern_survives_a_mistake_in_the_producer(
+    folder: tuple[Path, dict[str, str]], redis_url: str
+) -> None:
+    # Given the README's main.py with the mistake a newcomer makes first: a
+    # name the producer thread does not define (issue: the consumer used to
+    # end quietly with exit code 0)
+    cwd, env = folder
+    main = by_name("run", "quickstart").code
+    assert "for row_id in range(3000):" in main
+    main = main.replace("for row_id in range(3000):", "for row_id in row_ids:")
+    # with tasks.py as written, on the tests' Redis (the producer fails before
+    # it sends anything, so no worker is needed)
+    tasks = by_name("file", "tasks.py").code.replace(
+        f'broker="{README_REDIS}"', f'broker="{os.environ["CO_TEST_BROKER_URL"]}"'
+    )
+    (cwd / "tasks.py").write_text(tasks.replace(README_REDIS, redis_url), encoding="utf-8")
+    script = cwd / "main.py"
+    script.write_text(main, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, script.name], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    # Then the consumer does not end as if the job were done: it fails, naming
+    # the producer's error
+    assert done.returncode != 0, done.stdout
+    assert "ProducerFailed" in done.stderr, done.stderr
+    assert "NameError" in done.stderr, done.stderr
+    assert "row_ids" in done.stderr, done.stderr
+
+
 def test_the_parallel_queue_example_prints_results_then_the_marker(
     folder: tuple[Path, dict[str, str]],
 ) -> None:
