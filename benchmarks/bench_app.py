@@ -18,23 +18,18 @@ import redis
 from celery import Celery
 
 from celery_ordered import ordered_task
+from celery_ordered.redis.urls import socket_url
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 BROKER_URL = os.environ.get("BENCH_BROKER_URL", REDIS_URL)
 QUEUE = os.environ.get("BENCH_QUEUE", "celery-ordered-bench")
 
 
-def _backend_url(url: str) -> str:
-    # Celery spells the Redis backend on a unix socket redis+socket:///path.
-    if url.startswith("unix://"):
-        return "redis+socket://" + url[len("unix://") :]
-    return url
-
-
 app = Celery("benchmarks", set_as_current=True)
 app.conf.update(
     broker_url=BROKER_URL,
-    result_backend=_backend_url(REDIS_URL),
+    # Celery spells the Redis backend on a unix socket redis+socket:///path.
+    result_backend=socket_url(REDIS_URL, kombu=True),
     ordered_redis_url=REDIS_URL,
     task_default_queue=QUEUE,
     task_serializer="json",

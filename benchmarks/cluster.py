@@ -7,10 +7,10 @@ Run from the repository root::
 
 Every store is started here, on local ports, the same way (``redis-server``
 without persistence): one Redis; a Redis Cluster of three primaries
-(``tests/topologies.py``); a primary with one replica under Sentinel, written
-to plainly and with ``ordered_wait_replicas=1``. Each store gets its own
-Celery worker (prefork, 2 processes, ``tests.topologies:worker_app`` with
-Celery's default prefetch), all on one broker (``--broker-url``, else the
+(``tests/support/topologies.py``); a primary with one replica under Sentinel,
+written to plainly and with ``ordered_wait_replicas=1``. Each store gets its
+own Celery worker (prefork, 2 processes, ``tests.apps.topologyapp:worker_app``
+with Celery's default prefetch), all on one broker (``--broker-url``, else the
 machine's Redis, database 14, else a private one); the same jobs run against
 each store, interleaved repeat by repeat so machine noise spreads evenly, and
 a table of tasks/s (median, min-max) is printed. ``--no-sentinel`` leaves the
@@ -41,15 +41,16 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `tests` 
 
 import redis  # noqa: E402
 
-from benchmarks.run import (  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
     PROCESSES,
     TIMEOUT,
     WINDOW,
     BenchError,
-    _broker_url,
-    _version,
+    broker_url,
+    check_worker,
     chosen_redis,
     progress,
+    version,
 )
 
 #: Items of the chunked job per task of the others, so it runs long enough to measure.
@@ -60,7 +61,8 @@ class Store:
     """A place for the streams, its worker, and the app its jobs use."""
 
     def __init__(self, key: str, label: str, url: str, **settings: Any) -> None:
-        from tests.topologies import TopologyWorker, topology_app
+        from tests.apps.topologyapp import topology_app
+        from tests.support.topologies import topology_worker
 
         self.key = key
         self.label = label
@@ -69,7 +71,7 @@ class Store:
         # Celery's default prefetch, as benchmarks/bench_app.py keeps it.
         settings.setdefault("worker_prefetch_multiplier", 4)
         self.app = topology_app(url, self.queue, **settings)
-        self.worker = TopologyWorker(url, self.queue, concurrency=PROCESSES, **settings)
+        self.worker = topology_worker(url, self.queue, concurrency=PROCESSES, **settings)
 
     def stream(self, name: str | None = None) -> Any:
         from celery_ordered import OrderedResultStream
@@ -77,8 +79,7 @@ class Store:
         return OrderedResultStream(self.app, name, window=WINDOW)
 
     def check(self) -> None:
-        if self.worker.proc.poll() is not None:
-            raise BenchError(f"the worker of {self.label} exited:\n{self.worker.output()[-3000:]}")
+        check_worker(self.worker, f"the worker of {self.label}")
 
 
 def _names_on_distinct_nodes(store: Store, count: int) -> list[str]:
@@ -104,7 +105,7 @@ def _names_on_distinct_nodes(store: Store, count: int) -> list[str]:
 
 def _map_rate(store: Store, items: int, chunksize: int, what: str) -> float:
     """``items`` echo tasks through one stream's ``map``: items/s."""
-    from tests.tasks import echo
+    from tests.apps.tasks import echo
 
     stream = store.stream()
     try:
@@ -124,7 +125,7 @@ def one_stream(store: Store, n: int) -> float:
 
 def three_streams(store: Store, n: int) -> float:
     """n tasks split over three streams consumed at once: total tasks/s."""
-    from tests.tasks import echo
+    from tests.apps.tasks import echo
 
     streams = [store.stream(name) for name in _names_on_distinct_nodes(store, 3)]
     share = n // 3
@@ -171,7 +172,7 @@ JOBS: list[tuple[str, str, Callable[[Store, int], float]]] = [
 @contextlib.contextmanager
 def stores(with_sentinel: bool) -> Iterator[list[Store]]:
     """Start every store and its worker; stop them all at the end."""
-    from tests.topologies import LocalRedisCluster, LocalSentinel, RedisNode, free_ports
+    from tests.support.topologies import LocalRedisCluster, LocalSentinel, RedisNode, free_ports
 
     with contextlib.ExitStack() as stack:
         single_dir = stack.enter_context(_tempdir())
@@ -215,8 +216,8 @@ def _tempdir() -> Iterator[Path]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     began = time.perf_counter()
     with chosen_redis(args) as (broker, broker_source):
-        # tests.topologies puts its apps and workers on the tests' broker variable.
-        os.environ["CO_TEST_BROKER_URL"] = _broker_url(broker)
+        # tests.apps.topologyapp puts its apps and workers on the tests' broker variable.
+        os.environ["CO_TEST_BROKER_URL"] = broker_url(broker)
         progress(f"broker: {broker} ({broker_source}); starting the stores and their workers")
         with stores(not args.no_sentinel) as made:
             progress("workers ready")
@@ -245,10 +246,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _clean_broker(broker: str, queues: list[str]) -> None:
+    """Remove the stores' queues and their bindings from the broker."""
     with contextlib.suppress(redis.RedisError):
         client = redis.Redis.from_url(broker)
         for queue in queues:
-            client.delete(queue, f"_kombu.binding.{queue}")
+            client.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
 
 
 def render(results: dict[str, Any]) -> str:
@@ -257,7 +259,7 @@ def render(results: dict[str, Any]) -> str:
     lines = [
         "celery-ordered: stream throughput by where the streams live",
         f"machine: nproc={os.cpu_count()}; python {sys.version.split()[0]}, celery "
-        f"{_version('celery')}, redis-py {_version('redis')}, redis-server "
+        f"{version('celery')}, redis-py {version('redis')}, redis-server "
         f"{results['redis_server']}",
         f"broker: {results['broker']} ({results['broker_source']}); each store: its own "
         f"worker, prefork, concurrency={PROCESSES}; {results['tasks']} trivial tasks per "

@@ -17,7 +17,6 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
-import ctypes
 import json
 import multiprocessing
 import os
@@ -27,127 +26,40 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
+if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `tests` importable
     sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
-#: The Redis tried when --redis-url is not given (database 14, the benchmarks' own).
-DEFAULT_REDIS = "redis://127.0.0.1:6379/14"
-#: Worker processes, and the processes of the multiprocessing rows.
-PROCESSES = 2
-#: The window of every stream in the run.
-WINDOW = 64
-#: Seconds any single wait may take before the run gives up on it.
-TIMEOUT = 120.0
+from benchmarks.harness import (  # noqa: E402
+    DEFAULT_REDIS,
+    PROCESSES,
+    TIMEOUT,
+    WINDOW,
+    BenchError,
+    broker_url,
+    check_worker,
+    chosen_redis,
+    progress,
+    start_worker,
+    version,
+)
+
+if TYPE_CHECKING:
+    from tests.support.workers import Worker
+
 #: Uneven durations: how many tasks, how many of them slow, and the seed.
 UNEVEN_TASKS = 200
 UNEVEN_SLOW = 10
 UNEVEN_SEED = 20240601
-
-
-class BenchError(RuntimeError):
-    """A benchmark did not complete as it should."""
-
-
-# -- environment: Redis and the worker ----------------------------------------
-
-
-def _answers(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
-
-
-def _broker_url(url: str) -> str:
-    return "redis+socket://" + url[len("unix://") :] if url.startswith("unix://") else url
-
-
-@contextlib.contextmanager
-def chosen_redis(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
-    """Yield (redis-py URL, description): --redis-url, else 6379/14, else a private one."""
-    if args.redis_url:
-        yield args.redis_url, "given by --redis-url"
-    elif not args.private_redis and _answers(DEFAULT_REDIS):
-        yield DEFAULT_REDIS, "the machine's Redis"
-    else:
-        from celery_ordered.embedded import RedisServer
-
-        server = RedisServer().start()
-        try:
-            yield server.url, "a private redis-server (celery_ordered.embedded)"
-        finally:
-            server.stop()
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Have the kernel send SIGTERM to the worker if this process dies (Linux)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class Worker:
-    """The ``celery worker`` subprocess, in a process group of its own."""
-
-    def __init__(self, queue: str, concurrency: int = PROCESSES) -> None:
-        self.queue = queue
-        handle, name = tempfile.mkstemp(prefix="co-bench-worker-", suffix=".log")
-        self.log = Path(name)
-        with os.fdopen(handle, "wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", "celery", "-A", "benchmarks.bench_app", "worker",
-                    "--pool=prefork", f"--concurrency={concurrency}", "-Q", queue,
-                    "--without-gossip", "--without-mingle", "--without-heartbeat",
-                    "--loglevel=WARNING", f"--hostname=bench-{uuid.uuid4().hex[:8]}@%h",
-                ],
-                cwd=ROOT,
-                env={**os.environ, "C_FORCE_ROOT": "1"},
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )  # fmt: skip
-
-    def check(self) -> None:
-        """Raise BenchError if the worker has died."""
-        if self.proc.poll() is not None:
-            raise BenchError(
-                f"the Celery worker exited with {self.proc.returncode}:\n{self.log_tail()}"
-            )
-
-    def log_tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def stop(self) -> None:
-        """Warm shutdown, then SIGKILL to the whole group; remove the log."""
-        try:
-            if self.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.proc.pid, signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(timeout=15)
-            # The pool processes share the worker's process group: none may linger.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        finally:
-            self.log.unlink(missing_ok=True)
 
 
 class Context:
@@ -180,7 +92,7 @@ class Context:
         """BLPOP in slices, checking the worker between them."""
         deadline = time.monotonic() + timeout
         while self.redis.blpop([key], timeout=1) is None:
-            self.worker.check()
+            check_worker(self.worker)
             if time.monotonic() > deadline:
                 raise BenchError(f"nothing came on {key} within {timeout}s")
 
@@ -425,7 +337,7 @@ def bench_throughput(ctx: Context, n: int, repeats: int) -> dict[str, Any]:
     for repeat in range(repeats):
         for key, _, run in THROUGHPUT:
             seconds[key].append(run(ctx, n))
-            ctx.worker.check()
+            check_worker(ctx.worker)
         progress(f"throughput: repeat {repeat + 1}/{repeats} done")
     return {
         key: {"seconds": seconds[key], "rates": [n / s for s in seconds[key]]}
@@ -539,7 +451,7 @@ def bench_rss(ctx: Context, sizes: list[int], asyncresult_sizes: list[int]) -> l
             if mode == "asyncresult" and n not in asyncresult_sizes:
                 continue
             reports.append(rss_consumer(ctx, mode, n))
-            ctx.worker.check()
+            check_worker(ctx.worker)
             progress(f"rss: {mode} x {n} done")
     return reports
 
@@ -630,7 +542,7 @@ def bench_uneven(ctx: Context, repeats: int) -> dict[str, Any]:
     for _ in range(repeats):
         for key, _, run in UNEVEN:
             runs[key].append(run(ctx, durations))
-            ctx.worker.check()
+            check_worker(ctx.worker)
     return {
         "tasks": len(durations),
         "sum_s": sum(durations),
@@ -646,17 +558,6 @@ def bench_uneven(ctx: Context, repeats: int) -> dict[str, Any]:
 # -- the machine and the table ---------------------------------------------------------
 
 
-def progress(message: str) -> None:
-    print(f"  [{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "?"
-
-
 def machine(client: redis.Redis, redis_url: str, redis_source: str) -> dict[str, Any]:
     info = client.info("server")
     load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
@@ -664,10 +565,10 @@ def machine(client: redis.Redis, redis_url: str, redis_source: str) -> dict[str,
         "nproc": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "celery": _version("celery"),
-        "kombu": _version("kombu"),
-        "redis_py": _version("redis"),
-        "celery_ordered": _version("celery-ordered"),
+        "celery": version("celery"),
+        "kombu": version("kombu"),
+        "redis_py": version("redis"),
+        "celery_ordered": version("celery-ordered"),
         "redis_server": info.get("redis_version", "?"),
         "redis_url": redis_url,
         "redis_source": redis_source,
@@ -815,7 +716,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     queue = f"co-bench-{run_id}"
     with chosen_redis(args) as (redis_url, redis_source):
         os.environ["BENCH_REDIS_URL"] = redis_url
-        os.environ["BENCH_BROKER_URL"] = _broker_url(redis_url)
+        os.environ["BENCH_BROKER_URL"] = broker_url(redis_url)
         os.environ["BENCH_QUEUE"] = queue
         client = redis.Redis.from_url(redis_url)
         results: dict[str, Any] = {
@@ -829,7 +730,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             },
         }
         progress(f"starting the worker on queue {queue} ({redis_url})")
-        worker = Worker(queue)
+        worker = start_worker("benchmarks.bench_app", queue)
         try:
             ctx = Context(redis_url, queue, worker, run_id)
             ctx.wait_ready()

@@ -20,7 +20,7 @@ import redis
 from celery import Celery
 from redis.exceptions import AuthorizationError
 
-from .config import redis_client, resolve_redis_url
+from .config import redis_client, resolve_redis
 from .errors import (
     ConfigurationError,
     OrderedStreamError,
@@ -69,7 +69,7 @@ class _Target:
     def where(self) -> str:
         """The Redis the commands look in, for messages: no password in it."""
         try:
-            return mask_url(resolve_redis_url(self.app, self.redis_url))
+            return mask_url(resolve_redis(self.app, self.redis_url)[0])
         except ConfigurationError:
             return mask_url(self.redis_url or "?")
 

@@ -44,7 +44,6 @@ a stream's window is always bounded, so pass a large number instead.
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 import weakref
 from collections.abc import Callable
@@ -53,9 +52,10 @@ from typing import Any
 from celery import Celery
 
 from . import checks
+from .consumer import DEFAULT_PREFETCH
 from .embedded import LocalCluster
 from .errors import StreamEmpty, StreamExhausted
-from .stream import DEFAULT_PREFETCH, OrderedResultStream
+from .stream import OrderedResultStream
 from .task import CALL_TASK_NAME, INHERITED, INHERITED_PREFIX, function_reference
 
 #: Window per worker when ``consumer_buffer_max`` is not given.
@@ -188,7 +188,7 @@ class ParallelQueue:
         :class:`~celery_ordered.StreamExhausted` (without one, instead of
         blocking forever).
         """
-        if self._private_redis_gone and not self._stream._buffered_locally():
+        if self._private_redis_gone and not self._stream.consumer.buffered:
             return self._nothing_left(timeout)
         try:
             return self._stream.get(timeout=timeout)
@@ -223,10 +223,10 @@ class ParallelQueue:
         if self._stream.is_alive():
             return
         if self._cluster is not None:
-            self._stream._prefetch_all()
+            self._stream.consumer.prefetch_all()
             # What was read is handed out from memory from now on: no
             # acknowledgement may try the Redis that is about to go.
-            self._stream._ack_every = sys.maxsize
+            self._stream.consumer.stop_acknowledging()
             self._cluster.stop()
             self._private_redis_gone = True
             self._after_stop()

@@ -255,11 +255,6 @@ def resolve_redis(app: Celery, redis_url: str | None = None) -> tuple[str, dict[
     )
 
 
-def resolve_redis_url(app: Celery, redis_url: str | None = None) -> str:
-    """Where the streams live: the argument, else settings, else Celery's Redis."""
-    return resolve_redis(app, redis_url)[0]
-
-
 def redis_client(app: Celery, redis_url: str | None = None, *, fail_fast: bool = False) -> Client:
     """The shared client of the Redis holding ``app``'s streams (or ``redis_url``).
 

@@ -46,6 +46,7 @@ from typing import Any
 from celery import Celery
 
 from .errors import ConfigurationError
+from .redis.urls import socket_url
 
 #: Seconds to wait for a private Redis or the local worker to come up.
 DEFAULT_START_TIMEOUT = 60.0
@@ -153,7 +154,7 @@ class RedisServer:
     @property
     def broker_url(self) -> str:
         """kombu URL of the server (``redis+socket://...``)."""
-        return f"redis+socket://{self.socket_path}"
+        return socket_url(self.url, kombu=True)
 
     def start(self) -> RedisServer:
         """Start the server and wait until it accepts connections."""

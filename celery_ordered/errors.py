@@ -127,14 +127,8 @@ class ConsumerFenced(OrderedStreamError):
     """
 
 
-class ProducerFailed(OrderedStreamError):
-    """The producer closed the stream with an error: the work was cut short.
-
-    Raised by the consumer after every outcome put before the failure, in
-    place of a normal end (and again on each later ``get()``). ``exc_type``
-    and ``exc_module`` name the producer's exception class, ``stack_trace``
-    holds its traceback text (also shown as the ``__cause__``).
-    """
+class _RemoteFailure(OrderedStreamError):
+    """An error that happened elsewhere: its class by name, and its traceback text."""
 
     def __init__(
         self,
@@ -152,6 +146,16 @@ class ProducerFailed(OrderedStreamError):
         self.stack_trace = stack_trace
 
 
+class ProducerFailed(_RemoteFailure):
+    """The producer closed the stream with an error: the work was cut short.
+
+    Raised by the consumer after every outcome put before the failure, in
+    place of a normal end (and again on each later ``get()``). ``exc_type``
+    and ``exc_module`` name the producer's exception class, ``stack_trace``
+    holds its traceback text (also shown as the ``__cause__``).
+    """
+
+
 class DispatchError(OrderedStreamError):
     """Sending a task failed after its number was claimed.
 
@@ -164,7 +168,7 @@ class RedisUnavailable(OrderedStreamError, ConnectionError):
     """Redis could not be reached."""
 
 
-class TaskFailed(OrderedStreamError):
+class TaskFailed(_RemoteFailure):
     """A task failed and its exception class could not be rebuilt here.
 
     ``exc_type`` and ``exc_module`` name the original class, ``stack_trace``
@@ -182,10 +186,14 @@ class TaskFailed(OrderedStreamError):
         stack_trace: str = "",
         task_name: str | None = None,
     ):
-        super().__init__(message, stream=stream, seq=seq)
-        self.exc_type = exc_type
-        self.exc_module = exc_module
-        self.stack_trace = stack_trace
+        super().__init__(
+            message,
+            stream=stream,
+            seq=seq,
+            exc_type=exc_type,
+            exc_module=exc_module,
+            stack_trace=stack_trace,
+        )
         self.task_name = task_name
 
 

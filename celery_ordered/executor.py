@@ -33,14 +33,12 @@ from celery import Celery, Task, shared_task
 from celery.canvas import Signature
 
 from . import checks
-from .config import function_allowed
-from .errors import StreamClosedError, StreamExhausted, UnsendableError
+from .errors import StreamClosedError, StreamExhausted
 from .stream import OrderedResultStream
 from .task import (
     CALL_TASK_NAME,
     TASK_TARGET_PREFIX,
     OrderedTask,
-    function_reference,
     resolve_function,
 )
 
@@ -330,22 +328,10 @@ class OrderedExecutor(Executor):
             return fn.replace(args=(*fn.args, *args), kwargs={**fn.kwargs, **kwargs})
         if isinstance(fn, Task):
             return Signature(fn, args=args, kwargs=kwargs, app=self.app)
-        reference = self._function_reference(fn)
+        reference = self._shared.stream.producer.function_reference(fn)
         return Signature(
             CALL_TASK_NAME, args=(reference, list(args), kwargs), kwargs={}, app=self.app
         )
-
-    def _function_reference(self, fn: Any) -> str:
-        """The reference workers run plain function ``fn`` by, if the app lets them."""
-        reference = function_reference(fn)
-        module = reference.partition(":")[0]
-        if not function_allowed(self.app, module):
-            raise UnsendableError(
-                f"{reference}: workers may not run plain functions from module {module!r}; "
-                "add it to app.conf.ordered_function_modules, or wrap the call in an "
-                "@ordered_task task"
-            )
-        return reference
 
     def _check_open(self) -> None:
         if self._shared.broken is not None:
@@ -389,7 +375,7 @@ class OrderedExecutor(Executor):
         end = None if timeout is None else time.monotonic() + timeout
         items: Iterator[tuple[Any, ...]] = zip(*iterables, strict=False)
         if chunksize > 1:
-            target = self._chunk_target(fn)
+            target = self._shared.stream.producer.chunk_target(fn)
             chunks = _batched(items, chunksize)
             items = ((run_chunk, target, chunk) for chunk in chunks)
         else:
@@ -399,17 +385,6 @@ class OrderedExecutor(Executor):
             self.submit(*call) for call in itertools.islice(items, buffersize)
         )
         return _results(weakref.ref(self), futures, items, end, bool(buffersize), chunksize > 1)
-
-    def _chunk_target(self, fn: Any) -> str:
-        """What a chunk runs: ``"task:NAME"`` or a plain function reference."""
-        if isinstance(fn, Task):
-            return TASK_TARGET_PREFIX + str(fn.name)
-        if isinstance(fn, Signature) or not callable(fn):
-            raise UnsendableError(
-                f"map(chunksize=...) needs an @ordered_task task or a top-level function, "
-                f"got {fn!r}; pass chunksize=1 for a signature"
-            )
-        return self._function_reference(fn)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Accept no more work; with ``wait``, return once every future is done.

@@ -35,7 +35,8 @@ from celery import Celery, Task
 
 from . import checks, codec
 from .errors import DispatchError, OrderedStreamError, StreamEmpty, StreamFull
-from .stream import OrderedResultStream, _Prepared
+from .producer import Prepared
+from .stream import OrderedResultStream
 from .task import CHUNK_TASK_NAME
 
 
@@ -50,7 +51,7 @@ class _InputFailed:
 
 #: What ``OrderedMap.backlog`` holds per item: what put would send, the error
 #: that refused the item, or the input's own failure (always last).
-_Entry = _Prepared | BaseException | _InputFailed
+_Entry = Prepared | BaseException | _InputFailed
 
 #: What ``OrderedMap.slots`` holds per item: None for an outcome the stream
 #: hands out, else the error raised at this place.
@@ -139,10 +140,10 @@ class OrderedMap:
                 return
             try:
                 if self.task is None:  # the items are ready-made signatures
-                    prepared = self.stream._prepare(item, (), {})
+                    prepared = self.stream.producer.prepare(item, (), {})
                 else:
                     args = tuple(item) if self.star else (item,)
-                    prepared = self.stream._prepare(self.task, args, {})
+                    prepared = self.stream.producer.prepare(self.task, args, {})
             except (TypeError, ValueError) as exc:
                 self.backlog.append(exc)  # refused: raised at this item's place
             else:
@@ -151,17 +152,17 @@ class OrderedMap:
     def _fill(self, deadline: float | None) -> None:
         """Claim and send what fits the window (at least one if nothing is pending)."""
         while True:
-            room = self.stream._window_seen - self.pending
+            room = self.stream.consumer.window_seen - self.pending
             if self.pending and room <= 0:
                 return  # full by this iterator's own count: no round trip to learn it
             self._take(max(room, 1))
-            while self.backlog and not isinstance(self.backlog[0], _Prepared):
+            while self.backlog and not isinstance(self.backlog[0], Prepared):
                 refused = self.backlog.popleft()
-                assert not isinstance(refused, _Prepared)
+                assert not isinstance(refused, Prepared)
                 self.slots.append(refused)
-            run: list[_Prepared] = []
+            run: list[Prepared] = []
             for entry in self.backlog:
-                if not isinstance(entry, _Prepared) or len(run) >= max(room, 1):
+                if not isinstance(entry, Prepared) or len(run) >= max(room, 1):
                     break
                 run.append(entry)
             if not run:
@@ -171,7 +172,8 @@ class OrderedMap:
                 continue
             wait = 0.0 if self.pending else _remaining(deadline)
             try:
-                claim = self.stream._claim_block([prepared.record for prepared in run], wait)
+                records = [prepared.record for prepared in run]
+                claim = self.stream.producer.claim_block(records, wait)
             except StreamFull as exc:
                 if self.pending:
                     return  # hand out an outcome first
@@ -183,11 +185,11 @@ class OrderedMap:
                 ) from exc
             for offset in range(claim.count):
                 prepared = self.backlog.popleft()
-                assert isinstance(prepared, _Prepared)
+                assert isinstance(prepared, Prepared)
                 with contextlib.suppress(DispatchError):
                     # A failed send fills its number with the error, which
                     # comes out of the stream at this item's place.
-                    self.stream._send(prepared, claim.first + offset)
+                    self.stream.producer.send(prepared, claim.first + offset)
                 self.slots.append(None)
                 self.pending += 1
             if claim.count < len(run):
@@ -227,11 +229,11 @@ class OrderedMap:
             raise StopIteration
         slot = self.slots[0]
         if slot is None:
-            handed_out = self.stream._handed_out
+            handed_out = self.stream.consumer.handed_out
             try:
                 value = self.stream.get(timeout=_remaining(deadline))
             except Exception as exc:
-                if self.stream._handed_out == handed_out:
+                if self.stream.consumer.handed_out == handed_out:
                     raise  # not this item's outcome: the stream failed, or timed out
                 self.slots.popleft()
                 self.pending -= 1
@@ -281,7 +283,7 @@ class ChunkedMap:
         star: bool = False,
     ) -> None:
         self.stream = stream
-        self.target = stream._chunk_target(task)
+        self.target = stream.producer.chunk_target(task)
         self.chunk_task = stream.app.tasks[CHUNK_TASK_NAME]
         self.star = star
         self.chunks = OrderedMap(stream, None, self._chunked(items, chunksize), timeout)

@@ -1,4 +1,6 @@
-"""Real parts for the tests: a Redis server and Celery worker processes.
+"""Fixtures and hooks only: the helpers are in tests/support/, the apps in tests/apps/.
+
+Real parts for the tests: a Redis server and Celery worker processes.
 
 Redis: ``CO_TEST_REDIS_URL`` if set; else the machine's Redis on
 127.0.0.1:6379 (database 13, the tests' own; only keys the tests create are
@@ -10,30 +12,38 @@ A run leaves nothing behind: at its end, kombu's bindings and queues that it
 created in the tests' Redis are deleted, and the run fails if that database
 then holds a key without a TTL that was not there when it began, or if a
 temporary file or directory of ours made during the run remains
-(``co-worker-*``, ``pymp-*``, ``celery-ordered-*``; see :mod:`tests.leftovers`).
+(``co-worker-*``, ``pymp-*``, ``celery-ordered-*``; see :mod:`tests.support.leftovers`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
-SYSTEM_REDIS = "redis://127.0.0.1:6379/13"
+from tests.support import SESSION
+from tests.support.processes import (
+    PYMP_DIR_GLOB,
+    cmdline,
+    descendants,
+    dir_in_use,
+    redis_dirs,
+    wait_gone,
+)
+from tests.support.tools import require_tool
+from tests.support.workers import Worker
 
-#: This run's own mark, in the names of the temporary files it makes.
-SESSION = os.environ.setdefault("CO_TEST_SESSION", uuid.uuid4().hex[:8])
+if TYPE_CHECKING:
+    from tests.support.topologies import LocalRedisCluster
+
+SYSTEM_REDIS = "redis://127.0.0.1:6379/13"
 
 _embedded: Any = None
 _leftovers: Any = None
@@ -60,7 +70,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("CO_TEST_BROKER_URL", os.environ["CO_TEST_REDIS_URL"])
     os.environ.setdefault("CO_TEST_QUEUE", f"celery-ordered-tests-{uuid.uuid4().hex[:8]}")
     if not hasattr(config, "workerinput"):  # not a pytest-xdist worker
-        from tests.leftovers import Leftovers
+        from tests.support.leftovers import Leftovers
 
         global _leftovers
         _leftovers = Leftovers(os.environ["CO_TEST_REDIS_URL"], SESSION)
@@ -81,6 +91,32 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             print(text, file=sys.stderr)
         if session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+#: Skips a run under ``CO_REQUIRE_TOOLS=1`` (CI) accepts: substrings of their
+#: reasons. Every other skip fails there: CI installs and starts everything a
+#: test needs, so a skip means a test that did not run, unnoticed.
+EXPECTED_SKIPS: tuple[str, ...] = ()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under ``CO_REQUIRE_TOOLS=1``, turn a skip not in :data:`EXPECTED_SKIPS` into a failure."""
+    outcome: Any = yield
+    report = outcome.get_result()
+    if os.environ.get("CO_REQUIRE_TOOLS") != "1" or not report.skipped:
+        return
+    if hasattr(report, "wasxfail"):  # an expected failure, not a skip
+        return
+    longrepr = report.longrepr
+    reason = str(longrepr[2] if isinstance(longrepr, tuple) else longrepr)
+    if any(expected in reason for expected in EXPECTED_SKIPS):
+        return
+    report.outcome = "failed"
+    report.longrepr = (
+        f"skipped under CO_REQUIRE_TOOLS=1, which allows no skip but those listed in "
+        f"tests/conftest.py EXPECTED_SKIPS: {reason}"
+    )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -107,137 +143,30 @@ def redis_client(redis_url: str) -> redis.Redis:
 
 @pytest.fixture(scope="session")
 def app() -> Any:
-    """The tests' Celery app (tests/celeryapp.py)."""
-    from tests.celeryapp import app
+    """The tests' Celery app (tests/apps/celeryapp.py)."""
+    from tests.apps.celeryapp import app
 
     return app
 
 
-class WorkerProcess:
-    """A real ``celery worker`` subprocess serving the tests' queue."""
-
-    def __init__(self, concurrency: int, queue: str, name: str) -> None:
-        self.concurrency = concurrency
-        self.queue = queue
-        # The worker's log and temporary files (billiard's, which a killed
-        # worker never removes) live in a directory removed by stop().
-        self.directory = Path(tempfile.mkdtemp(prefix=f"co-worker-{SESSION}-"))
-        self.log = self.directory / "worker.log"
-        self._output: str | None = None
-        self.proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "celery", "-A", "tests.celeryapp", "worker",
-                "--pool=prefork", f"--concurrency={concurrency}", "-Q", queue,
-                "--without-gossip", "--without-mingle", "--without-heartbeat",
-                "--loglevel=WARNING", f"--hostname={name}@%h",
-            ],
-            cwd=ROOT,
-            env={**os.environ, "C_FORCE_ROOT": "1", "TMPDIR": str(self.directory)},
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-    @property
-    def pid(self) -> int:
-        """pid of the worker's main process."""
-        return self.proc.pid
-
-    def wait_ready(self, app: Any, timeout: float = 60) -> None:
-        """Return once the worker has run a task for a stream."""
-        from celery_ordered import OrderedResultStream
-        from tests.tasks import echo
-
-        stream = OrderedResultStream(app, task_options={"queue": self.queue})
-        try:
-            stream.put(echo, "ready")
-            if stream.get(timeout=timeout) != "ready":
-                raise RuntimeError("the worker answered the readiness check wrongly")
-        finally:
-            stream.delete()
-
-    def stop(self) -> None:
-        """Stop the worker (warm), killing it if it lingers; remove its directory."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._output is None:
-            self._output = self.output()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-    def output(self) -> str:
-        """What the worker logged (kept once it is stopped)."""
-        if self._output is not None:
-            return self._output
-        try:
-            return self.log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-
-@contextlib.contextmanager
-def example_worker(
-    spec: str,
-    app: Any,
-    task: Any,
-    *extra_args: str,
-    cwd: Path = ROOT,
-    env: dict[str, str],
-) -> Iterator[subprocess.Popen[bytes]]:
-    """``celery -A spec worker`` on ``app``'s default queue, as an example's docs start it.
-
-    Yields the process once it has run ``task(0, 0.0)`` (an example's
-    ``process`` task) for a stream; its log is in the error if it never does.
-    """
-    log = Path(tempfile.mkstemp(prefix=f"co-example-worker-{SESSION}-", suffix=".log")[1])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", spec, "worker",
-         "-Q", app.conf.task_default_queue, *extra_args,
-         "--concurrency=3", "--loglevel=WARNING",
-         "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        cwd=cwd, env={**env, "C_FORCE_ROOT": "1"}, stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        from celery_ordered import OrderedResultStream
-
-        stream = OrderedResultStream(app)
-        try:
-            stream.put(task, 0, 0.0)
-            assert stream.get(timeout=60)["item"] == 0
-        except Exception as exc:
-            raise RuntimeError(f"the example's worker did not answer:\n{log.read_text()}") from exc
-        finally:
-            stream.delete()
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.unlink(missing_ok=True)
-
-
 @pytest.fixture(scope="session")
-def worker(app: Any) -> Iterator[WorkerProcess]:
+def worker(app: Any) -> Iterator[Worker]:
     """A session-wide worker with 4 processes on the tests' default queue."""
-    proc = WorkerProcess(4, app.conf.task_default_queue, f"tests-{uuid.uuid4().hex[:6]}")
-    try:
-        proc.wait_ready(app)
-        yield proc
-    finally:
-        proc.stop()
+    queue, name = app.conf.task_default_queue, f"tests-{uuid.uuid4().hex[:6]}@%h"
+    with Worker(queue=queue, concurrency=4, hostname=name) as started:
+        started.wait_ready(app)
+        yield started
 
 
 @pytest.fixture
-def start_worker(app: Any) -> Iterator[Callable[..., WorkerProcess]]:
+def start_worker(app: Any) -> Iterator[Callable[..., Worker]]:
     """Start extra workers on a queue of their own; stopped after the test."""
-    started: list[WorkerProcess] = []
+    started: list[Worker] = []
 
-    def start(concurrency: int = 2, queue: str | None = None) -> WorkerProcess:
+    def start(concurrency: int = 2, queue: str | None = None) -> Worker:
         queue = queue or f"{app.conf.task_default_queue}-{uuid.uuid4().hex[:6]}"
-        proc = WorkerProcess(concurrency, queue, f"extra-{uuid.uuid4().hex[:6]}")
+        name = f"extra-{uuid.uuid4().hex[:6]}@%h"
+        proc = Worker(queue=queue, concurrency=concurrency, hostname=name)
         started.append(proc)
         proc.wait_ready(app)
         return proc
@@ -268,7 +197,7 @@ def make_stream(app: Any, redis_client: redis.Redis) -> Iterator[Callable[..., A
 
 @pytest.fixture
 def gate_key(redis_client: redis.Redis) -> Iterator[str]:
-    """A Redis list a ``tests.tasks.gate`` task waits on; the test opens it with
+    """A Redis list a ``tests.apps.tasks.gate`` task waits on; the test opens it with
     ``rpush``, and it is opened after the test anyway, so no worker is left waiting."""
     key = f"test-gate-{uuid.uuid4().hex}"
     yield key
@@ -276,18 +205,33 @@ def gate_key(redis_client: redis.Redis) -> Iterator[str]:
     redis_client.expire(key, 60)
 
 
-def require_tool(name: str, why: str) -> str:
-    """The path of program ``name``; skips the test when it is missing.
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """A Redis Cluster of three primaries, no replicas, every slot served; one per module."""
+    require_tool("redis-server", "it runs the nodes of the local Redis Cluster")
+    require_tool("redis-cli", "its --cluster create joins the nodes into one cluster")
+    from tests.support.topologies import LocalRedisCluster
 
-    CI sets ``CO_REQUIRE_TOOLS=1`` (it installs every tool), so there a
-    missing program fails the test instead of skipping it.
-    """
-    import shutil
+    with LocalRedisCluster(3) as started:
+        yield started
 
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed ({why})"
-        if os.environ.get("CO_REQUIRE_TOOLS") == "1":
-            pytest.fail(message + "; CO_REQUIRE_TOOLS=1 requires it")
-        pytest.skip(message)
-    return path
+
+@pytest.fixture
+def no_leftovers() -> Iterator[None]:
+    """Fail a test that leaves a process of ours, a private Redis directory or a
+    worker's temporary directory (``pymp-*``) behind."""
+    me = os.getpid()
+    dirs_before = redis_dirs()
+    pymp_before = set(glob.glob(PYMP_DIR_GLOB))
+    procs_before = descendants(me)
+    yield
+    # The session's Celery worker (the worker fixture) may start during a test.
+    new_procs = {
+        pid for pid in descendants(me) - procs_before if "tests.apps.celeryapp" not in cmdline(pid)
+    }
+    wait_gone(new_procs)
+    # Another test run on this machine may own new directories: theirs have a
+    # living keeper naming them; ours must be gone.
+    new_dirs = {d for d in redis_dirs() - dirs_before if not dir_in_use(d)}
+    wait_gone(paths=new_dirs)
+    wait_gone(paths=set(glob.glob(PYMP_DIR_GLOB)) - pymp_before, timeout=1.0)

@@ -19,7 +19,7 @@ from celery_ordered import (
     UnsendableError,
 )
 from celery_ordered.redis.keys import StreamKeys
-from tests.tasks import Holder, echo, plain_add, plain_celery_add
+from tests.apps.tasks import Holder, echo, plain_add, plain_celery_add
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -81,7 +81,7 @@ BAD_PUTS: list[tuple[str, Any, type[BaseException], list[str]]] = [
         "unencodable argument",
         lambda: P(echo, object()),
         UnsendableError,
-        ["cannot encode the arguments of tests.tasks.echo", "'json'", "serializer"],
+        ["cannot encode the arguments of tests.apps.tasks.echo", "'json'", "serializer"],
     ),
     (
         "unencodable keyword argument",
@@ -187,7 +187,7 @@ def test_static_method_of_a_top_level_class_is_accepted(make_stream):
 
 
 def test_stdlib_allowed_by_the_producer_is_still_refused_by_the_worker(make_stream, app):
-    # The producer's app lists the module; the workers' app (tests.celeryapp,
+    # The producer's app lists the module; the workers' app (tests.apps.celeryapp,
     # in another process) does not, so the worker refuses at the position.
     module = os.getcwd.__module__
     stream = make_stream(window=4)

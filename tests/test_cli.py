@@ -10,19 +10,14 @@ from typing import Any
 
 import pytest
 import redis
-from celery.bin.celery import celery as celery_command
 from click.testing import CliRunner
 
 from celery_ordered import commands
 from celery_ordered.cli import main as standalone
 from celery_ordered.redis.keys import StreamKeys
-from tests.processes import ROOT
-from tests.tasks import echo
-
-
-def run(*args: str, input: str | None = None) -> Any:
-    return CliRunner().invoke(celery_command, ["-A", "tests.celeryapp", "ordered", *args],
-                              input=input)  # fmt: skip
+from tests.apps.tasks import echo
+from tests.support import ROOT
+from tests.support.cli import run_ordered
 
 
 @pytest.fixture
@@ -41,7 +36,7 @@ def blocked_stream(worker: Any, make_stream: Any, redis_client: redis.Redis) -> 
 
 
 def test_inspect_names_the_head_of_line_blocker(blocked_stream: Any) -> None:
-    result = run("inspect", blocked_stream.name)
+    result = run_ordered("inspect", blocked_stream.name)
     assert result.exit_code == 0, result.output
     assert "claimed       4" in result.output
     assert "delivered     1" in result.output
@@ -51,7 +46,7 @@ def test_inspect_names_the_head_of_line_blocker(blocked_stream: Any) -> None:
 
 
 def test_ls_lists_streams_with_their_progress(blocked_stream: Any) -> None:
-    result = run("ls")
+    result = run_ordered("ls")
     assert result.exit_code == 0, result.output
     line = next(line for line in result.output.splitlines() if blocked_stream.name in line)
     assert "1/4 delivered" in line
@@ -75,16 +70,16 @@ def test_ls_leaves_out_a_stream_that_ends_while_it_lists(
 
     monkeypatch.setattr(commands._Target, "names", names_then_delete)
     # Then ls lists the others and leaves it out, instead of failing on it
-    result = run("ls")
+    result = run_ordered("ls")
     assert result.exit_code == 0, result.output
     assert gone.name not in result.output
     assert any(blocked_stream.name in line for line in result.output.splitlines())
 
 
 def test_window_changes_the_cap_live_and_refuses_nonsense(blocked_stream: Any) -> None:
-    assert run("window", blocked_stream.name, "3").exit_code == 0
+    assert run_ordered("window", blocked_stream.name, "3").exit_code == 0
     assert blocked_stream.window == 3
-    refused = run("window", blocked_stream.name, "0")
+    refused = run_ordered("window", blocked_stream.name, "0")
     assert refused.exit_code == 2
     assert "at least 1" in refused.output
     assert blocked_stream.window == 3
@@ -96,29 +91,29 @@ def test_watch_shows_progress_and_ends_with_the_stream(worker: Any, make_stream:
         stream.put(echo, i)
     stream.close()
     assert list(stream) == list(range(5))
-    result = run("watch", stream.name, "--interval", "0.01")
+    result = run_ordered("watch", stream.name, "--interval", "0.01")
     assert result.exit_code == 0, result.output
     assert "[##############################] 5/5 delivered" in result.output
 
 
 def test_watch_with_a_count_stops_on_an_open_stream(blocked_stream: Any) -> None:
-    result = run("watch", blocked_stream.name, "--count", "2", "--interval", "0.01")
+    result = run_ordered("watch", blocked_stream.name, "--count", "2", "--interval", "0.01")
     assert result.exit_code == 0, result.output
     assert result.output.count("1/4 delivered") == 2
 
 
 def test_purge_asks_then_deletes_every_key(blocked_stream: Any, redis_client: Any) -> None:
     keys = StreamKeys(blocked_stream.name).all()
-    kept = run("purge", blocked_stream.name, input="n\n")
+    kept = run_ordered("purge", blocked_stream.name, input="n\n")
     assert kept.exit_code == 1
     assert redis_client.exists(*keys) > 0
-    gone = run("purge", blocked_stream.name, "--yes")
+    gone = run_ordered("purge", blocked_stream.name, "--yes")
     assert gone.exit_code == 0, gone.output
     assert redis_client.exists(*keys) == 0
 
 
 def test_an_unknown_stream_is_a_clear_error(redis_url: str) -> None:
-    result = run("inspect", f"no-such-{uuid.uuid4().hex}")
+    result = run_ordered("inspect", f"no-such-{uuid.uuid4().hex}")
     assert result.exit_code == 1
     assert "no stream named" in result.output
 
@@ -136,7 +131,7 @@ def test_watch_shows_no_shrinking_share_and_ctrl_c_ends_it_quietly(
 ) -> None:
     # Given `ordered watch` following an open stream, as a real process
     watcher = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tests.celeryapp", "ordered", "watch",
+        [sys.executable, "-m", "celery", "-A", "tests.apps.celeryapp", "ordered", "watch",
          blocked_stream.name, "--lines", "--interval", "0.02"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -166,12 +161,12 @@ def test_watch_shows_no_shrinking_share_and_ctrl_c_ends_it_quietly(
 
 
 def test_watch_draws_its_bar_only_once_the_total_is_final(blocked_stream: Any) -> None:
-    open_ = run("watch", blocked_stream.name, "--count", "1", "--bar")
+    open_ = run_ordered("watch", blocked_stream.name, "--count", "1", "--bar")
     assert open_.exit_code == 0, open_.output
     assert "#" not in open_.output
     assert "/4 delivered 0/s" not in open_.output
     assert "1/4 delivered, 1 in flight" in open_.output  # delivered/claimed so far
     blocked_stream.close()
-    closed = run("watch", blocked_stream.name, "--count", "1", "--lines")
+    closed = run_ordered("watch", blocked_stream.name, "--count", "1", "--lines")
     assert closed.exit_code == 0, closed.output
     assert closed.output.startswith("[#######.......................] 1/4 delivered")

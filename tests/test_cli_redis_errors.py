@@ -18,7 +18,7 @@ import redis
 
 from celery_ordered.embedded import RedisServer
 from celery_ordered.redis.clients import FIRST_CONTACT_RETRY_FOR, client_for
-from tests.processes import ROOT
+from tests.support import ROOT
 
 #: The commands of issue 11, item 6, with the arguments each needs.
 COMMANDS = [("ls",), ("inspect", "some-stream"), ("window", "some-stream", "3")]
@@ -83,10 +83,10 @@ def test_a_redis_that_refuses_the_connection_is_one_line_in_about_a_second(
 
 
 def test_celery_ordered_with_the_apps_redis_down_names_the_flag() -> None:
-    # Given the app's own setting (tests/celeryapp.py reads it from the
+    # Given the app's own setting (tests/apps/celeryapp.py reads it from the
     # environment) pointing at a Redis that is not there
     env = {"CO_TEST_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
-    done, took = cli("celery", "-A", "tests.celeryapp", "ordered", "inspect", "x", env=env)
+    done, took = cli("celery", "-A", "tests.apps.celeryapp", "ordered", "inspect", "x", env=env)
     assert_one_line_error(done, "cannot reach Redis", "--redis-url")
     assert took < FIRST_CONTACT_RETRY_FOR + 6, took
 

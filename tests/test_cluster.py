@@ -3,7 +3,9 @@
 Every key of a stream carries the stream's name as its hash tag, so all of a
 stream lives in one slot and its scripts run whole on one node; different
 streams spread over the nodes. The workers' broker is the tests' usual one:
-only the streams' Redis is the cluster.
+only the streams' Redis is the cluster. What every store must do (order,
+markers, errors, the window, deletion) is in test_topology_conformance.py;
+this file keeps what is the cluster's own.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from click.testing import CliRunner
 from redis.cluster import RedisCluster
 
@@ -26,31 +27,22 @@ from celery_ordered import (
     ConfigurationError,
     OrderedResultStream,
     RedisUnavailable,
-    StreamExhausted,
-    StreamFull,
 )
 from celery_ordered.cli import main as standalone
 from celery_ordered.redis.keys import StreamKeys
-from tests.conftest import require_tool
-from tests.tasks import CustomError, echo, fail, gate, sleep_echo
-from tests.topologies import (
-    LocalRedisCluster,
-    RedisNode,
-    TopologyWorker,
-    free_ports,
-    topology_app,
-)
+from tests.apps.tasks import echo
+from tests.apps.topologyapp import topology_app
+from tests.support.tools import require_tool
+from tests.support.topologies import LocalRedisCluster, RedisNode, free_ports, topology_worker
+from tests.support.workers import Worker
 
 pytestmark = pytest.mark.topology
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalRedisCluster]:
-    """Three primaries, no replicas, every slot served."""
-    require_tool("redis-server", "it runs the nodes of the local Redis Cluster")
-    require_tool("redis-cli", "its --cluster create joins the nodes into one cluster")
-    with LocalRedisCluster(3) as started:
-        yield started
+def cluster(redis_cluster: LocalRedisCluster) -> LocalRedisCluster:
+    """The module's Redis Cluster (conftest's ``redis_cluster``)."""
+    return redis_cluster
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +51,9 @@ def queue() -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster_worker(cluster: LocalRedisCluster, queue: str) -> Iterator[TopologyWorker]:
+def cluster_worker(cluster: LocalRedisCluster, queue: str) -> Iterator[Worker]:
     """A worker (3 processes) that publishes outcomes to the cluster."""
-    worker = TopologyWorker(cluster.url, queue, concurrency=3)
+    worker = topology_worker(cluster.url, queue, concurrency=3)
     try:
         worker.wait_ready(topology_app(cluster.url, queue))
         yield worker
@@ -85,70 +77,35 @@ def names_on_each_node(cluster: LocalRedisCluster, prefix: str) -> dict[int, str
     return found
 
 
-def test_streams_on_three_nodes_keep_order_markers_and_errors(
-    cluster: LocalRedisCluster, cluster_worker: TopologyWorker, app: Any
+def test_each_stream_lives_on_one_node_alone(
+    cluster: LocalRedisCluster, cluster_worker: Worker, app: Any
 ) -> None:
-    # Given three streams whose slots belong to three different nodes
-    names = names_on_each_node(cluster, "three")
+    # (Order, markers and errors on a cluster: tests/test_topology_conformance.py.)
+    # Given one stream on each node, each of which ran tasks
+    names = names_on_each_node(cluster, "placed")
     streams = {
         port: OrderedResultStream(app, name, redis_url=cluster.url, window=8)
         for port, name in names.items()
     }
     try:
-        # their keys really are on those nodes, each alone on it
+        for stream in streams.values():
+            assert list(stream.map(echo, range(10))) == list(range(10))
+        # Then each stream's keys are on its own node and on no other
         for port, stream in streams.items():
             for node in cluster.nodes:
                 held = node.client().scan_iter(match=f"co:{{{stream.name}}}:*")
                 assert bool(list(held)) == (node.port == port)
-
-        # When each is fed tasks, markers and one failing task, all at once
-        def produce(stream: OrderedResultStream, offset: int) -> None:
-            with stream:
-                for i in range(60):
-                    stream.put(sleep_echo, offset + i, (i % 7) / 1000)
-                    if i % 20 == 19:
-                        stream.put({"batch": i // 20})
-                    if i == 30:
-                        stream.put(fail, f"failed on stream {offset}")
-
-        threads = [
-            threading.Thread(target=produce, args=(stream, 1000 * n), daemon=True)
-            for n, stream in enumerate(streams.values())
-        ]
-        for thread in threads:
-            thread.start()
-
-        # Then each comes out in its own order, the error at its place
-        for n, stream in enumerate(streams.values()):
-            offset = 1000 * n
-            seen: list[Any] = []
-            while True:
-                try:
-                    seen.append(stream.get(timeout=60))
-                except CustomError as exc:
-                    seen.append(("error", str(exc)))
-                except StreamExhausted:
-                    break
-            expected: list[Any] = []
-            for i in range(60):
-                expected.append(offset + i)
-                if i % 20 == 19:
-                    expected.append({"batch": i // 20})
-                if i == 30:
-                    expected.append(("error", f"failed on stream {offset}"))
-            assert seen == expected
-        for thread in threads:
-            thread.join(timeout=30)
     finally:
         for stream in streams.values():
             stream.delete()
+    # and, once deleted, on none
     for node in cluster.nodes:
         for name in names.values():
             assert not list(node.client().scan_iter(match=f"co:{{{name}}}:*"))
 
 
 def test_the_app_setting_sends_streams_to_the_cluster(
-    cluster: LocalRedisCluster, cluster_worker: TopologyWorker, app: Any
+    cluster: LocalRedisCluster, cluster_worker: Worker, app: Any
 ) -> None:
     # As docs/deploying.md shows it: the app names the cluster, streams follow.
     app.conf.ordered_redis_url = cluster.url
@@ -164,7 +121,7 @@ def test_the_app_setting_sends_streams_to_the_cluster(
 
 
 def test_a_redis_cluster_client_of_your_own(
-    cluster: LocalRedisCluster, cluster_worker: TopologyWorker, app: Any
+    cluster: LocalRedisCluster, cluster_worker: Worker, app: Any
 ) -> None:
     own = RedisCluster(host="127.0.0.1", port=cluster.nodes[1].port)
     stream = OrderedResultStream(app, client=own, window=32)
@@ -177,34 +134,6 @@ def test_a_redis_cluster_client_of_your_own(
     finally:
         stream.delete()
         own.close()
-
-
-def test_the_window_holds_on_a_cluster(
-    cluster: LocalRedisCluster, cluster_worker: TopologyWorker, app: Any, redis_url: str
-) -> None:
-    gates = [f"co-gate-{uuid.uuid4().hex}" for _ in range(3)]
-    stream = OrderedResultStream(app, redis_url=cluster.url, window=3)
-    try:
-        # Given three tasks held by their gates: the window is full
-        for i, key in enumerate(gates):
-            stream.put(gate, redis_url, key, i)
-        began = time.monotonic()
-        with pytest.raises(StreamFull):
-            stream.put(echo, "fourth", timeout=0.3)
-        assert time.monotonic() - began >= 0.3
-        stats = stream.stats()
-        assert (stats.claimed, stats.in_flight) == (3, 3)
-        # When the first finishes and is consumed, one more fits
-        opener = redis.Redis.from_url(redis_url)
-        opener.rpush(gates[0], 1)
-        assert stream.get(timeout=30) == 0
-        stream.put(echo, "fourth", timeout=30)
-        for key in gates[1:]:
-            opener.rpush(key, 1)
-        assert [stream.get(timeout=30) for _ in range(3)] == [1, 2, "fourth"]
-        opener.delete(*gates)
-    finally:
-        stream.delete()
 
 
 def test_many_streams_spread_over_every_node_and_stay_apart(

@@ -25,9 +25,9 @@ from celery import signals
 
 from celery_ordered import ParallelQueue, ParallelSingleTaskQueue, StreamExhausted
 from celery_ordered.compat import window_for
-from tests.processes import Owner, descendants, footprint, no_leftovers
+from tests.support.processes import Owner, descendants, footprint
 
-pytestmark = pytest.mark.usefixtures(no_leftovers.__name__)
+pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 #: Seconds any single result may take to arrive (a bound, not a pace).
 RESULT_TIMEOUT = 30.0
@@ -533,7 +533,7 @@ def test_worker_init_f_with_an_app_is_refused(app):
 
 
 def test_parallel_queue_runs_on_a_celery_fleet(app, worker):
-    from tests.tasks import echo, pid, plain_add
+    from tests.apps.tasks import echo, pid, plain_add
 
     queue = ParallelQueue(
         app=app, num_workers=1, in_q_max=2, out_q_max=2, worker_q_max=1, consumer_buffer_max=2
@@ -561,7 +561,7 @@ def test_parallel_queue_runs_on_a_celery_fleet(app, worker):
 
 
 def test_single_task_queue_runs_a_top_level_function_on_a_celery_fleet(app, worker):
-    from tests.tasks import plain_add
+    from tests.apps.tasks import plain_add
 
     queue = ParallelSingleTaskQueue(plain_add, app=app)
     queue.put(1, 2)
@@ -574,7 +574,7 @@ def test_single_task_queue_runs_a_top_level_function_on_a_celery_fleet(app, work
 
 
 def test_results_not_taken_before_join_stay_gettable_on_a_celery_fleet(app, worker):
-    from tests.tasks import echo
+    from tests.apps.tasks import echo
 
     queue = ParallelQueue(app=app)
     queue.put(echo, "kept")

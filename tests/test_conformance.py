@@ -18,8 +18,8 @@ import pytest
 import celery_ordered
 from celery_ordered import OrderedResultStream, StreamEmpty
 from celery_ordered.errors import ProducerFailed
-from tests.tasks import CustomError, echo, gate, plain_add
-from tests.test_map import inverse_or_fail
+from tests.apps.tasks import CustomError, echo, gate, inverse_or_fail, plain_add
+from tests.support.streams import outcomes
 
 #: Seconds any single outcome may take (a bound, not a pace).
 RESULT_TIMEOUT = 30.0
@@ -43,18 +43,6 @@ def gen(n: int) -> Iterator[int]:
     """``range(n)``, then an exception: Python's own test of ``Pool.imap``."""
     yield from range(n)
     raise InputBroke(f"the input broke after {n} items")
-
-
-def outcomes(iterator: Any) -> list[Any]:
-    """Drain ``iterator``, keeping exceptions in place of the items that raised."""
-    seen: list[Any] = []
-    while True:
-        try:
-            seen.append(next(iterator))
-        except StopIteration:
-            return seen
-        except Exception as exc:
-            seen.append(exc)
 
 
 def keys_of(redis_client: Any, name: str) -> list[bytes]:

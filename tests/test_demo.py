@@ -14,9 +14,9 @@ from click.testing import CliRunner
 
 from celery_ordered import RedisServer, __version__
 from celery_ordered.cli import main
-from tests.processes import no_leftovers
+from tests.support.workers import Worker
 
-pytestmark = pytest.mark.usefixtures(no_leftovers.__name__)
+pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 BATCH_LINE = re.compile(r"^batch +(\d+) done: (\d+) documents$", re.MULTILINE)
 ORDER_OK = "order             every result in submission order: ok"
@@ -134,21 +134,8 @@ def test_the_demo_runs_on_a_fleet(tmp_path):
             **clean_env(),
             "CELERY_BROKER_URL": server.broker_url,
             "CELERY_ORDERED_REDIS_URL": server.url,
-            "C_FORCE_ROOT": "1",
         }
-        with (tmp_path / "worker.log").open("wb") as log:
-            worker = subprocess.Popen(
-                [
-                    sys.executable, "-m", "celery", "-A", "celery_ordered.demo", "worker",
-                    "--pool=prefork", "--concurrency=2", "--loglevel=WARNING",
-                    "--without-gossip", "--without-mingle", "--without-heartbeat",
-                ],
-                cwd=tmp_path,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        try:
+        with Worker("celery_ordered.demo", cwd=tmp_path, env=env):
             out = run_demo(
                 [
                     sys.executable, "-m", "celery_ordered", "demo",
@@ -157,9 +144,6 @@ def test_the_demo_runs_on_a_fleet(tmp_path):
                 ],
                 cwd=tmp_path,
             )  # fmt: skip
-        finally:
-            worker.terminate()
-            worker.wait(timeout=60)
 
     assert out.startswith(f"Running on the fleet behind {server.broker_url}")
     assert "Starting a private Redis" not in out

@@ -23,11 +23,12 @@ from django.urls import path
 
 from celery_ordered import OrderedResultStream, StreamClosedError
 from celery_ordered.contrib.django import stream_response
-from tests.conftest import ROOT
-from tests.django_example import EXAMPLE, configured_project
-from tests.django_example import project_worker as start_project_worker
-from tests.tasks import echo, gate
-from tests.topologies import wait_until
+from tests.apps.tasks import echo, gate
+from tests.support import ROOT
+from tests.support.django_project import EXAMPLE, configured_project
+from tests.support.django_project import project_worker as start_project_worker
+from tests.support.waiting import wait_until
+from tests.support.workers import Worker
 
 OPEN = b": open\n\n"
 KEEP_ALIVE = b": keep-alive\n\n"
@@ -35,7 +36,7 @@ KEEP_ALIVE = b": keep-alive\n\n"
 
 def stream_view(request: HttpRequest, name: str) -> HttpResponse:
     """Stream the tests' stream ``name`` (this module is the URLconf of some tests)."""
-    from tests.celeryapp import app
+    from tests.apps.celeryapp import app
 
     stream = OrderedResultStream(app, name)
     on_disconnect = request.GET.get("on_disconnect", "keep")
@@ -59,10 +60,10 @@ def project(redis_url: str) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def project_worker(project: Any, redis_url: str) -> Iterator[subprocess.Popen[bytes]]:
+def project_worker(project: Any, redis_url: str) -> Iterator[Worker]:
     """``celery -A project worker``, as the example's README starts it, on its queue."""
-    with start_project_worker(project, redis_url) as proc:
-        yield proc
+    with start_project_worker(project, redis_url) as worker:
+        yield worker
 
 
 def expected_job(items: int, batch: int) -> list[dict[str, Any]]:

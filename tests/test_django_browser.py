@@ -10,7 +10,6 @@ tests/test_django.py.
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -25,7 +24,8 @@ import redis
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.browser import (
+from tests.apps.tasks import gate
+from tests.support.browsers import (
     DEADLINE,
     CutFirstEventStream,
     headless_chromium,
@@ -35,9 +35,9 @@ from tests.browser import (
     state,
     wait_until_done,
 )
-from tests.django_example import configured_project
-from tests.django_example import project_worker as start_project_worker
-from tests.tasks import gate
+from tests.support.django_project import configured_project
+from tests.support.django_project import project_worker as start_project_worker
+from tests.support.workers import Worker
 
 pytestmark = pytest.mark.topology
 
@@ -54,11 +54,11 @@ def project(redis_url: str) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def project_worker(project: Any, redis_url: str) -> Iterator[subprocess.Popen[bytes]]:
+def project_worker(project: Any, redis_url: str) -> Iterator[Worker]:
     """``celery -A project worker`` as the example's README starts it (plus the tests'
     tasks), on its queue."""
-    with start_project_worker(project, redis_url, "--include", "tests.tasks") as proc:
-        yield proc
+    with start_project_worker(project, redis_url, "--include", "tests.apps.tasks") as worker:
+        yield worker
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def site(serve: Serve) -> str:
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
-    """Headless Chromium (see tests/browser.py)."""
+    """Headless Chromium (see tests/support/browsers.py)."""
     with headless_chromium(tmp_path / "chromium-profile") as driver:
         yield driver
 

@@ -34,10 +34,11 @@ from celery_ordered import (
     RedisServer,
     local_cluster,
 )
-from tests.lifetime_tasks import PermutationTask, collect_garbage, task_1
-from tests.processes import ROOT, Owner, alive, footprint, no_leftovers, wait_gone
+from tests.apps.lifetime_tasks import PermutationTask, collect_garbage, task_1
+from tests.support import ROOT
+from tests.support.processes import Owner, alive, footprint, wait_gone
 
-pytestmark = pytest.mark.usefixtures(no_leftovers.__name__)
+pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 RESULT_TIMEOUT = 30.0
 MACHINE_REDIS_PORT = 6379

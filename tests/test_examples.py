@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import redis
 
-from tests.conftest import ROOT
-from tests.tasks import echo
+from tests.apps.tasks import echo
+from tests.support import ROOT
 
 #: Seconds a documented command may take.
 COMMAND_TIMEOUT = 180

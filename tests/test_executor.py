@@ -23,8 +23,8 @@ import redis
 
 from celery_ordered import OrderedResultStream, UnsendableError
 from celery_ordered.executor import OrderedExecutor
-from tests.tasks import CustomError, echo, fail, gate, keywords, sleep_echo
-from tests.topologies import wait_until
+from tests.apps.tasks import CustomError, echo, fail, gate, keywords, sleep_echo
+from tests.support.waiting import wait_until
 
 #: Seconds a test waits for any one result.
 RESULT_TIMEOUT = 60

@@ -7,7 +7,6 @@ events; the tests click its button and read the rows it adds to the DOM.
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,7 +20,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 from werkzeug.serving import make_server
 
-from tests.browser import (
+from tests.apps.tasks import gate
+from tests.support.browsers import (
     DEADLINE,
     CutFirstEventStream,
     headless_chromium,
@@ -31,8 +31,8 @@ from tests.browser import (
     state,
     wait_until_done,
 )
-from tests.conftest import example_worker as start_example_worker
-from tests.tasks import gate
+from tests.support.workers import Worker
+from tests.support.workers import example_worker as start_example_worker
 
 pytestmark = pytest.mark.topology
 
@@ -59,14 +59,14 @@ def example(redis_url: str) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def example_worker(example: Any, redis_url: str) -> Iterator[subprocess.Popen[bytes]]:
+def example_worker(example: Any, redis_url: str) -> Iterator[Worker]:
     """The worker the example's docstring starts (plus the tests' tasks), on its queue."""
     env = {**os.environ, "REDIS_URL": redis_url, "BROKER_URL": os.environ["CO_TEST_BROKER_URL"]}
     with start_example_worker(
         "examples.flask_app.app:celery_app", example.celery_app, example.process,
-        "--include", "tests.tasks", env=env,
-    ) as proc:  # fmt: skip
-        yield proc
+        "--include", "tests.apps.tasks", env=env,
+    ) as worker:  # fmt: skip
+        yield worker
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def serve() -> Iterator[Callable[[Flask], str]]:
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
-    """Headless Chromium (see tests/browser.py)."""
+    """Headless Chromium (see tests/support/browsers.py)."""
     with headless_chromium(tmp_path / "chromium-profile") as driver:
         yield driver
 

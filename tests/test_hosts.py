@@ -1,6 +1,6 @@
 """Workers on separate hosts serve one ordered stream; a host lost mid-stream loses nothing.
 
-Each host is a Linux network namespace of its own (tests/netns.py), linked to
+Each host is a Linux network namespace of its own (tests/support/netns.py), linked to
 the root namespace by a veth pair; its Celery worker reaches the test's
 private Redis (broker and stream state at once) only over that link. The
 consumer runs in the root namespace. A host's cable is then pulled, or its
@@ -11,25 +11,21 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from celery import Celery
-from celery.utils.nodenames import host_format
 
 from celery_ordered import OrderedResultStream, RedisServer, StreamEmpty, StreamExhausted
-from tests import netns
-from tests.conftest import ROOT, require_tool
-from tests.host_tasks import visit
+from tests.apps.host_tasks import visit
+from tests.support import netns
+from tests.support.tools import require_tool
+from tests.support.workers import Worker, wait_answering
 
 pytestmark = pytest.mark.topology
 
@@ -51,11 +47,11 @@ def network() -> Iterator[netns.Network]:
     """Two hosts, host-a and host-b, each in a network namespace of its own."""
     require_tool("ip", "iproute2 makes the network namespaces the hosts run in")
     reason = netns.probe()
-    if reason is not None:
-        message = f"this machine cannot run hosts in network namespaces: {reason}"
-        if os.environ.get("CO_REQUIRE_TOOLS") == "1":
-            pytest.fail(message + "; CO_REQUIRE_TOOLS=1 requires it (run as root)")
-        pytest.skip(message)
+    require_tool(
+        "network namespaces with veth links",
+        f"the hosts run in them; this machine cannot make them, run as root: {reason}",
+        find=lambda _: None if reason else "available",
+    )
     with netns.Network(HOSTS) as net:
         yield net
 
@@ -69,20 +65,6 @@ def server(network: netns.Network) -> Iterator[int]:
     args = ("--bind", *network.server_addresses, "127.0.0.1", "--protected-mode", "no")
     with RedisServer(port=port, args=args):
         yield port
-
-
-@dataclass
-class Worker:
-    """A Celery worker node running on one host."""
-
-    host: netns.Host
-    node: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def output(self) -> str:
-        """What the worker logged."""
-        return self.log.read_text(errors="replace")
 
 
 @dataclass
@@ -102,7 +84,7 @@ class Lab:
 
 
 @pytest.fixture
-def lab(network: netns.Network, server: int, tmp_path: Path) -> Iterator[Lab]:
+def lab(network: netns.Network, server: int) -> Iterator[Lab]:
     """A worker of one process on each host, all serving one queue; answered pings."""
     local_url = f"redis://127.0.0.1:{server}/0"
     queue = f"hosts-{uuid.uuid4().hex[:6]}"
@@ -117,54 +99,28 @@ def lab(network: netns.Network, server: int, tmp_path: Path) -> Iterator[Lab]:
     for host in network:
         # The host's only way to the server: the far end of its own link.
         url = f"redis://{host.server_address}:{server}/0"
-        # Its temporary files (billiard's pymp-* folder) go where the test's
-        # own go: a host powered off cannot clean up after itself.
-        scratch = tmp_path / f"{host.name}-tmp"
-        scratch.mkdir()
-        env = {
-            **os.environ,
-            "TMPDIR": str(scratch),
-            "CO_TEST_REDIS_URL": url,
-            "CO_TEST_BROKER_URL": url,
-            "CO_TEST_QUEUE": queue,
-            "C_FORCE_ROOT": "1",
-        }
-        log = tmp_path / f"{host.name}.log"
-        with log.open("wb") as out:
-            proc = host.popen(
-                [sys.executable, "-m", "celery", "-A", "tests.celeryapp", "worker",
-                 "--pool=prefork", "--concurrency=1", "-Q", queue, "--without-gossip",
-                 "--without-mingle", "--without-heartbeat", "--loglevel=WARNING",
-                 f"--hostname={host.name}@%h"],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        workers[host.name] = Worker(host, host_format(f"{host.name}@%h"), proc, log)
+        worker = Worker(
+            queue=queue,
+            concurrency=1,
+            hostname=f"{host.name}@%h",
+            extra_env={"CO_TEST_REDIS_URL": url, "CO_TEST_BROKER_URL": url, "CO_TEST_QUEUE": queue},
+            prefix=host.prefix,
+        )
+        host.adopt(worker.proc)  # killed with the host's power
+        workers[host.name] = worker
     lab = Lab(
         network, workers, app, redis.Redis.from_url(local_url, decode_responses=True), queue, server
     )
     try:
-        _wait_until_serving(lab)
+        wait_answering(app, workers.values(), DEADLINE)
         yield lab
     finally:
         for host in network:
             host.power_off()
+        for worker in workers.values():
+            worker.stop()  # reaped already; its directory goes
         lab.client.close()
         app.close()
-
-
-def _wait_until_serving(lab: Lab) -> None:
-    """Return once every worker answers a ping through the broker."""
-    waiting = {w.node for w in lab.workers.values()}
-    deadline = time.monotonic() + DEADLINE
-    while waiting:
-        for worker in lab.workers.values():
-            if worker.proc.poll() is not None:
-                pytest.fail(f"the worker on {worker.host.name} exited:\n{lab.logs()}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"no answer from {sorted(waiting)} in {DEADLINE}s:\n{lab.logs()}")
-        replies = lab.app.control.ping(destination=sorted(waiting), timeout=0.5)
-        for reply in replies:
-            waiting -= set(reply)
 
 
 def _produce(stream: OrderedResultStream, put: Callable[[int], None]) -> Callable[[], None]:
@@ -239,7 +195,7 @@ def _started(lab: Lab, key: str) -> list[tuple[str, int]]:
 
 def _assert_ran_in_their_namespaces(lab: Lab, outcomes: list[Any]) -> None:
     root = os.stat("/proc/self/ns/net").st_ino
-    inodes = {w.host.name: w.host.netns_inode for w in lab.workers.values()}
+    inodes = {host.name: host.netns_inode for host in lab.network}
     assert root not in inodes.values()
     for outcome in outcomes:
         if isinstance(outcome, list):

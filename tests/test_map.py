@@ -8,26 +8,8 @@ from typing import Any
 import pytest
 
 from celery_ordered import UnsendableError
-from tests.tasks import CustomError, echo
-
-
-def inverse_or_fail(x: int) -> float:
-    """1/x, or CustomError for x == 0 (a plain top-level function)."""
-    if x == 0:
-        raise CustomError(f"no inverse of {x}")
-    return 1 / x
-
-
-def outcomes(iterator: Any) -> list[Any]:
-    """Drain ``iterator``, keeping exceptions in place of the items that raised."""
-    seen: list[Any] = []
-    while True:
-        try:
-            seen.append(next(iterator))
-        except StopIteration:
-            return seen
-        except Exception as exc:
-            seen.append(exc)
+from tests.apps.tasks import CustomError, echo, inverse_or_fail
+from tests.support.streams import outcomes
 
 
 @pytest.mark.parametrize("chunksize", [1, 7, 50])

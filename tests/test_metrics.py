@@ -27,10 +27,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from celery_ordered import ConfigurationError, ResultLost, StreamStats
 from celery_ordered.embedded import RedisServer
 from celery_ordered.metrics import OrderedStreamsCollector, start_metrics_server
-from tests.conftest import ROOT
-from tests.conftest import example_worker as start_example_worker
-from tests.tasks import echo, gate
-from tests.topologies import free_ports, wait_until
+from tests.apps.tasks import echo, gate
+from tests.support import ROOT
+from tests.support.topologies import free_ports
+from tests.support.waiting import wait_until
+from tests.support.workers import example_worker as start_example_worker
 
 #: Seconds any wait in these tests may take.
 DEADLINE = 60.0

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from celery_ordered import Progress, ProgressBar, progress_bar
-from tests.tasks import echo, fail_value_error
-from tests.test_cli import run
+from tests.apps.tasks import echo, fail_value_error
+from tests.support.cli import run_ordered
 
 
 def test_the_callback_sees_every_outcome_in_order_with_the_total(
@@ -122,7 +122,7 @@ def test_watch_draws_a_bar_when_asked(worker: Any, make_stream: Any) -> None:
         stream.put(echo, i)
     stream.close()
     assert list(stream) == list(range(5))
-    result = run("watch", stream.name, "--bar", "--interval", "0.01")
+    result = run_ordered("watch", stream.name, "--bar", "--interval", "0.01")
     assert result.exit_code == 0, result.output
     assert "5/5" in result.output
     last = result.output.rstrip().splitlines()[-1]

@@ -1,5 +1,5 @@
 """Property-based: any interleaving of claim, publish (with duplicates) and pop
-keeps the invariants of DESIGN.md, checked against the real scripts in Redis."""
+keeps the invariants of docs/how-it-works.md, checked against the real scripts in Redis."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ import pytest
 import redis
 from markdown_it import MarkdownIt
 
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 README = ROOT / "README.md"
 DIRECTIVE = re.compile(r"^<!-- readme: (?P<kind>file|run|tested by) (?P<arg>\S+) -->$")

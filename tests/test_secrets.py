@@ -14,7 +14,7 @@ from celery import Celery
 
 from celery_ordered import ConfigurationError, OrderedResultStream
 from celery_ordered.redis.urls import mask_url, parse_redis_url
-from tests.processes import ROOT
+from tests.support import ROOT
 
 SECRET = "Pa55-w0rd"
 

@@ -3,6 +3,8 @@
 The topology tests run a real primary, two replicas and a Sentinel (quorum 1,
 ``down-after-milliseconds`` 1000) on local ports, real Celery workers
 publishing through the Sentinel URL, and kill -9 the primary mid-stream.
+What every store must do, Sentinel with and without WAIT included, is in
+test_topology_conformance.py.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from celery_ordered import (
     StreamStateLost,
 )
 from celery_ordered.redis.keys import StreamKeys
-from tests.conftest import require_tool
-from tests.tasks import CustomError, fail, sleep_echo
-from tests.topologies import LocalSentinel, TopologyWorker, topology_app, wait_until
+from tests.apps.tasks import CustomError, fail, sleep_echo
+from tests.apps.topologyapp import topology_app
+from tests.support.tools import require_tool
+from tests.support.topologies import LocalSentinel, topology_worker, wait_until
 
 #: Tasks in the failover runs, and a marker after every this many.
 TASKS, MARKER_EVERY = 240, 40
@@ -80,7 +83,7 @@ def run_through_a_failover(sentinel: LocalSentinel, *, waits: bool, **settings: 
     url = sentinel.url.split("?")[0]
     options = {"master_name": sentinel.master_name}
     app = topology_app(url, queue, ordered_redis_transport_options=options, **settings)
-    worker = TopologyWorker(
+    worker = topology_worker(
         url, queue, concurrency=3, ordered_redis_transport_options=options, **settings
     )
     run = Run()

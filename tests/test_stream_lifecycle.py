@@ -32,9 +32,9 @@ from celery_ordered import (
 from celery_ordered.errors import ConsumerFenced, ProducerFailed, StreamDeleted
 from celery_ordered.redis.keys import StreamKeys
 from celery_ordered.redis.protocol import Protocol
-from tests.conftest import ROOT
-from tests.tasks import echo
-from tests.topologies import topology_app
+from tests.apps.tasks import echo
+from tests.apps.topologyapp import topology_app
+from tests.support import ROOT
 
 # How long a wait that must end "at once" may take: one blocking slice of 2 s
 # plus a wide margin for a loaded CI machine, far below the get() timeouts.
@@ -344,7 +344,7 @@ CONSUMER_THAT_DIES = textwrap.dedent(
     import sys
     import redis
     from celery_ordered import OrderedResultStream
-    from tests.celeryapp import app, REDIS_URL
+    from tests.apps.celeryapp import app, REDIS_URL
 
     client = redis.Redis.from_url(REDIS_URL)
     stream = OrderedResultStream(app, sys.argv[1], ack_every=1, consumer_lease=1.0)
@@ -385,8 +385,8 @@ FAILING_PRODUCER = textwrap.dedent(
     """
     import sys
     from celery_ordered import OrderedResultStream
-    from tests.celeryapp import app
-    from tests.tasks import echo
+    from tests.apps.celeryapp import app
+    from tests.apps.tasks import echo
 
     def rows():
         yield 1
@@ -444,9 +444,9 @@ def test_a_planted_base_exception_outcome_is_rebuilt_as_task_failed(
     stream = make_stream(window=4)
     proto = Protocol(redis_client, stream.name)
     proto.incarnation = stream._proto.incarnation
-    seq = stream._claim(b"0:M:application/json:utf-8:{}", timeout=5)
+    seq = stream.producer.claim(b"0:M:application/json:utf-8:{}", timeout=5)
     payload = {"exc_type": name, "exc_module": module, "exc_message": [3],
-               "stack_trace": "worker traceback", "task_name": "tests.tasks.echo"}  # fmt: skip
+               "stack_trace": "worker traceback", "task_name": "tests.apps.tasks.echo"}  # fmt: skip
     body = json.dumps(payload).encode()
     assert proto.publish(seq, b"%d:e:application/json:utf-8:%s" % (seq, body)) == 1
     with pytest.raises(Exception) as caught:  # noqa: PT011 - caught here, not past it

@@ -23,8 +23,8 @@ from flask.testing import FlaskClient
 from celery_ordered import OrderedResultStream, StreamClosedError, StreamStateLost
 from celery_ordered.contrib.flask import stream_response
 from celery_ordered.web import NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE, ndjson_lines, sse_events
-from tests.conftest import ROOT
-from tests.tasks import check_positive, echo, fail, fail_two_args, gate, sleep_echo
+from tests.apps.tasks import check_positive, echo, fail, fail_two_args, gate, sleep_echo
+from tests.support import ROOT
 
 pytestmark = pytest.mark.usefixtures("worker")
 

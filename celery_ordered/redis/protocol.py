@@ -1,8 +1,10 @@
 """Thin Python wrappers over the Lua scripts: the only module that knows keys.
 
 Each method is one round trip to Redis. The scripts live one per file in
-``celery_ordered/lua/`` with a header naming every key and argument; they are
-read once per process and registered once per client (redis-py's
+``celery_ordered/redis/lua/`` with a header naming every key and argument;
+each is read once per process with ``_prelude.lua`` (the clock, wake tokens
+and expiry renewal every script shares) put in front of it
+(:func:`script_source`), and registered once per client (redis-py's
 :class:`~redis.commands.core.Script` handles ``EVALSHA`` and reloads after
 ``SCRIPT FLUSH``).
 
@@ -10,10 +12,12 @@ The client may be one server (Sentinel's primary is one) or a Redis Cluster:
 every key of a stream shares one hash slot, so each script runs whole on the
 one node that holds the stream.
 
-With a :class:`Durability`, every write (claim,
-publish, pop, close, window) is followed, on the same connection and in the
-same round trip, by ``WAIT``: the call returns once that many replicas hold
-the write, so a failover to one of them cannot take it back.
+With a :class:`Durability`, every durable write (claim, publish, pop, close,
+window) is followed, on the same connection and in the same round trip, by
+``WAIT``: the call returns once that many replicas hold the write, so a
+failover to one of them cannot take it back. ``reclaim`` writes too, but does
+not wait: a failover that takes a reclaim back only makes its numbers come
+due again.
 """
 
 from __future__ import annotations
@@ -45,14 +49,30 @@ logger = logging.getLogger(__name__)
 #: blocked ``BLPOP`` would time out first.
 WAIT_SLICE = 2.0
 
-_SCRIPTS = ("claim", "publish", "pop", "close", "stats", "reclaim", "window")
+#: The scripts, one per operation: ``lua/<name>.lua``.
+SCRIPTS = ("claim", "publish", "pop", "close", "stats", "reclaim", "window")
+
+#: The file put in front of every script: the local functions they share.
+PRELUDE = "_prelude"
 
 _T = TypeVar("_T")
 
 
-@functools.cache
-def _lua(name: str) -> str:
+def _read(name: str) -> str:
     return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
+
+
+@functools.cache
+def script_source(name: str) -> str:
+    """The Lua that Redis runs for script ``name``: ``_prelude.lua``, then ``<name>.lua``.
+
+    The prelude defines local functions only (``now_ms()``, ``wake(key)``,
+    ``refresh(ttl, key...)``), so each script keeps its own ``KEYS`` and
+    ``ARGV`` as its header describes them.
+    """
+    if name not in SCRIPTS:
+        raise ValueError(f"no Lua script named {name!r}: the scripts are {', '.join(SCRIPTS)}")
+    return _read(PRELUDE) + _read(name)
 
 
 _registered: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
@@ -61,7 +81,7 @@ _registered: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDic
 def _scripts(client: Client) -> dict[str, Any]:
     scripts = _registered.get(client)
     if scripts is None:
-        scripts = {name: client.register_script(_lua(name)) for name in _SCRIPTS}
+        scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
         _registered[client] = scripts
     return scripts
 
@@ -204,9 +224,13 @@ class Protocol:
 
     # -- running scripts -------------------------------------------------------
 
-    def _call(self, name: str, keys: list[str], args: list[Any], *, write: bool = True) -> Any:
-        """Run one script; a write waits for replicas when asked to."""
-        if write and self.durability is not None:
+    def _call(self, name: str, keys: list[str], args: list[Any], *, durable: bool = True) -> Any:
+        """Run one script; ``durable``: its writes wait for the replicas of :attr:`durability`.
+
+        False for a script that writes nothing (stats), or whose writes a
+        failover may take back harmlessly (reclaim).
+        """
+        if durable and self.durability is not None:
             return self._durably(self._run[name], keys, args, self.durability)
         return self._cluster_hint(lambda: self._run[name](keys=keys, args=args))
 
@@ -541,7 +565,7 @@ class Protocol:
             "stats",
             [k.seq, k.next, k.window, k.results, k.closed, k.pending, k.created, k.counters],
             [],
-            write=False,
+            durable=False,  # it reads only
         )  # fmt: skip
         return RawStats(
             int(claimed),
@@ -560,15 +584,16 @@ class Protocol:
     def reclaim(self, lost_after: float, limit: int, batch: int = 100) -> list[Overdue]:
         """Numbers overdue for an outcome: to dispatch again, or (past ``limit``) lost.
 
-        Not waited for by replicas: if a failover takes a reclaim back, the
-        numbers come due again and are reclaimed again.
+        It writes (moves deadlines on, counts re-dispatches) but does not wait
+        for replicas: if a failover takes a reclaim back, the numbers come due
+        again and are reclaimed again.
         """
         k = self.keys
         reply = self._call(
             "reclaim",
             [k.next, k.results, k.pending, k.deadlines, k.counters],
             [int(lost_after * 1000), limit, batch, self.ttl_ms],
-            write=False,
+            durable=False,  # it writes, but losing its writes to a failover is harmless
         )
         return [
             Overdue(int(reply[i + 1]), reply[i] == b"lost", reply[i + 2])
@@ -591,7 +616,7 @@ class Protocol:
             [window, int(only_if_unset), self.ttl_ms, new_id, "create" if create else "attach"],
             # Attaching writes nothing worth waiting for replicas (at most the
             # id of a stream made before incarnation ids, or its expiry).
-            write=create or bool(window),
+            durable=create or bool(window),
         )
         if not incarnation:
             return None

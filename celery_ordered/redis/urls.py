@@ -23,7 +23,11 @@ from ..errors import ConfigurationError
 DEFAULT_REDIS_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
 
-_SINGLE_SCHEMES = ("redis://", "rediss://", "unix://", "redis+socket://")
+#: A unix socket as redis-py spells it, and as kombu (Celery's broker and backend) does.
+UNIX_SCHEME = "unix://"
+KOMBU_SOCKET_SCHEME = "redis+socket://"
+
+_SINGLE_SCHEMES = ("redis://", "rediss://", UNIX_SCHEME, KOMBU_SOCKET_SCHEME)
 _CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 SENTINEL_SCHEME = "sentinel://"
 REDIS_SCHEMES = (*_SINGLE_SCHEMES, *_CLUSTER_SCHEMES, SENTINEL_SCHEME)
@@ -33,6 +37,20 @@ URL_FORMS = (
     "redis+cluster://host:7000,host:7001 (rediss+cluster:// for TLS) for a Redis "
     "Cluster, or sentinel://host:26379;sentinel://host2:26379/0 for Sentinel"
 )
+
+
+def socket_url(url: str, *, kombu: bool = False) -> str:
+    """``url`` with a unix socket spelled for redis-py (``unix://``), or for kombu.
+
+    redis-py names a socket ``unix:///path.sock``; kombu, and so Celery's
+    broker and result backend, ``redis+socket:///path.sock``. The result uses
+    ``redis+socket://`` when ``kombu`` is true, else ``unix://``; the path and
+    query stay as they are, and a URL of any other scheme is returned unchanged.
+    """
+    old, new = (UNIX_SCHEME, KOMBU_SOCKET_SCHEME) if kombu else (KOMBU_SOCKET_SCHEME, UNIX_SCHEME)
+    if url.startswith(old):
+        return new + url[len(old) :]
+    return url
 
 
 def as_redis_url(url: Any) -> str | None:
@@ -50,9 +68,7 @@ def as_redis_url(url: Any) -> str | None:
         text = text.split(";")[0].strip()
     if not text.startswith(REDIS_SCHEMES):
         return None
-    if text.startswith("redis+socket://"):
-        return "unix://" + text[len("redis+socket://") :]
-    return text
+    return socket_url(text)
 
 
 @dataclass(frozen=True, repr=False)
@@ -266,8 +282,7 @@ def parse_redis_url(url: str) -> RedisTarget:
         return _parse_cluster(url)
     if url.startswith(SENTINEL_SCHEME):
         return _parse_sentinel(url)
-    if url.startswith("redis+socket://"):
-        url = "unix://" + url[len("redis+socket://") :]
+    url = socket_url(url)
     if url.startswith(_SINGLE_SCHEMES):
         try:
             parse_url(url)

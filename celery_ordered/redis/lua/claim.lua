@@ -55,8 +55,7 @@ end
 local count = math.min(tonumber(ARGV[1]), room)
 redis.call('SET', KEYS[1], seq + count)
 local lost_after = tonumber(ARGV[3])
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now = now_ms()
 local due = now + lost_after
 for i = 0, count - 1 do
   redis.call('HSET', KEYS[6], seq + i, ARGV[8 + i], 't:' .. (seq + i), now)
@@ -66,14 +65,9 @@ for i = 0, count - 1 do
 end
 -- A retry of this very call (its reply lost) gets the same numbers back.
 redis.call('HSET', KEYS[8], ARGV[5], ARGV[6] .. ':' .. seq .. ':' .. count)
-if room > count and redis.call('LLEN', KEYS[5]) == 0 then
+if room > count then
   -- Room is left: pass the wake-up on to any other blocked producer.
-  redis.call('RPUSH', KEYS[5], 1)
+  wake(KEYS[5])
 end
-local ttl = tonumber(ARGV[4])
-if ttl > 0 then
-  for i = 1, #KEYS do
-    redis.call('PEXPIRE', KEYS[i], ttl)
-  end
-end
+refresh(ARGV[4], unpack(KEYS))
 return {seq, count}

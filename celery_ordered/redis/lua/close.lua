@@ -29,20 +29,11 @@ if not closed then
     redis.call('SET', KEYS[9], ARGV[3])
   end
 end
-for _, key in ipairs({KEYS[5], KEYS[7]}) do
-  if redis.call('LLEN', key) == 0 then
-    redis.call('RPUSH', key, 1)
-  end
-end
+wake(KEYS[5])
+wake(KEYS[7])
 local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
-if nxt + redis.call('ZCARD', KEYS[3]) >= tonumber(closed)
-    and redis.call('LLEN', KEYS[6]) == 0 then
-  redis.call('RPUSH', KEYS[6], 1)
+if nxt + redis.call('ZCARD', KEYS[3]) >= tonumber(closed) then
+  wake(KEYS[6])
 end
-local ttl = tonumber(ARGV[1])
-if ttl > 0 then
-  for i = 1, #KEYS do
-    redis.call('PEXPIRE', KEYS[i], ttl)
-  end
-end
+refresh(ARGV[1], unpack(KEYS))
 return tonumber(closed)

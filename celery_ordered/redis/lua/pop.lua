@@ -39,8 +39,7 @@
 if redis.call('GET', KEYS[8]) ~= ARGV[5] then
   return redis.error_reply('DELETED')
 end
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now = now_ms()
 local epoch = tonumber(redis.call('HGET', KEYS[9], 'epoch') or '0')
 local mine = tonumber(ARGV[7])
 if mine == 0 then
@@ -71,20 +70,13 @@ if ack > nxt then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ack)
   redis.call('SET', KEYS[1], ack)
   nxt = ack
-  if redis.call('LLEN', KEYS[4]) == 0 then
-    redis.call('RPUSH', KEYS[4], 1)
-  end
+  wake(KEYS[4])
 end
 local from = tonumber(ARGV[2])
 if from < nxt then
   from = nxt
 end
-local ttl = tonumber(ARGV[4])
-if ttl > 0 then
-  for i = 1, #KEYS do
-    redis.call('PEXPIRE', KEYS[i], ttl)
-  end
-end
+refresh(ARGV[4], unpack(KEYS))
 local closed = tonumber(redis.call('GET', KEYS[3]) or '-1')
 local err = ''
 if closed >= 0 and from >= closed then

@@ -32,18 +32,12 @@ if n < nxt or redis.call('ZCOUNT', KEYS[3], n, n) > 0 then
   return 0
 end
 redis.call('ZADD', KEYS[3], n, ARGV[2])
-if n == nxt and redis.call('LLEN', KEYS[4]) == 0 then
-  redis.call('RPUSH', KEYS[4], 1)
+if n == nxt then
+  wake(KEYS[4])
 end
 local closed = redis.call('GET', KEYS[5])
-if closed and nxt + redis.call('ZCARD', KEYS[3]) >= tonumber(closed)
-    and redis.call('LLEN', KEYS[6]) == 0 then
-  redis.call('RPUSH', KEYS[6], 1)
+if closed and nxt + redis.call('ZCARD', KEYS[3]) >= tonumber(closed) then
+  wake(KEYS[6])
 end
-local ttl = tonumber(ARGV[3])
-if ttl > 0 then
-  for i = 1, #KEYS do
-    redis.call('PEXPIRE', KEYS[i], ttl)
-  end
-end
+refresh(ARGV[3], unpack(KEYS))
 return 1

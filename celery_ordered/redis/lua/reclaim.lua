@@ -17,8 +17,7 @@
 -- ARGV[2] times already: fill the number with a lost error, through publish).
 -- Either way the number's deadline moves on by ARGV[1], so no other caller
 -- acts on it meanwhile, and it comes due again if this caller dies first.
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now = now_ms()
 local nxt = tonumber(redis.call('GET', KEYS[1]) or '0')
 local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
 local reply = {}
@@ -44,9 +43,7 @@ for _, member in ipairs(due) do
       reply[#reply + 1] = 'retry'
       redis.call('HINCRBY', KEYS[5], 'redispatched', 1)
     end
-    if tonumber(ARGV[4]) > 0 then
-      redis.call('PEXPIRE', KEYS[5], tonumber(ARGV[4]))
-    end
+    refresh(ARGV[4], KEYS[5])
     reply[#reply + 1] = n
     reply[#reply + 1] = record
   end

@@ -16,8 +16,7 @@
 -- where `contiguous` counts stored outcomes from `next` on with no gap, and the
 -- head-of-line blocker is the first claimed number after them: the one
 -- everything behind it waits for.
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now = now_ms()
 local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
 local stored = redis.call('ZCARD', KEYS[4])
 local contiguous = 0

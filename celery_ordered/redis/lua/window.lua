@@ -37,14 +37,10 @@ if ARGV[1] ~= '0' then
   if ARGV[2] == '0' or redis.call('EXISTS', KEYS[1]) == 0 then
     redis.call('SET', KEYS[1], ARGV[1])
   end
-  redis.call('RPUSH', KEYS[2], 1)
-  redis.call('LTRIM', KEYS[2], 0, 0)
+  wake(KEYS[2])
   wrote = true
 end
-local ttl = tonumber(ARGV[3])
-if wrote and ttl > 0 then
-  for i = 1, #KEYS do
-    redis.call('PEXPIRE', KEYS[i], ttl)
-  end
+if wrote then
+  refresh(ARGV[3], unpack(KEYS))
 end
 return {tonumber(redis.call('GET', KEYS[1]) or '0'), incarnation}

@@ -27,9 +27,7 @@ import redis
 #: ``{session}`` is the run's own mark, so another run's are not blamed.
 TEMP_PATTERNS = (
     "co-worker-{session}-*",
-    "co-example-worker-{session}-*",
     "co-docs-*",
-    "co-topology-worker-*",
     "co-cluster-*",
     "co-sentinel-*",
     "celery-ordered-*",

@@ -101,6 +101,13 @@ def plain_fail(message: str) -> None:
     raise KeyError(message)
 
 
+def inverse_or_fail(x: int) -> float:
+    """1/x, or CustomError for x == 0 (a plain top-level function)."""
+    if x == 0:
+        raise CustomError(f"no inverse of {x}")
+    return 1 / x
+
+
 @ordered_task
 def gate(redis_url: str, key: str, value: Any, seconds: float = 30) -> Any:
     """Wait until the test pushes to ``key`` (a Redis list), then return ``value``.

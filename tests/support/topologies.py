@@ -1,22 +1,19 @@
-"""Local Redis topologies: a Redis Cluster, and a primary with replicas under Sentinel.
+"""Local servers beyond the tests' Redis: a Redis Cluster, Sentinel, RabbitMQ.
 
 Real ``redis-server`` processes on free ports of 127.0.0.1, each in a
 temporary directory and without persistence, started and stopped by their
 owner (a test fixture, or ``benchmarks/cluster.py``); each process also gets
 SIGKILL when its owner dies (Linux). Every wait polls a condition under a
-deadline: nothing sleeps "to let things settle".
+deadline: nothing sleeps "to let things settle". RabbitMQ is not started
+here: :func:`rabbitmq_url` finds the machine's.
 
-Also here: the Celery app that topology workers run
-(``celery -A tests.topologies:worker_app worker``), configured from the
-environment so a worker publishes to the topology under test, and
-:class:`TopologyWorker`, which starts one. No pytest here, so the benchmarks
-can use this module too.
+Also here: :func:`topology_worker`, a worker of
+:mod:`tests.apps.topologyapp` whose streams live on the topology under test.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import json
 import os
@@ -24,24 +21,20 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import redis
-from celery import Celery
 from redis.crc import key_slot
 
-from tests.processes import stopped
-
-ROOT = Path(__file__).resolve().parent.parent
-
-#: Seconds any topology may take to start, or to change state when told to.
-TOPOLOGY_TIMEOUT = 60.0
+from tests.apps.topologyapp import SETTINGS_ENV, STORE_ENV
+from tests.support.processes import die_with_parent, stopped
+from tests.support.waiting import DEFAULT_TIMEOUT as TOPOLOGY_TIMEOUT
+from tests.support.waiting import wait_until as _wait_until
+from tests.support.workers import Worker
 
 _T = TypeVar("_T")
 
@@ -51,23 +44,8 @@ class TopologyError(RuntimeError):
 
 
 def wait_until(check: Callable[[], _T], what: str, timeout: float = TOPOLOGY_TIMEOUT) -> _T:
-    """Poll ``check`` until it returns something true; return that.
-
-    Raises :class:`TopologyError` naming ``what`` after ``timeout`` seconds.
-    Errors of ``check`` count as "not yet" (a server still starting).
-    """
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while True:
-        try:
-            value = check()
-        except (redis.RedisError, OSError) as exc:
-            last, value = exc, None  # type: ignore[assignment]
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TopologyError(f"{what}: not within {timeout:g}s (last error: {last!r})")
-        time.sleep(0.02)
+    """:func:`tests.support.waiting.wait_until`, raising :class:`TopologyError`."""
+    return _wait_until(check, what, timeout, error=TopologyError)
 
 
 def _port_free(port: int) -> bool:
@@ -90,13 +68,6 @@ def free_ports(count: int, *, cluster_bus: bool = False) -> list[int]:
             continue
         ports.append(port)
     return ports
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Have the kernel SIGKILL the child when its owner dies (Linux)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class RedisNode:
@@ -124,7 +95,7 @@ class RedisNode:
                     "--daemonize", "no",
                 ],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )  # fmt: skip
         wait_until(self._answers, f"redis-server on port {self.port} answering", 20)
         return self
@@ -409,109 +380,54 @@ class LocalSentinel:
         self.stop()
 
 
+# -- RabbitMQ -----------------------------------------------------------------------
+
+#: The RabbitMQ the broker tests use (``CO_TEST_AMQP_URL``, else the machine's).
+AMQP_URL = os.environ.get("CO_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def rabbitmq_answering(_name: str = "RabbitMQ") -> str | None:
+    """:data:`AMQP_URL` when a server accepts connections at its host and port, else None.
+
+    A ``find`` for :func:`tests.support.tools.require_tool`.
+    """
+    from kombu.utils.url import url_to_parts
+
+    url = AMQP_URL
+    parts = url_to_parts(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), 1):
+            return url
+    except OSError:
+        return None
+
+
 # -- Celery workers whose streams live on a topology --------------------------------
 
-#: Environment of a topology worker: the streams' Redis, and extra settings (JSON).
-STORE_ENV = "CO_TOPO_STORE_URL"
-SETTINGS_ENV = "CO_TOPO_SETTINGS"
 
+def topology_worker(store_url: str, queue: str, *, concurrency: int = 2, **settings: Any) -> Worker:
+    """A worker of :mod:`tests.apps.topologyapp` on ``queue``, publishing to ``store_url``.
 
-def topology_app(store_url: str, queue: str, **settings: Any) -> Celery:
-    """A Celery app on the tests' broker whose streams live at ``store_url``.
-
-    The same configuration a :class:`TopologyWorker` gets (its ``settings``
-    too), for the test process's producers and consumers.
+    ``settings`` are extra Celery settings of its app (JSON-able), as
+    :func:`tests.apps.topologyapp.topology_app` takes them. Its process group
+    is its own, killed whole when it stops.
     """
-    app = Celery("topology", include=["tests.tasks"], set_as_current=False)
-    app.conf.update(
-        {
-            "broker_url": os.environ.get("CO_TEST_BROKER_URL", "redis://127.0.0.1:6379/13"),
-            "result_backend": None,
-            "ordered_redis_url": store_url,
-            "task_default_queue": queue,
-            "worker_prefetch_multiplier": 1,
-            "worker_hijack_root_logger": False,
-            "broker_connection_retry_on_startup": True,
-            **settings,
-        }
+    return Worker(
+        "tests.apps.topologyapp:worker_app",
+        queue=queue,
+        concurrency=concurrency,
+        hostname=f"topology-{uuid.uuid4().hex[:6]}@%h",
+        extra_env={STORE_ENV: store_url, SETTINGS_ENV: json.dumps(settings)},
+        new_session=True,
     )
-    return app
-
-
-def _worker_app() -> Celery:
-    settings = json.loads(os.environ.get(SETTINGS_ENV) or "{}")
-    return topology_app(os.environ.get(STORE_ENV, ""), "celery", **settings)
-
-
-#: What ``celery -A tests.topologies:worker_app worker`` runs.
-worker_app = _worker_app()
-
-
-class TopologyWorker:
-    """A real ``celery worker`` whose outcomes go to the streams' Redis at ``store_url``."""
-
-    def __init__(
-        self, store_url: str, queue: str, *, concurrency: int = 2, **settings: Any
-    ) -> None:
-        self.queue = queue
-        # Its log and temporary files (billiard's, which a killed group never
-        # removes) live in a directory that stop() removes.
-        self.directory = Path(tempfile.mkdtemp(prefix="co-topology-worker-"))
-        self.log = self.directory / "worker.log"
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", "celery", "-A", "tests.topologies:worker_app",
-                    "worker", "--pool=prefork", f"--concurrency={concurrency}", "-Q", queue,
-                    "--without-gossip", "--without-mingle", "--without-heartbeat",
-                    "--loglevel=WARNING", f"--hostname=topology-{uuid.uuid4().hex[:6]}@%h",
-                ],
-                cwd=ROOT,
-                env={
-                    **os.environ, "C_FORCE_ROOT": "1", STORE_ENV: store_url,
-                    SETTINGS_ENV: json.dumps(settings), "TMPDIR": str(self.directory),
-                },
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_die_with_parent,
-            )  # fmt: skip
-
-    def wait_ready(self, app: Celery, redis_url: str | None = None, timeout: float = 60) -> None:
-        """Return once the worker has run a task for a stream on its store."""
-        from celery_ordered import OrderedResultStream
-        from tests.tasks import echo
-
-        stream = OrderedResultStream(app, redis_url=redis_url, task_options={"queue": self.queue})
-        try:
-            stream.put(echo, "ready")
-            if stream.get(timeout=timeout) != "ready":
-                raise TopologyError("the worker answered the readiness check wrongly")
-        finally:
-            stream.delete()
-
-    def output(self) -> str:
-        """What the worker logged."""
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        """Warm shutdown; SIGKILL to the whole process group if it lingers."""
-        try:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(timeout=20)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        finally:
-            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def topology_workers(
     store_url: str, queue: str, count: int = 1, **settings: Any
-) -> Iterator[list[TopologyWorker]]:
+) -> Iterator[list[Worker]]:
     """``count`` workers on ``queue`` publishing to ``store_url``; stopped at the end."""
-    workers = [TopologyWorker(store_url, queue, **settings) for _ in range(count)]
+    workers = [topology_worker(store_url, queue, **settings) for _ in range(count)]
     try:
         yield workers
     finally:

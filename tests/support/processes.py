@@ -1,12 +1,15 @@
-"""Helpers for tests that check no process or directory outlives its owner.
+"""Processes as ``/proc`` shows them, and the footprints of private clusters.
 
 Linux only: processes are read from ``/proc``. A zombie counts as gone (it
-runs nothing and holds nothing; reaping it is its parent's business).
+runs nothing and holds nothing; reaping it is its parent's business). Also
+here: :func:`die_with_parent`, which every subprocess the tests start runs
+before its program, so that none outlives a test run that crashed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import glob
 import json
 import os
@@ -25,7 +28,7 @@ from typing import IO, Any
 import pytest
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
 
 #: How long anything may take to disappear once its owner stopped or died.
 GONE_TIMEOUT = 20.0
@@ -100,6 +103,17 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:  # pragma: no cover - in the child
+    """Have the kernel send ``sig`` to this process when its parent dies (Linux).
+
+    Given as ``preexec_fn`` to a subprocess, it runs in the child before its
+    program; the setting outlives ``exec``.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None).prctl(1, sig)  # PR_SET_PDEATHSIG
 
 
 def wait_gone(
@@ -189,7 +203,7 @@ def footprint(cluster: Any) -> Footprint:
 OWNER_PRELUDE = """
 import json, os, sys, threading
 sys.path.insert(0, {root!r})
-from tests.processes import footprint
+from tests.support.processes import footprint
 
 def report(cluster, **extra):
     fp = footprint(cluster)
@@ -282,31 +296,11 @@ class Owner:
             self._errors.close()
 
 
-def _redis_dirs() -> set[str]:
+def redis_dirs() -> set[str]:
+    """The private Redis directories (of celery_ordered.embedded) there are now."""
     return set(glob.glob(REDIS_DIR_GLOB))
 
 
-def _dir_in_use(directory: str) -> bool:
+def dir_in_use(directory: str) -> bool:
     """Whether a live process (someone else's keeper) names ``directory``."""
     return any(directory in cmdline(pid) for pid in _all_pids() if alive(pid))
-
-
-@pytest.fixture
-def no_leftovers() -> Iterator[None]:
-    """Fail a test that leaves a process of ours, a private Redis directory or a
-    worker's temporary directory (``pymp-*``) behind."""
-    me = os.getpid()
-    dirs_before = _redis_dirs()
-    pymp_before = set(glob.glob(PYMP_DIR_GLOB))
-    procs_before = descendants(me)
-    yield
-    # The session's Celery worker (tests/conftest.py) may start during a test.
-    new_procs = {
-        pid for pid in descendants(me) - procs_before if "tests.celeryapp" not in cmdline(pid)
-    }
-    wait_gone(new_procs)
-    # Another test run on this machine may own new directories: theirs have a
-    # living keeper naming them; ours must be gone.
-    new_dirs = {d for d in _redis_dirs() - dirs_before if not _dir_in_use(d)}
-    wait_gone(paths=new_dirs)
-    wait_gone(paths=set(glob.glob(PYMP_DIR_GLOB)) - pymp_before, timeout=1.0)

@@ -1,7 +1,7 @@
 """Plain functions that workers on separate hosts run for tests/test_hosts.py.
 
-Run through ``celery_ordered.call`` by workers of ``tests.celeryapp`` started
-in network namespaces (tests/netns.py). They keep their notes in the Redis
+Run through ``celery_ordered.call`` by workers of ``tests.apps.celeryapp`` started
+in network namespaces (tests/support/netns.py). They keep their notes in the Redis
 their worker reaches (the app's ``ordered_redis_url``, over the host's link),
 under keys that start with the ``key`` the test gives.
 """

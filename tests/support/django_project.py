@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, example_worker
+from tests.support import ROOT
+from tests.support.workers import Worker, example_worker
 
 EXAMPLE = ROOT / "examples" / "django_project"
 
@@ -52,9 +52,7 @@ def configured_project(redis_url: str, queue_prefix: str) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def project_worker(
-    project: Any, redis_url: str, *extra_args: str
-) -> Iterator[subprocess.Popen[bytes]]:
+def project_worker(project: Any, redis_url: str, *extra_args: str) -> Iterator[Worker]:
     """``celery -A project worker`` on the project app's queue, once it answers."""
     from jobs.tasks import process
 
@@ -65,5 +63,5 @@ def project_worker(
         "REDIS_URL": redis_url,
         "BROKER_URL": os.environ["CO_TEST_BROKER_URL"],
     }
-    with example_worker("project", project, process, *extra_args, cwd=EXAMPLE, env=env) as proc:
-        yield proc
+    with example_worker("project", project, process, *extra_args, cwd=EXAMPLE, env=env) as worker:
+        yield worker

@@ -208,14 +208,23 @@ class Host:
         """Inode of the host's namespace: what ``/proc/self/ns/net`` shows inside it."""
         return os.stat(self.netns_path).st_ino
 
+    @property
+    def prefix(self) -> list[str]:
+        """The command that runs a program inside the host: ``ip netns exec <netns>``."""
+        return ["ip", "netns", "exec", self.netns]
+
+    def adopt(self, proc: subprocess.Popen[bytes]) -> None:
+        """Count ``proc`` (run under :attr:`prefix`) as the host's: :meth:`power_off` reaps it."""
+        self._procs.append(proc)
+
     def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         """Start ``argv`` inside the host (``ip netns exec``); keyword args go to Popen.
 
         ``ip netns exec`` replaces itself with the program, so the Popen's pid
         is the program's. :meth:`power_off` kills and reaps it.
         """
-        proc = subprocess.Popen(["ip", "netns", "exec", self.netns, *argv], **kwargs)
-        self._procs.append(proc)
+        proc = subprocess.Popen([*self.prefix, *argv], **kwargs)
+        self.adopt(proc)
         return proc
 
     def can_connect(self, address: str, port: int, timeout: float = 1.0) -> bool:

@@ -19,7 +19,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.conftest import require_tool
+from tests.support.tools import require_tool
 
 #: Longest wait for the page to reach a state, in seconds (a deadline, not a pause).
 DEADLINE = 90

@@ -1,0 +1,429 @@
+"""The consumer part of a stream: buffer, fetch, acknowledge, lease and progress.
+
+:class:`Consumer` is what :meth:`OrderedResultStream.get`, ``ack``,
+``take_over``, ``release`` and ``position`` delegate to. It owns the consumer's
+state: the outcomes read from Redis but not handed out yet, how far it has
+read, handed out and acknowledged, the consumer lease (its epoch, fencing),
+and what it reports to a progress callback. One lock guards all of it: one
+thread at a time consumes, and a producer on the same handle acknowledges
+through :meth:`Consumer.acknowledge_if_idle` only when no ``get`` is running.
+It talks to Redis only through :class:`~celery_ordered.redis.protocol.Protocol`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+
+from . import checks, codec
+from .errors import (
+    ConfigurationError,
+    ConsumerFenced,
+    OrderedStreamError,
+    ProducerFailed,
+    RemoteTraceback,
+    StreamEmpty,
+    StreamExhausted,
+)
+from .progress import Progress
+from .redis.protocol import WAIT_SLICE, Batch, LeaseHeld, Protocol
+
+#: How many ready outcomes a consumer reads from Redis in one round trip.
+DEFAULT_PREFETCH = 256
+
+#: Seconds a consumer's lease lasts after its last round trip to Redis, unless
+#: the app sets ``ordered_consumer_lease``: a successor waits this long after
+#: a consumer crashed before it takes over (or at once with ``takeover=True``).
+DEFAULT_CONSUMER_LEASE = 30.0
+
+# The stream's logger: users configure the stream's messages by this name.
+logger = logging.getLogger("celery_ordered.stream")
+
+#: What turns redis-py's errors into :class:`~celery_ordered.RedisUnavailable`
+#: for one stream (the stream's ``_redis_errors``).
+RedisErrors = Callable[[], contextlib.AbstractContextManager[None]]
+
+
+def consumer_lease_setting(app: Celery) -> float:
+    """The app's ``ordered_consumer_lease`` (seconds), else :data:`DEFAULT_CONSUMER_LEASE`."""
+    value = app.conf.get("ordered_consumer_lease")
+    if value is None:
+        return DEFAULT_CONSUMER_LEASE
+    try:
+        lease = checks.seconds("ordered_consumer_lease", value, none=False, zero=False)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    return float(lease or DEFAULT_CONSUMER_LEASE)
+
+
+class Consumer:
+    """The consumer part of one stream handle (internal: see ``OrderedResultStream``).
+
+    Reads outcomes from Redis in batches of up to ``prefetch`` into its
+    buffer, hands them out in order, acknowledges what it handed out every
+    ``ack_every`` outcomes and before it waits, holds the consumer lease, and
+    tells the progress callback. ``reclaim`` and ``reclaim_every`` are the
+    producer part's: a consumer waiting for its head reclaims overdue work.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        protocol: Protocol,
+        *,
+        accept: Any,
+        prefetch: int,
+        ack_every: int | None,
+        lease: float,
+        takeover: bool,
+        progress: Callable[[Progress], object] | None,
+        default_window: int,
+        window: int,
+        redis_errors: RedisErrors,
+        reclaim: Callable[[], None],
+        reclaim_every: Callable[[], float],
+    ) -> None:
+        self.name = name
+        self.protocol = protocol
+        self.accept = accept
+        self.prefetch = prefetch
+        self.ack_every = ack_every
+        self.lease = lease
+        self.default_window = default_window
+        self.redis_errors = redis_errors
+        self._reclaim = reclaim
+        self._reclaim_every = reclaim_every
+        self._progress = progress
+        self._began = time.monotonic()
+        #: Outcomes handed out by this handle (a failed task's too).
+        self.handed_out = 0
+        # What the consumer knows of the stream: where it was closed (None:
+        # open as far as it knows), and the window as last read from Redis.
+        self._closed_at: int | None = None
+        #: The window cap as this handle last saw it (on opening the stream,
+        #: then on each of its round trips).
+        self.window_seen = window
+        # Outcomes read from Redis but not yet handed out, the next number to
+        # read, and the number below which all was handed out (acknowledged to
+        # Redis on the next round trip). -1: not known yet.
+        self._buffer: collections.deque[bytes] = collections.deque()
+        self._read = -1
+        self._delivered = -1
+        self._acked = -1
+        self._ack_every = 1  # in force: ack_every, or half the window seen
+        # The highest claim count this consumer has seen: Redis saying less
+        # later (or reopening a close it saw) means the stream went back in time.
+        self._claimed_seen = 0
+        # Consumer lease: this handle's id, its epoch (0: it holds none) and
+        # whether its next acquisition takes over from a live consumer.
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._epoch = 0
+        self._take_over_next = takeover
+        self._fenced: ConsumerFenced | None = None
+        self._lock = threading.Lock()
+        #: The most outcomes ever seen waiting out of order by this consumer.
+        self.peak_out_of_order = 0
+
+    # -- what it knows -------------------------------------------------------
+
+    @property
+    def position(self) -> int:
+        """The position after the last outcome handed out (0 before the first)."""
+        return max(self._delivered, 0)
+
+    @property
+    def buffered(self) -> int:
+        """Outcomes read from Redis into this handle, not handed out yet."""
+        return len(self._buffer)
+
+    @property
+    def consuming(self) -> bool:
+        """True once this handle has consumed, unless another consumer fenced it."""
+        return self._delivered >= 0 and self._fenced is None
+
+    # -- handing out ---------------------------------------------------------
+
+    def get(self, timeout: float | None) -> Any:
+        """The next outcome in order (see :meth:`OrderedResultStream.get`)."""
+        if self._progress is None:
+            return self._get(timeout)
+        before = self.handed_out
+        try:
+            return self._get(timeout)
+        finally:
+            if self.handed_out != before:
+                self._tell_progress()
+
+    def _tell_progress(self) -> None:
+        assert self._progress is not None
+        elapsed = time.monotonic() - self._began
+        report = Progress(
+            delivered=self._delivered,
+            total=self._closed_at,
+            elapsed=elapsed,
+            rate=self.handed_out / elapsed if elapsed > 0 else 0.0,
+        )
+        try:
+            self._progress(report)
+        except Exception:
+            logger.exception(
+                "stream %r: the progress callback %r failed; the stream goes on",
+                self.name,
+                self._progress,
+            )
+
+    def _get(self, timeout: float | None) -> Any:
+        with self._lock:
+            if self._fenced is not None:
+                raise ConsumerFenced(str(self._fenced), stream=self.name)
+            if not self._buffer:
+                self._fetch(timeout)
+            elif self._delivered - self._acked >= self._ack_every:
+                # Free window space before the buffer runs dry, so producers
+                # keep going while this consumer works through its buffer.
+                self._acknowledge_held()
+            member = self._buffer.popleft()
+            self.handed_out += 1
+            try:
+                outcome = codec.decode(member, self.accept)
+            except Exception as exc:
+                seq = int(member.split(b":", 1)[0])
+                self._delivered = seq + 1
+                raise OrderedStreamError(
+                    f"stream {self.name!r}: the outcome at {seq} could not be decoded "
+                    f"({exc}); if it is a content type this consumer should accept, pass "
+                    "accept=[...] to the stream",
+                    stream=self.name,
+                    seq=seq,
+                ) from exc
+            self._delivered = outcome.seq + 1
+        if outcome.status in (codec.ERROR, codec.LOST):
+            raise codec.rebuild_exception(
+                outcome.value, stream=self.name, seq=outcome.seq, lost=outcome.status == codec.LOST
+            )
+        return outcome.value
+
+    # -- reading from Redis --------------------------------------------------
+
+    def _fetch(self, timeout: float | None) -> None:
+        """Fill the buffer: wait (within ``timeout``) for the next outcome (lock held)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        told_waiting = False
+        with self.redis_errors():
+            while True:
+                try:
+                    batch = self._pop(self.prefetch)
+                except LeaseHeld as held:
+                    # Another consumer holds the stream: wait as its standby.
+                    remaining = WAIT_SLICE if deadline is None else deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise StreamEmpty(
+                            f"stream {self.name!r}: another consumer ({held.owner}) holds its "
+                            f"consumer lease for {held.remaining:g}s more, and this one waited "
+                            f"{timeout}s for it. A stream has one consumer at a time; pass "
+                            "takeover=True (or call take_over()) to take it over at once",
+                            stream=self.name,
+                        ) from None
+                    if not told_waiting:
+                        told_waiting = True
+                        logger.warning(
+                            "stream %r: another consumer (%s) holds its consumer lease (%gs "
+                            "more); this one waits to take over once it lapses or is released",
+                            self.name, held.owner, held.remaining,
+                        )  # fmt: skip
+                    threading.Event().wait(min(held.remaining + 0.005, remaining, WAIT_SLICE))
+                    continue
+                if batch.members:
+                    self._buffer.extend(batch.members)
+                    self._read = batch.start + len(batch.members)
+                    waiting = batch.stored - (batch.start - batch.next) - len(batch.members)
+                    self.peak_out_of_order = max(self.peak_out_of_order, waiting)
+                    return
+                self._read = batch.start
+                if batch.closed_at is not None and batch.start >= batch.closed_at:
+                    if batch.error:
+                        raise self._producer_failed(batch.error, batch.closed_at)
+                    raise StreamExhausted(
+                        f"stream {self.name!r} is closed and all {batch.closed_at} outcomes "
+                        "were delivered",
+                        stream=self.name,
+                    )
+                self.peak_out_of_order = max(
+                    self.peak_out_of_order, batch.stored - (batch.start - batch.next)
+                )
+                remaining = WAIT_SLICE if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StreamEmpty(
+                        f"stream {self.name!r}: outcome {batch.start} did not arrive "
+                        f"within {timeout}s",
+                        stream=self.name,
+                        seq=batch.start,
+                    )
+                if not self.protocol.wait_ready(min(remaining, self._reclaim_every())):
+                    self._reclaim()
+
+    def _pop(self, limit: int, mode: str = "") -> Batch:
+        """Acknowledge what was handed out; read up to ``limit`` more (lock held).
+
+        Takes the consumer lease first if this handle holds none (raising
+        :class:`~celery_ordered.redis.protocol.LeaseHeld` while another consumer
+        holds it), and renews it otherwise; ``mode="free"`` releases it.
+        """
+        if self._fenced is not None:
+            raise ConsumerFenced(str(self._fenced), stream=self.name)
+        acquiring = self._epoch == 0
+        if acquiring and self._take_over_next:
+            mode = "take"
+        try:
+            with self.redis_errors():
+                batch = self.protocol.pop(
+                    -1 if acquiring else self._delivered,
+                    self._read,
+                    limit,
+                    owner=self._owner,
+                    epoch=self._epoch,
+                    lease=self.lease,
+                    mode=mode,
+                )
+        except ConsumerFenced as exc:
+            self._fenced = exc
+            raise
+        if acquiring:
+            self._epoch = batch.epoch
+            self._take_over_next = False
+        self._check_not_rolled_back(batch)
+        self._delivered = max(self._delivered, batch.next)
+        self._acked = batch.next
+        if batch.closed_at is not None:
+            self._closed_at = batch.closed_at
+        self.window_seen = batch.window or self.default_window
+        self._ack_every = self.ack_every or max(1, self.window_seen // 2)
+        return batch
+
+    def _acknowledge_held(self) -> None:
+        """Acknowledge what was handed out, renewing the lease (lock held)."""
+        self._pop(0)
+
+    def _check_not_rolled_back(self, batch: Batch) -> None:
+        """Redis must never say less than this consumer has already seen."""
+        if batch.claimed < self._claimed_seen:
+            raise self.protocol.went_back(
+                f"this consumer saw {self._claimed_seen} numbers claimed, but Redis now says "
+                f"{batch.claimed}",
+                seq=batch.claimed,
+            )
+        if self._closed_at is not None and (
+            batch.closed_at is None or batch.closed_at < self._closed_at
+        ):
+            now = "open" if batch.closed_at is None else f"closed at {batch.closed_at}"
+            raise self.protocol.went_back(
+                f"this consumer saw the stream closed at {self._closed_at} claims, but Redis "
+                f"now says it is {now}",
+                seq=self._closed_at,
+            )
+        self._claimed_seen = batch.claimed
+
+    def _producer_failed(self, member: bytes, closed_at: int) -> ProducerFailed:
+        try:
+            payload = codec.decode(member, self.accept).value
+            exc_type = str(payload.get("exc_type") or "Exception")
+            exc_module = str(payload.get("exc_module") or "")
+            args = payload.get("exc_message") or []
+            message = ", ".join(str(a) for a in (args if isinstance(args, list) else [args]))
+            stack_trace = str(payload.get("stack_trace") or "")
+        except Exception as exc:  # an error this consumer cannot read: say so
+            exc_type, exc_module, stack_trace = "?", "", ""
+            message = f"(its error could not be decoded here: {exc})"
+        name = f"{exc_module}.{exc_type}" if exc_module not in ("", "builtins") else exc_type
+        error = ProducerFailed(
+            f"the producer of stream {self.name!r} failed after putting {closed_at} "
+            f"outcome(s), all handed out: {name}: {message}",
+            stream=self.name,
+            seq=closed_at,
+            exc_type=exc_type,
+            exc_module=exc_module,
+            stack_trace=stack_trace,
+        )
+        if stack_trace:
+            error.__cause__ = RemoteTraceback(stack_trace)
+        return error
+
+    def prefetch_all(self) -> None:
+        """Read every outcome that has arrived into this consumer's buffer.
+
+        For owners of a private Redis (:mod:`celery_ordered.compat`) about to
+        stop it: what was read stays deliverable by :meth:`get`.
+        """
+        with self._lock:
+            while True:
+                try:
+                    self._fetch(timeout=0)
+                except (StreamExhausted, StreamEmpty, ProducerFailed):
+                    return
+
+    # -- acknowledgement and the lease ---------------------------------------
+
+    def acknowledge(self) -> None:
+        """Tell Redis what was handed out (renewing the lease); nothing if not consuming."""
+        with self._lock:
+            if self._epoch:
+                self._acknowledge_held()
+
+    def acknowledge_if_idle(self) -> bool:
+        """Acknowledge what was handed out, unless a ``get`` is running; True if done.
+
+        For a producer on this handle that found the window full: without it,
+        put and get from one thread would wait on each other. (A consumer
+        inside ``get`` holds the lock, and acknowledges by itself.)
+        """
+        if self._delivered > self._acked and self._lock.acquire(blocking=False):
+            try:
+                self._acknowledge_held()
+            finally:
+                self._lock.release()
+            return True
+        return False
+
+    def stop_acknowledging(self) -> None:
+        """Hand out what is buffered without any more acknowledgements to Redis.
+
+        For the owner of a private Redis that is about to stop it, after
+        :meth:`prefetch_all`: no acknowledgement may try the Redis that is gone.
+        """
+        self._ack_every = sys.maxsize
+
+    def take_over(self) -> None:
+        """Become the stream's consumer now, fencing any other one (see the stream's)."""
+        with self._lock:
+            self._fenced = None
+            self._epoch = 0
+            self._take_over_next = True
+            self._buffer.clear()
+            self._read = self._delivered = self._acked = -1
+            self._acknowledge_held()
+
+    def release(self) -> None:
+        """Acknowledge and give up the consumer lease (see the stream's)."""
+        with self._lock:
+            if not self._epoch or self._fenced is not None:
+                return
+            self._pop(0, mode="free")
+            self._epoch = 0
+            self._buffer.clear()
+            self._read = -1
+
+    def drop_buffer(self) -> None:
+        """Forget the outcomes read and not handed out (the stream was deleted)."""
+        with self._lock:
+            self._buffer.clear()

@@ -1,0 +1,446 @@
+"""The producer part of a stream: prepare, claim, send, reclaim and close.
+
+:class:`Producer` is what :meth:`OrderedResultStream.put`, ``close`` and
+``reclaim`` delegate to, and what the map iterators (:mod:`celery_ordered.maps`)
+use to claim numbers in blocks. It owns the producer's state: which stream it
+writes to, how tasks are encoded and routed, and whether it knows the stream
+is closed. It talks to Redis only through :class:`~celery_ordered.redis.protocol.Protocol`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery, Task
+from celery.canvas import Signature
+from kombu.serialization import prepare_accept_content
+
+from . import codec
+from .config import function_allowed
+from .errors import DispatchError, ResultLost, StreamClosedError, StreamFull, UnsendableError
+from .redis.protocol import WAIT_SLICE, Claim, Protocol
+from .task import (
+    CALL_TASK_NAME,
+    HEADER_INCARNATION,
+    HEADER_SEQ,
+    HEADER_SERIALIZER,
+    HEADER_STREAM,
+    TASK_TARGET_PREFIX,
+    OrderedTask,
+    function_reference,
+)
+
+#: ``apply_async`` options a dispatch record keeps for a re-dispatch.
+RECORDED_OPTIONS = frozenset(
+    {"queue", "routing_key", "exchange", "priority", "expires", "time_limit",
+     "soft_time_limit", "serializer", "compression"}
+)  # fmt: skip
+
+#: Status of a dispatch record: a task to send, or a marker to publish.
+RECORD_TASK = b"T"
+RECORD_MARKER = b"M"
+
+# The stream's logger: users configure the stream's messages by this name.
+logger = logging.getLogger("celery_ordered.stream")
+
+#: What turns redis-py's errors into :class:`~celery_ordered.RedisUnavailable`
+#: for one stream (the stream's ``_redis_errors``).
+RedisErrors = Callable[[], contextlib.AbstractContextManager[None]]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What ``put`` validated and encoded before claiming a number."""
+
+    #: The dispatch record stored under the number (its ``0:`` prefix is a placeholder).
+    record: bytes
+    #: The encoded marker, for a marker; None for a task.
+    marker: codec.Encoded | None = None
+    #: The task instance to send with, if the app knows it.
+    task: Task | None = None
+    #: The name the task is sent by.
+    task_name: str = ""
+    #: Positional arguments of the task.
+    args: tuple[Any, ...] = ()
+    #: Keyword arguments of the task.
+    kwargs: dict[str, Any] | None = None
+    #: ``apply_async`` options (the stream's ``task_options`` and the signature's).
+    options: dict[str, Any] | None = None
+
+
+class Producer:
+    """The producer part of one stream handle (internal: see ``OrderedResultStream``).
+
+    Prepares (checks and encodes) what is put, claims numbers for it, sends
+    the tasks, fills a number whose send failed with the error, re-dispatches
+    overdue work (:meth:`reclaim`) and closes the stream.
+    """
+
+    def __init__(
+        self,
+        app: Celery,
+        name: str,
+        protocol: Protocol,
+        *,
+        serializer: str,
+        task_options: dict[str, Any],
+        lost_after: float,
+        max_redispatches: int,
+        default_window: int,
+        redis_errors: RedisErrors,
+    ) -> None:
+        self.app = app
+        self.name = name
+        self.protocol = protocol
+        self.serializer = serializer
+        self.task_options = task_options
+        self.lost_after = lost_after
+        self.max_redispatches = max_redispatches
+        self.default_window = default_window
+        self.redis_errors = redis_errors
+        #: True once this handle knows the stream is closed: it closed it, or
+        #: a claim found it closed (by any process). Later puts are refused
+        #: before anything is claimed.
+        self.known_closed = False
+        #: Called when a claim finds the window full: acknowledges what this
+        #: handle's own consumer handed out, unless it is busy in ``get``;
+        #: True if it did (the claim is then tried again at once).
+        self.free_space: Callable[[], bool] = lambda: False
+        self._task_accept = prepare_accept_content(app.conf.accept_content or ["json"])
+        self._producer_id = uuid.uuid4().hex
+        self._next_reclaim = 0.0
+
+    # -- put -----------------------------------------------------------------
+
+    def put(
+        self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> int:
+        """Prepare, claim and send ``task(*args, **kwargs)``; its number."""
+        prepared = self.prepare(task, args, kwargs)
+        if self.known_closed:
+            raise StreamClosedError(
+                f"put() on stream {self.name!r} after close(): open a new stream for more work",
+                stream=self.name,
+            )
+        seq = self.claim(prepared.record, timeout)
+        self.send(prepared, seq)
+        return seq
+
+    def prepare(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Prepared:
+        """Check and encode a put, before any number is claimed for it.
+
+        Raises ``ValueError`` for a marker given arguments, and
+        :class:`~celery_ordered.UnsendableError` (a ``TypeError``) for what
+        cannot be sent.
+        """
+        if not callable(task):
+            if args or kwargs:
+                raise ValueError(
+                    f"put({task!r}, ...): {type(task).__name__} is not callable, so it is a "
+                    "marker, and a marker takes no arguments. Put the marker alone, or "
+                    "put a callable task with its arguments"
+                )
+            marker = codec.encode(task, self.serializer, what="marker")
+            return Prepared(record=marker.member(0, RECORD_MARKER), marker=marker)
+        options = dict(self.task_options)
+        if isinstance(task, Signature):
+            options.update(task.options)
+            args = tuple(task.args) + args
+            kwargs = {**task.kwargs, **kwargs}
+            name = task.task
+            found = self.app.tasks.get(name)
+        elif isinstance(task, Task):
+            name, found = self._task_in_app(task)
+        else:
+            reference = self.function_reference(task)
+            name = CALL_TASK_NAME
+            found = self.app.tasks[CALL_TASK_NAME]
+            args, kwargs = (reference, list(args), kwargs), {}
+        if found is not None and not isinstance(found, OrderedTask):
+            raise UnsendableError(
+                f"task {name!r} is a plain Celery task, so its workers would not publish "
+                "its result into the stream: decorate it with @celery_ordered.ordered_task "
+                "(or @app.task(base=celery_ordered.OrderedTask))"
+            )
+        serializer = options.get("serializer") or getattr(found, "serializer", None)
+        serializer = serializer or self.app.conf.task_serializer
+        recorded = {
+            key: getattr(value, "name", value)  # a kombu Queue or Exchange: by name
+            for key, value in options.items()
+            if key in RECORDED_OPTIONS
+        }
+        record = codec.encode(
+            {"task": name, "args": list(args), "kwargs": kwargs, "options": recorded},
+            serializer,
+            what=f"arguments of {name}",
+        )
+        return Prepared(
+            record=record.member(0, RECORD_TASK),
+            task=found,
+            task_name=name,
+            args=args,
+            kwargs=kwargs,
+            options=options,
+        )
+
+    def _task_in_app(self, task: Task) -> tuple[str, Task]:
+        """``task`` as this stream's app knows it: its name and its instance.
+
+        An ``@ordered_task`` is a proxy that resolves through the *current*
+        app, which is per thread: put from another thread, a task defined in
+        a script (``__main__``) would get another app's name for it, and be
+        sent where no worker knows it. Look it up in the stream's app instead.
+        """
+        name = str(task.name)
+        found = self.app.tasks.get(name)
+        if found is None and task.app is not self.app:
+            function = getattr(task, "__wrapped__", None)
+            if function is not None:
+                own_name = self.app.gen_task_name(function.__name__, function.__module__)
+                if own_name in self.app.tasks:
+                    return own_name, self.app.tasks[own_name]
+        return name, found if found is not None else task
+
+    def chunk_target(self, task: Any) -> str:
+        """What a chunk runs: ``"task:NAME"`` or a plain function reference."""
+        if isinstance(task, Task):
+            return TASK_TARGET_PREFIX + str(task.name)
+        if isinstance(task, Signature) or not callable(task):
+            raise UnsendableError(
+                f"map(chunksize=...) needs an @ordered_task task or a top-level function, "
+                f"got {task!r}; pass chunksize=1 for a signature"
+            )
+        return self.function_reference(task)
+
+    def function_reference(self, function: Callable[..., Any]) -> str:
+        """The reference workers run ``function`` by, if this app lets them."""
+        reference = function_reference(function)
+        module = reference.partition(":")[0]
+        if not function_allowed(self.app, module):
+            raise UnsendableError(
+                f"{reference}: workers may not run plain functions from module "
+                f"{module!r} (standard-library modules are refused unless listed). "
+                "Add it to app.conf.ordered_function_modules, or wrap the call in an "
+                "@ordered_task task"
+            )
+        return reference
+
+    # -- claim ---------------------------------------------------------------
+
+    def claim(self, record: bytes, timeout: float | None) -> int:
+        """Claim one number for ``record``; blocks while the window is full."""
+        return self.claim_block([record], timeout).first
+
+    def claim_block(self, records: list[bytes], timeout: float | None) -> Claim:
+        """Claim up to ``len(records)`` numbers in one round trip (at least one).
+
+        Blocks while the window is full; :class:`~celery_ordered.StreamFull`
+        after ``timeout`` seconds, :class:`~celery_ordered.StreamClosedError`
+        once the stream is closed.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        claim_id = uuid.uuid4().hex
+        with self.redis_errors():
+            while True:
+                claim = self.protocol.claim(
+                    records,
+                    self.default_window,
+                    producer=f"{self._producer_id}-{os.getpid()}-{threading.get_ident()}",
+                    claim_id=claim_id,
+                    lost_after=self.lost_after,
+                )
+                if claim.closed:
+                    self.known_closed = True
+                    raise StreamClosedError(
+                        f"put() on stream {self.name!r}, which is closed: open a new "
+                        "stream for more work",
+                        stream=self.name,
+                    )
+                if claim.count:
+                    return claim
+                if self.free_space():
+                    # This handle's own consumer acknowledged what it had handed
+                    # out: or put and get from one thread would wait on each other.
+                    continue
+                remaining = WAIT_SLICE if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StreamFull(
+                        f"stream {self.name!r}: the window stayed full for {timeout}s; "
+                        "the consumer is behind (get() more, or raise the window)",
+                        stream=self.name,
+                    )
+                self.protocol.wait_space(remaining)
+
+    # -- send ----------------------------------------------------------------
+
+    def send(self, prepared: Prepared, seq: int) -> None:
+        """Publish a marker at ``seq``, or send the task with number ``seq``.
+
+        A send that fails fills ``seq`` with a :class:`~celery_ordered.DispatchError`
+        (so the consumer sees it at its place) and raises it.
+        """
+        if prepared.marker is not None:
+            with self.redis_errors():
+                if self.protocol.publish(seq, prepared.marker.member(seq, codec.MARKER)) < 0:
+                    raise self.protocol.deleted("put()")
+            return
+        try:
+            self._dispatch(
+                prepared.task,
+                prepared.task_name,
+                prepared.args,
+                prepared.kwargs or {},
+                prepared.options or {},
+                seq,
+            )
+        except Exception as exc:
+            error = DispatchError(
+                f"sending task {prepared.task_name!r} for stream {self.name!r} failed: {exc!r}",
+                stream=self.name,
+                seq=seq,
+            )
+            self.fill_with_error(seq, error, prepared.task_name)
+            raise error from exc
+
+    def _dispatch(
+        self,
+        task: Task | None,
+        name: str,
+        args: Any,
+        kwargs: dict[str, Any],
+        options: dict[str, Any],
+        seq: int,
+    ) -> None:
+        headers = {
+            HEADER_STREAM: self.name,
+            HEADER_SEQ: seq,
+            HEADER_SERIALIZER: self.serializer,
+            HEADER_INCARNATION: self.protocol.incarnation,
+        }
+        options = dict(options)
+        options["headers"] = {**(options.get("headers") or {}), **headers}
+        options["ignore_result"] = True
+        if task is not None:
+            task.apply_async(args, kwargs, **options)
+        else:
+            self.app.send_task(name, args, kwargs, **options)
+
+    def fill_with_error(self, seq: int, error: BaseException, task_name: str) -> None:
+        """Publish ``error`` as the outcome of ``seq`` (a failed send, a lost task)."""
+        payload = codec.exception_payload(error, "", self.serializer, task_name)
+        encoded = codec.encode(payload, self.serializer)
+        with self.redis_errors():
+            self.protocol.publish(seq, encoded.member(seq, codec.ERROR))
+
+    # -- reclaim -------------------------------------------------------------
+
+    def reclaim(self) -> int:
+        """Re-dispatch overdue tasks, fill hopeless ones; how many it acted on.
+
+        (See :meth:`OrderedResultStream.reclaim`.)
+        """
+        with self.redis_errors():
+            overdue = self.protocol.reclaim(self.lost_after, self.max_redispatches)
+        for item in overdue:
+            self._act_on_overdue(item.seq, item.lost, item.record)
+        return len(overdue)
+
+    def _act_on_overdue(self, seq: int, lost: bool, record: bytes) -> None:
+        _, status, content_type, content_encoding, body = record.split(b":", 4)
+        if status == RECORD_MARKER:
+            # The producer died between claiming and publishing a marker: the
+            # record holds the encoded marker, which goes in as it is.
+            encoded = codec.Encoded(content_type.decode(), content_encoding.decode(), body)
+            with self.redis_errors():
+                self.protocol.publish(seq, encoded.member(seq, codec.MARKER))
+            return
+        try:
+            dispatch = codec.decode(record, self._task_accept).value
+            name = str(dispatch["task"])
+        except Exception as exc:  # unreadable: nothing can be sent again
+            logger.error("stream %s: dispatch record of %d is unreadable: %r", self.name, seq, exc)
+            lost, name, dispatch = True, "?", {}
+        if lost:
+            logger.warning(
+                "stream %s: no outcome for %d (%s) after %d re-dispatches: filled as lost",
+                self.name, seq, name, self.max_redispatches,
+            )  # fmt: skip
+            dispatches = self.max_redispatches + 1
+            each = "its one dispatch" if dispatches == 1 else f"each of its {dispatches} dispatches"
+            error = ResultLost(
+                f"task {name!r} at position {seq} of stream {self.name!r} gave no outcome "
+                f"within {self.lost_after:g}s of {each}: its message or its worker was lost",
+                stream=self.name,
+                seq=seq,
+                exc_type="ResultLost",
+                task_name=name,
+            )
+            payload = codec.exception_payload(error, "", self.serializer, name)
+            member = codec.encode(payload, self.serializer).member(seq, codec.LOST)
+            with self.redis_errors():
+                self.protocol.publish(seq, member)
+            return
+        logger.warning("stream %s: outcome of %d (%s) is overdue: dispatching again",
+                       self.name, seq, name)  # fmt: skip
+        try:
+            self._dispatch(
+                self.app.tasks.get(name),
+                name,
+                dispatch.get("args") or [],
+                dispatch.get("kwargs") or {},
+                dispatch.get("options") or {},
+                seq,
+            )
+        except Exception as exc:  # the broker is down: the number comes due again
+            logger.error("stream %s: re-dispatch of %d failed: %r", self.name, seq, exc)
+
+    def maybe_reclaim(self) -> None:
+        """:meth:`reclaim`, unless this handle did so less than :meth:`reclaim_every` ago."""
+        now = time.monotonic()
+        if now >= self._next_reclaim:
+            self._next_reclaim = now + self.reclaim_every()
+            self.reclaim()
+
+    def reclaim_every(self) -> float:
+        """Seconds between the reclaims of a waiting consumer or ``join()``."""
+        return min(self.protocol.wait_slice, max(0.05, self.lost_after / 4))
+
+    # -- close ---------------------------------------------------------------
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Close the stream, with the producer's ``error`` if it failed.
+
+        (See :meth:`OrderedResultStream.close`.)
+        """
+        member = b""
+        if error is not None:
+            if not isinstance(error, BaseException):
+                raise TypeError(
+                    f"close(error=...) takes the exception that stopped the producer "
+                    f"(or None for a normal end), got {type(error).__name__}: {error!r}"
+                )
+            member = self._encode_producer_error(error)
+        with self.redis_errors():
+            self.protocol.close(member)
+        self.known_closed = True
+
+    def _encode_producer_error(self, error: BaseException) -> bytes:
+        stack_trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        payload = codec.exception_payload(error, stack_trace, self.serializer, None)
+        payload.pop("exc", None)  # text travels, never the object: consumers rebuild nothing
+        try:
+            encoded = codec.encode(payload, self.serializer, what="producer's error")
+        except UnsendableError:  # say, a traceback over the size limit: keep its end
+            payload["stack_trace"] = stack_trace[-100_000:]
+            payload["exc_message"] = [repr(a)[:10_000] for a in error.args]
+            encoded = codec.encode(payload, self.serializer, what="producer's error")
+        return encoded.member(0, codec.ERROR)
