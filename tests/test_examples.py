@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import redis
 
+from celery_ordered.redis.urls import socket_url
 from tests.apps.tasks import echo
 from tests.support import ROOT
 
@@ -63,7 +64,7 @@ def example_env(redis_url: str, tmp_path: Path) -> Iterator[dict[str, str]]:
         "C_FORCE_ROOT": "1",
         "TMPDIR": str(tmp_path),
     }
-    broker = redis.Redis.from_url(os.environ["CO_TEST_BROKER_URL"])
+    broker = redis.Redis.from_url(socket_url(os.environ["CO_TEST_BROKER_URL"]))
     try:
         broker.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
     finally:

@@ -29,6 +29,7 @@ import pytest
 import redis
 from markdown_it import MarkdownIt
 
+from celery_ordered.redis.urls import socket_url
 from tests.support import ROOT
 
 README = ROOT / "README.md"
@@ -135,7 +136,7 @@ def test_the_quickstart_runs_as_written_with_a_worker_started_as_written(
         worker.wait(timeout=30)
         log.close()
         # Celery's default queue, which the README's app uses, goes with it
-        redis.Redis.from_url(os.environ["CO_TEST_BROKER_URL"]).delete(
+        redis.Redis.from_url(socket_url(os.environ["CO_TEST_BROKER_URL"])).delete(
             "celery", "_kombu.binding.celery"
         )
     # Then every row's result and each checkpoint come out in submission order
