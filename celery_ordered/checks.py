@@ -6,6 +6,7 @@ the call that passed it, before anything reaches Redis or a broker::
     timeout = checks.seconds("timeout", timeout)             # None or >= 0
     lost_after = checks.seconds("lost_after", value, none=False, zero=False)
     prefetch = checks.count("prefetch", prefetch)            # an int >= 1
+    total = checks.count("total", total, minimum=0, none=True, type_error=True)
 """
 
 from __future__ import annotations
@@ -46,20 +47,69 @@ def seconds(name: str, value: Any, *, none: bool = True, zero: bool = True) -> f
 
 
 @overload
-def count(name: str, value: None, *, minimum: int = ..., none: bool = ...) -> None: ...
+def count(
+    name: str,
+    value: None,
+    *,
+    minimum: int = ...,
+    maximum: int | None = ...,
+    none: bool = ...,
+    type_error: bool = ...,
+    hint: str = ...,
+) -> None: ...
 @overload
-def count(name: str, value: int, *, minimum: int = ..., none: bool = ...) -> int: ...
+def count(
+    name: str,
+    value: int,
+    *,
+    minimum: int = ...,
+    maximum: int | None = ...,
+    none: bool = ...,
+    type_error: bool = ...,
+    hint: str = ...,
+) -> int: ...
 @overload
-def count(name: str, value: Any, *, minimum: int = ..., none: bool = ...) -> int | None: ...
+def count(
+    name: str,
+    value: Any,
+    *,
+    minimum: int = ...,
+    maximum: int | None = ...,
+    none: bool = ...,
+    type_error: bool = ...,
+    hint: str = ...,
+) -> int | None: ...
 
 
-def count(name: str, value: Any, *, minimum: int = 1, none: bool = False) -> int | None:
-    """``value`` as an int >= ``minimum`` (or None where ``none`` allows it)."""
+def count(
+    name: str,
+    value: Any,
+    *,
+    minimum: int = 1,
+    maximum: int | None = None,
+    none: bool = False,
+    type_error: bool = False,
+    hint: str = "",
+) -> int | None:
+    """``value`` as an int from ``minimum`` to ``maximum`` (or None where ``none`` allows it).
+
+    A value that is not an int raises :class:`TypeError` with ``type_error``
+    (as the standard library does for ``Executor.map(buffersize=)``), else
+    :class:`ValueError`; one out of range raises :class:`ValueError`.
+    ``hint``, what the argument means, ends every message.
+    """
     if value is None and none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        allowed = f"an int >= {minimum}"
-        if none:
-            allowed = f"None or {allowed}"
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    allowed = f"an int >= {minimum}"
+    if none:
+        allowed = f"None or {allowed}"
+    tail = f": {hint}" if hint else ""
+    if isinstance(value, bool) or not isinstance(value, int):
+        if type_error:
+            raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {value!r}{tail}")
+        raise ValueError(f"{name} must be {allowed}, got {value!r}{tail}")
+    if value < minimum:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}{tail}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} {value} is over the limit of {maximum}{tail}")
     return value

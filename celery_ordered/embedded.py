@@ -45,6 +45,7 @@ from typing import Any
 
 from celery import Celery
 
+from . import checks
 from .errors import ConfigurationError
 from .redis.urls import socket_url
 
@@ -280,8 +281,7 @@ class LocalCluster:
     ) -> None:
         if workers is None:
             workers = os.cpu_count() or 1
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+        workers = checks.count("workers", workers)
         self.workers = workers
         self._callers_app = app is not None
         self.app = (

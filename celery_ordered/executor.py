@@ -367,11 +367,7 @@ class OrderedExecutor(Executor):
         """
         timeout = checks.seconds("timeout", timeout)
         chunksize = checks.count("chunksize", chunksize)
-        if buffersize is not None and (
-            isinstance(buffersize, bool) or not isinstance(buffersize, int)
-        ):
-            raise TypeError(f"buffersize must be None or an int >= 1, got {buffersize!r}")
-        buffersize = checks.count("buffersize", buffersize, none=True)
+        buffersize = checks.count("buffersize", buffersize, none=True, type_error=True)
         end = None if timeout is None else time.monotonic() + timeout
         items: Iterator[tuple[Any, ...]] = zip(*iterables, strict=False)
         if chunksize > 1:

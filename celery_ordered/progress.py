@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
+from . import checks
+
 __all__ = ["Progress", "ProgressBar", "progress_bar"]
 
 Backend = Literal["auto", "tqdm", "text"]
@@ -70,8 +72,7 @@ class ProgressBar:
         backend: Backend = "auto",
         width: int = 30,
     ) -> None:
-        if total is not None and (isinstance(total, bool) or not isinstance(total, int)):
-            raise TypeError(f"total must be None or an int, got {total!r}")
+        total = checks.count("total", total, minimum=0, none=True, type_error=True)
         if backend not in ("auto", "tqdm", "text"):
             raise ValueError(f"backend must be 'auto', 'tqdm' or 'text', got {backend!r}")
         self.total = total

@@ -18,7 +18,6 @@ from celery_ordered import (
     StreamClosedError,
     UnsendableError,
 )
-from celery_ordered.redis.keys import StreamKeys
 from tests.apps.tasks import Holder, echo, plain_add, plain_celery_add
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -370,7 +369,7 @@ def test_each_numeric_argument_is_checked_at_the_constructor_by_its_own_name(
     name = f"test-bad-{uuid.uuid4().hex}"
     with pytest.raises(ValueError, match=rf"^{argument} must be .*got {re.escape(repr(value))}"):
         OrderedResultStream(app, name, window=4, **{argument: value})
-    assert redis_client.exists(*StreamKeys(name).all()) == 0
+    assert list(redis_client.scan_iter(f"co:{{{name}}}:*")) == []
 
 
 def test_a_nan_timeout_is_refused_before_redis_and_the_stream_goes_on(make_stream):

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from celery_ordered import RedisServer, __version__
 from celery_ordered.cli import main
+from tests.support.tools import require_tool
 from tests.support.workers import Worker
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
@@ -69,9 +70,11 @@ def test_the_demo_logs_every_batch_in_order(tmp_path):
 
 
 def test_the_console_script_with_an_uneven_last_batch(tmp_path):
-    script = shutil.which("celery-ordered", path=os.path.dirname(sys.executable))
-    if script is None:
-        pytest.skip("the celery-ordered console script is not installed next to Python")
+    script = require_tool(
+        "celery-ordered",
+        "the console script installed next to Python",
+        find=lambda name: shutil.which(name, path=os.path.dirname(sys.executable)),
+    )
 
     out = run_demo(
         [script, "demo", "--documents", "7", "--batch-size", "3", "--workers", "1"],

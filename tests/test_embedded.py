@@ -37,6 +37,7 @@ from celery_ordered import (
 from tests.apps.lifetime_tasks import PermutationTask, collect_garbage, task_1
 from tests.support import ROOT
 from tests.support.processes import Owner, alive, footprint, wait_gone
+from tests.support.tools import require_tool
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -100,11 +101,19 @@ def _python_for(user: str) -> str | None:
     return None
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def _root(name: str) -> str | None:
+    return name if os.geteuid() == 0 else None
+
+
 def test_another_local_user_cannot_reach_the_private_redis():
-    python = _python_for("nobody")
-    if python is None:
-        pytest.skip("no Python interpreter that user nobody may run")
+    require_tool(
+        "root",
+        "acting as another user needs root",
+        find=lambda _: "root" if os.geteuid() == 0 else None,
+    )
+    python = require_tool(
+        "nobody", "a Python interpreter that user nobody may run", find=_python_for
+    )
     probe = (
         "import socket, sys\n"
         "client = socket.socket(socket.AF_UNIX)\n"
@@ -338,20 +347,19 @@ print("queue alive:", queue.is_alive(), flush=True)
 """
 
 
-def _network_namespace_available() -> bool:
-    if shutil.which("unshare") is None:
-        return False
+def _private_network(program: str) -> str | None:
+    """``program`` (unshare) if it can give a process a network of its own."""
+    if shutil.which(program) is None:
+        return None
     try:
-        probe = subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=10)
+        probe = subprocess.run([program, "-rn", "true"], capture_output=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return False
-    return probe.returncode == 0
+        return None
+    return program if probe.returncode == 0 else None
 
 
-@pytest.mark.skipif(
-    not _network_namespace_available(), reason="needs unshare -rn (a private network)"
-)
 def test_works_on_a_machine_where_no_redis_is_reachable(tmp_path):
+    require_tool("unshare", "unshare -rn gives the test a private network", find=_private_network)
     # A private network namespace: no interface is up, 127.0.0.1 included.
     done = subprocess.run(
         ["unshare", "-rn", sys.executable, "-c", NO_NETWORK_SCRIPT.format(root=str(ROOT))],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import logging
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from celery_ordered import Progress, ProgressBar, progress_bar
 from tests.apps.tasks import echo, fail_value_error
 from tests.support.cli import run_ordered
+from tests.support.tools import require_tool
 
 
 def test_the_callback_sees_every_outcome_in_order_with_the_total(
@@ -93,7 +95,11 @@ def test_the_bar_learns_the_total_from_the_stream(worker: Any, make_stream: Any)
 
 
 def test_the_tqdm_bar_draws_with_tqdm() -> None:
-    pytest.importorskip("tqdm", reason="the progress extra is not installed")
+    require_tool(
+        "tqdm",
+        "the progress extra (pip install 'celery-ordered[progress]')",
+        find=lambda name: name if importlib.util.find_spec(name) else None,
+    )
     out = io.StringIO()
     with progress_bar(total=3, desc="docs", file=out, backend="tqdm") as bar:
         bar.update(1)
@@ -108,6 +114,7 @@ def test_the_tqdm_bar_draws_with_tqdm() -> None:
     ("kwargs", "error", "match"),
     [
         ({"total": "10"}, TypeError, "total must be None or an int"),
+        ({"total": -1}, ValueError, "total must be None or an int >= 0, got -1"),
         ({"backend": "rich"}, ValueError, "backend must be 'auto', 'tqdm' or 'text'"),
     ],
 )
