@@ -6,6 +6,9 @@ its consumer subprocesses and its worker:
 ``BENCH_REDIS_URL``   redis-py URL: result backend and stream store
 ``BENCH_BROKER_URL``  kombu URL of the same Redis (the broker)
 ``BENCH_QUEUE``       the run's own queue, so no other worker takes its tasks
+``BENCH_STREAM_URL``  redis-py URL of the streams, if not ``BENCH_REDIS_URL``
+                      (``benchmarks/cost.py`` keeps them apart, to measure
+                      the streams' own Redis work)
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from celery_ordered.redis.urls import socket_url
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 BROKER_URL = os.environ.get("BENCH_BROKER_URL", REDIS_URL)
 QUEUE = os.environ.get("BENCH_QUEUE", "celery-ordered-bench")
+STREAM_URL = os.environ.get("BENCH_STREAM_URL", REDIS_URL)
 
 
 app = Celery("benchmarks", set_as_current=True)
@@ -30,7 +34,7 @@ app.conf.update(
     broker_url=BROKER_URL,
     # Celery spells the Redis backend on a unix socket redis+socket:///path.
     result_backend=socket_url(REDIS_URL, kombu=True),
-    ordered_redis_url=REDIS_URL,
+    ordered_redis_url=STREAM_URL,
     task_default_queue=QUEUE,
     task_serializer="json",
     result_serializer="json",
