@@ -131,3 +131,17 @@ def version(package: str) -> str:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "?"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0-1) of ``values``: the nearest sample at or above it."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def clean(client: redis.Redis, queue: str, run_id: str) -> None:
+    """Remove a run's queue, its binding and any key named after the run."""
+    with contextlib.suppress(redis.RedisError):
+        leftovers = list(client.scan_iter(match=f"*co-bench-{run_id}*", count=1000))
+        leftovers += [queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"]
+        client.delete(*leftovers)

@@ -48,6 +48,8 @@ from benchmarks.harness import (  # noqa: E402
     broker_url,
     check_worker,
     chosen_redis,
+    clean,
+    percentile,
     progress,
     start_worker,
     version,
@@ -348,18 +350,13 @@ def bench_throughput(ctx: Context, n: int, repeats: int) -> dict[str, Any]:
 # -- 2. latency ------------------------------------------------------------------
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def _latency_summary(samples: list[float], total: int) -> dict[str, Any]:
     summary: dict[str, Any] = {"samples": len(samples), "tasks": total}
     if samples:
         summary.update(
-            p50_ms=_percentile(samples, 0.50) * 1000,
-            p90_ms=_percentile(samples, 0.90) * 1000,
-            p99_ms=_percentile(samples, 0.99) * 1000,
+            p50_ms=percentile(samples, 0.50) * 1000,
+            p90_ms=percentile(samples, 0.90) * 1000,
+            p99_ms=percentile(samples, 0.99) * 1000,
             max_ms=max(samples) * 1000,
         )
     return summary
@@ -754,17 +751,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             progress("uneven durations done")
         finally:
             worker.stop()
-            _clean(client, queue, run_id)
+            clean(client, queue, run_id)
     results["elapsed_s"] = time.perf_counter() - began
     return results
-
-
-def _clean(client: redis.Redis, queue: str, run_id: str) -> None:
-    """Remove the run's queue, its binding and any key named after the run."""
-    with contextlib.suppress(redis.RedisError):
-        leftovers = list(client.scan_iter(match=f"*co-bench-{run_id}*", count=1000))
-        leftovers += [queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"]
-        client.delete(*leftovers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .aio import AsyncOrderedResultStream
 from .compat import ParallelQueue, ParallelSingleTaskQueue
 from .embedded import LocalCluster, RedisServer, local_cluster
 from .errors import (
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     # Streams
     "OrderedResultStream",
+    "AsyncOrderedResultStream",
     "StreamStats",
     "imap",
     "starmap",

@@ -12,7 +12,7 @@ the call that passed it, before anything reaches Redis or a broker::
 from __future__ import annotations
 
 import math
-from typing import Any, overload
+from typing import Any, Literal, overload
 
 
 @overload
@@ -49,22 +49,11 @@ def seconds(name: str, value: Any, *, none: bool = True, zero: bool = True) -> f
 @overload
 def count(
     name: str,
-    value: None,
+    value: Any,
     *,
     minimum: int = ...,
     maximum: int | None = ...,
-    none: bool = ...,
-    type_error: bool = ...,
-    hint: str = ...,
-) -> None: ...
-@overload
-def count(
-    name: str,
-    value: int,
-    *,
-    minimum: int = ...,
-    maximum: int | None = ...,
-    none: bool = ...,
+    none: Literal[False] = ...,
     type_error: bool = ...,
     hint: str = ...,
 ) -> int: ...
@@ -75,7 +64,7 @@ def count(
     *,
     minimum: int = ...,
     maximum: int | None = ...,
-    none: bool = ...,
+    none: bool,
     type_error: bool = ...,
     hint: str = ...,
 ) -> int | None: ...

@@ -176,7 +176,7 @@ def list_streams(ctx: click.Context) -> None:
 @click.argument("name")
 @click.pass_context
 def inspect(ctx: click.Context, name: str) -> None:
-    """Show one stream's counters and its head-of-line blocker."""
+    """Show one stream's counters, its head-of-line blocker and what that waits on."""
     stats = _target(ctx).stream(name).stats()
     rows = [
         ("claimed", stats.claimed),
@@ -188,12 +188,15 @@ def inspect(ctx: click.Context, name: str) -> None:
         ("closed", "yes" if stats.closed else "no"),
         ("redispatched", stats.redispatched),
         ("lost", stats.lost),
+        ("hedged", stats.hedged),
     ]
     if stats.blocker is None:
         rows.append(("blocker", "none: nothing is missing"))
     else:
         waited = "" if stats.blocker_waited is None else f", waiting {stats.blocker_waited:.1f} s"
         rows.append(("blocker", f"number {stats.blocker}{waited}"))
+        if stats.diagnosis:
+            rows.append(("waits on", stats.diagnosis))
     for label, value in rows:
         click.echo(f"{label:<13} {value}")
 

@@ -18,9 +18,19 @@ the way Celery's own Redis backend reads ``redis_socket_timeout``:
                                      may run
 ``ordered_stream_ttl``               seconds an unused stream's keys live
                                      (1 day)
-``ordered_lost_after``               seconds before an outcome counts as
-                                     overdue (1 h)
+``ordered_lost_after``               seconds a task no worker holds may
+                                     wait while its queue shows no
+                                     progress (1 h)
 ``ordered_max_redispatches``         re-dispatches of an overdue task (3)
+``ordered_worker_lease``             seconds a worker's hold on a task
+                                     lasts without a heartbeat (15)
+``ordered_overtaken_after``          seconds a task no worker received may
+                                     stay behind a later one of its queue
+                                     that a worker received (10)
+``ordered_stall_warning``            seconds a consumer waits on one
+                                     number before it logs why (30)
+``ordered_hedge``                    send a backup of a straggling task
+                                     (False; True or a factor)
 ``ordered_redis_retry_for``          seconds to retry a failing Redis (20)
 ``ordered_wait_replicas``            replicas each write waits for (0)
 ``ordered_wait_timeout``             seconds a write waits for them (20)
@@ -32,6 +42,7 @@ Sentinel, told apart by the URL (see :func:`parse_redis_url`).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -68,6 +79,23 @@ DEFAULT_LOST_AFTER = 3600.0
 #: Times an overdue task is dispatched again before its place is filled with
 #: a :class:`~celery_ordered.ResultLost` error.
 DEFAULT_MAX_REDISPATCHES = 3
+
+#: Seconds a worker's hold on a task (its lease) lasts after its last
+#: heartbeat: a worker that died, froze or lost its network lets its tasks go
+#: this long after its last beat. It beats every third of it.
+DEFAULT_WORKER_LEASE = 15.0
+
+#: Seconds a task no worker has received may stay behind a task sent after it
+#: to the same queue that a worker did receive, before it counts as lost.
+DEFAULT_OVERTAKEN_AFTER = 10.0
+
+#: Seconds a consumer waits on the same number before it logs a warning that
+#: says why (at most 30 s: the issue's bar).
+DEFAULT_STALL_WARNING = 30.0
+
+#: How many times the typical run time the head-of-line task runs before a
+#: hedging stream sends a backup copy (``hedge=True``).
+DEFAULT_HEDGE_FACTOR = 4.0
 
 
 #: The keys of ``ordered_redis_transport_options``: Celery's names for the
@@ -125,23 +153,19 @@ def default_window(app: Celery) -> int:
 
 
 def validate_window(window: object) -> int:
-    """Return ``window`` if it is a usable window cap, else raise ValueError."""
-    if isinstance(window, bool) or not isinstance(window, int):
-        raise TypeError(
-            f"window must be an int, got {type(window).__name__} {window!r}: "
-            "pass how many tasks may run ahead of the consumer, such as window=64"
-        )
-    if window < 1:
-        raise ValueError(
-            f"window must be at least 1, got {window}: it is how many tasks may run "
-            "ahead of the consumer"
-        )
-    if window > MAX_WINDOW:
-        raise ValueError(
-            f"window {window} is over the limit of {MAX_WINDOW}: a window that large "
-            "no longer bounds memory; pick the most results you can hold at once"
-        )
-    return window
+    """Return ``window`` if it is a usable window cap.
+
+    Not an int: :class:`TypeError`; below 1 or over :data:`MAX_WINDOW`:
+    :class:`ValueError`.
+    """
+    return checks.count(
+        "window",
+        window,
+        maximum=MAX_WINDOW,
+        type_error=True,
+        hint="it is how many tasks may run ahead of the consumer, such as window=64; "
+        f"more than {MAX_WINDOW} no longer bounds memory",
+    )
 
 
 def _seconds(app: Celery, setting: str, default: float, *, allow_zero: bool = True) -> float:
@@ -188,6 +212,46 @@ def lost_after(app: Celery) -> float:
 def max_redispatches(app: Celery) -> int:
     """Times an overdue task is dispatched again before it counts as lost."""
     return _count(app, "ordered_max_redispatches", DEFAULT_MAX_REDISPATCHES)
+
+
+def worker_lease(app: Celery) -> float:
+    """Seconds a worker's lease on a task it holds lasts without a heartbeat."""
+    return _seconds(app, "ordered_worker_lease", DEFAULT_WORKER_LEASE, allow_zero=False)
+
+
+def overtaken_after(app: Celery) -> float:
+    """Seconds a task no worker received may stay behind a later one that was."""
+    return _seconds(app, "ordered_overtaken_after", DEFAULT_OVERTAKEN_AFTER, allow_zero=False)
+
+
+def stall_warning(app: Celery) -> float:
+    """Seconds a consumer waits on one number before it logs why."""
+    return _seconds(app, "ordered_stall_warning", DEFAULT_STALL_WARNING, allow_zero=False)
+
+
+def hedge_factor(app: Celery, hedge: object = None) -> float | None:
+    """The hedging factor of ``hedge`` (the stream argument), else of ``ordered_hedge``.
+
+    False (the default): no hedging; True: :data:`DEFAULT_HEDGE_FACTOR`; a
+    number above 1: that factor. Returns None for no hedging.
+    """
+    if hedge is None:
+        hedge = app.conf.get("ordered_hedge")
+        name = "app.conf.ordered_hedge"
+    else:
+        name = "hedge"
+    if hedge is None or hedge is False:
+        return None
+    if hedge is True:
+        return DEFAULT_HEDGE_FACTOR
+    if isinstance(hedge, (int, float)) and math.isfinite(hedge) and hedge > 1:
+        return float(hedge)
+    error = ConfigurationError if name.startswith("app.") else ValueError
+    raise error(
+        f"{name} must be False, True (a backup once the head-of-line task has run "
+        f"{DEFAULT_HEDGE_FACTOR:g} times the stream's typical run time) or a number "
+        f"above 1 (that many times), got {hedge!r}"
+    )
 
 
 def redis_retry_for(app: Celery) -> float:

@@ -1,13 +1,20 @@
 """The consumer part of a stream: buffer, fetch, acknowledge, lease and progress.
 
-:class:`Consumer` is what :meth:`OrderedResultStream.get`, ``ack``,
-``take_over``, ``release`` and ``position`` delegate to. It owns the consumer's
-state: the outcomes read from Redis but not handed out yet, how far it has
-read, handed out and acknowledged, the consumer lease (its epoch, fencing),
-and what it reports to a progress callback. One lock guards all of it: one
-thread at a time consumes, and a producer on the same handle acknowledges
-through :meth:`Consumer.acknowledge_if_idle` only when no ``get`` is running.
-It talks to Redis only through :class:`~celery_ordered.redis.protocol.Protocol`.
+:class:`ConsumerCore` is the consumer's logic, written once for the threaded
+and the asyncio stream: the outcomes read from Redis but not handed out yet,
+how far it has read, handed out and acknowledged, the consumer lease (its
+epoch, fencing), the checks that Redis did not go back in time, how an
+outcome is decoded and raised, and what it reports to a progress callback.
+Its round trips are operations of :mod:`celery_ordered.steps` (generators of
+requests), so it does no I/O of its own.
+
+:class:`Consumer` drives it with blocking calls: it is what
+:meth:`OrderedResultStream.get`, ``ack``, ``take_over``, ``release`` and
+``position`` delegate to. One lock guards its state: one thread at a time
+consumes, and a producer on the same handle acknowledges through
+:meth:`Consumer.acknowledge_if_idle` only when no ``get`` is running. The
+asyncio driver is :class:`celery_ordered.aio.AsyncConsumer`. Both talk to
+Redis only through :class:`~celery_ordered.redis.protocol.Protocol`'s operations.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from .errors import (
 )
 from .progress import Progress
 from .redis.protocol import WAIT_SLICE, Batch, LeaseHeld, Protocol
+from .steps import OnWait, Pause, Step, run
 
 #: How many ready outcomes a consumer reads from Redis in one round trip.
 DEFAULT_PREFETCH = 256
@@ -67,14 +75,19 @@ def consumer_lease_setting(app: Celery) -> float:
     return float(lease or DEFAULT_CONSUMER_LEASE)
 
 
-class Consumer:
-    """The consumer part of one stream handle (internal: see ``OrderedResultStream``).
+class ConsumerCore:
+    """The consumer part of one stream handle, without I/O (internal).
 
     Reads outcomes from Redis in batches of up to ``prefetch`` into its
     buffer, hands them out in order, acknowledges what it handed out every
     ``ack_every`` outcomes and before it waits, holds the consumer lease, and
-    tells the progress callback. ``reclaim`` and ``reclaim_every`` are the
-    producer part's: a consumer waiting for its head reclaims overdue work.
+    tells the progress callback. ``reclaim_every`` is the producer part's: a
+    consumer waiting for its head asks for an :class:`~celery_ordered.steps.OnWait`
+    (the head's number) each time a wait of up to ``reclaim_every()`` seconds
+    passes without it, on which its driver reclaims overdue work.
+
+    Its operations (``*_op``) yield requests for a driver to perform; the
+    driver also serialises them (a lock), since they change this state.
     """
 
     def __init__(
@@ -91,7 +104,6 @@ class Consumer:
         default_window: int,
         window: int,
         redis_errors: RedisErrors,
-        reclaim: Callable[[], None],
         reclaim_every: Callable[[], float],
     ) -> None:
         self.name = name
@@ -102,7 +114,6 @@ class Consumer:
         self.lease = lease
         self.default_window = default_window
         self.redis_errors = redis_errors
-        self._reclaim = reclaim
         self._reclaim_every = reclaim_every
         self._progress = progress
         self._began = time.monotonic()
@@ -131,9 +142,32 @@ class Consumer:
         self._epoch = 0
         self._take_over_next = takeover
         self._fenced: ConsumerFenced | None = None
-        self._lock = threading.Lock()
+        # True while a round trip that takes the lease waits for its reply,
+        # and after one left without it (its asyncio driver was cancelled):
+        # the lease may then be this handle's, at an epoch it does not know.
+        self._acquiring = False
         #: The most outcomes ever seen waiting out of order by this consumer.
         self.peak_out_of_order = 0
+
+    def settings(self) -> dict[str, Any]:
+        """The keyword arguments that build a consumer like this one, as it stands.
+
+        The asyncio stream builds its consumer from the threaded stream it
+        opens (:class:`~celery_ordered.aio.AsyncOrderedResultStream`), so
+        both take their arguments, checked once, from the same place.
+        """
+        return {
+            "accept": self.accept,
+            "prefetch": self.prefetch,
+            "ack_every": self.ack_every,
+            "lease": self.lease,
+            "takeover": self._take_over_next,
+            "progress": self._progress,
+            "default_window": self.default_window,
+            "window": self.window_seen,
+            "redis_errors": self.redis_errors,
+            "reclaim_every": self._reclaim_every,
+        }
 
     # -- what it knows -------------------------------------------------------
 
@@ -152,21 +186,59 @@ class Consumer:
         """True once this handle has consumed, unless another consumer fenced it."""
         return self._delivered >= 0 and self._fenced is None
 
+    @property
+    def holds_lease(self) -> bool:
+        """True while this handle holds the consumer lease, as far as it knows."""
+        return self._epoch != 0 and self._fenced is None
+
+    @property
+    def unacknowledged(self) -> bool:
+        """True if it handed out outcomes that Redis has not been told of yet."""
+        return self._delivered > self._acked
+
     # -- handing out ---------------------------------------------------------
 
-    def get(self, timeout: float | None) -> Any:
-        """The next outcome in order (see :meth:`OrderedResultStream.get`)."""
-        if self._progress is None:
-            return self._get(timeout)
-        before = self.handed_out
-        try:
-            return self._get(timeout)
-        finally:
-            if self.handed_out != before:
-                self._tell_progress()
+    def next_op(self, timeout: float | None) -> Step[Any]:
+        """The next outcome in order (see :meth:`OrderedResultStream.get`).
 
-    def _tell_progress(self) -> None:
-        assert self._progress is not None
+        Reads from Redis when the buffer is empty (waiting within
+        ``timeout``), and acknowledges every ``ack_every`` outcomes. A failed
+        task's outcome is raised, as its own exception where it can be rebuilt.
+        """
+        if self._fenced is not None:
+            raise ConsumerFenced(str(self._fenced), stream=self.name)
+        if not self._buffer:
+            yield from self.fetch_op(timeout)
+        elif self._delivered - self._acked >= self._ack_every:
+            # Free window space before the buffer runs dry, so producers
+            # keep going while this consumer works through its buffer.
+            yield from self.pop_op(0)
+        member = self._buffer.popleft()
+        self.handed_out += 1
+        try:
+            outcome = codec.decode(member, self.accept)
+        except Exception as exc:
+            seq = int(member.split(b":", 1)[0])
+            self._delivered = seq + 1
+            raise OrderedStreamError(
+                f"stream {self.name!r}: the outcome at {seq} could not be decoded "
+                f"({exc}); if it is a content type this consumer should accept, pass "
+                "accept=[...] to the stream",
+                stream=self.name,
+                seq=seq,
+            ) from exc
+        self._delivered = outcome.seq + 1
+        if outcome.status in (codec.ERROR, codec.LOST):
+            raise codec.rebuild_exception(
+                outcome.value, stream=self.name, seq=outcome.seq, lost=outcome.status == codec.LOST
+            )
+        return outcome.value
+
+    def tell_progress(self, handed_out_before: int) -> None:
+        """Tell the progress callback, if this handle has one and handed out
+        an outcome since it had handed out ``handed_out_before``."""
+        if self._progress is None or self.handed_out == handed_out_before:
+            return
         elapsed = time.monotonic() - self._began
         report = Progress(
             delivered=self._delivered,
@@ -183,47 +255,16 @@ class Consumer:
                 self._progress,
             )
 
-    def _get(self, timeout: float | None) -> Any:
-        with self._lock:
-            if self._fenced is not None:
-                raise ConsumerFenced(str(self._fenced), stream=self.name)
-            if not self._buffer:
-                self._fetch(timeout)
-            elif self._delivered - self._acked >= self._ack_every:
-                # Free window space before the buffer runs dry, so producers
-                # keep going while this consumer works through its buffer.
-                self._acknowledge_held()
-            member = self._buffer.popleft()
-            self.handed_out += 1
-            try:
-                outcome = codec.decode(member, self.accept)
-            except Exception as exc:
-                seq = int(member.split(b":", 1)[0])
-                self._delivered = seq + 1
-                raise OrderedStreamError(
-                    f"stream {self.name!r}: the outcome at {seq} could not be decoded "
-                    f"({exc}); if it is a content type this consumer should accept, pass "
-                    "accept=[...] to the stream",
-                    stream=self.name,
-                    seq=seq,
-                ) from exc
-            self._delivered = outcome.seq + 1
-        if outcome.status in (codec.ERROR, codec.LOST):
-            raise codec.rebuild_exception(
-                outcome.value, stream=self.name, seq=outcome.seq, lost=outcome.status == codec.LOST
-            )
-        return outcome.value
-
     # -- reading from Redis --------------------------------------------------
 
-    def _fetch(self, timeout: float | None) -> None:
-        """Fill the buffer: wait (within ``timeout``) for the next outcome (lock held)."""
+    def fetch_op(self, timeout: float | None) -> Step[None]:
+        """Fill the buffer: wait (within ``timeout``) for the next outcome."""
         deadline = None if timeout is None else time.monotonic() + timeout
         told_waiting = False
         with self.redis_errors():
             while True:
                 try:
-                    batch = self._pop(self.prefetch)
+                    batch = yield from self.pop_op(self.prefetch)
                 except LeaseHeld as held:
                     # Another consumer holds the stream: wait as its standby.
                     remaining = WAIT_SLICE if deadline is None else deadline - time.monotonic()
@@ -242,7 +283,7 @@ class Consumer:
                             "more); this one waits to take over once it lapses or is released",
                             self.name, held.owner, held.remaining,
                         )  # fmt: skip
-                    threading.Event().wait(min(held.remaining + 0.005, remaining, WAIT_SLICE))
+                    yield Pause(min(held.remaining + 0.005, remaining, WAIT_SLICE))
                     continue
                 if batch.members:
                     self._buffer.extend(batch.members)
@@ -270,11 +311,12 @@ class Consumer:
                         stream=self.name,
                         seq=batch.start,
                     )
-                if not self.protocol.wait_ready(min(remaining, self._reclaim_every())):
-                    self._reclaim()
+                wait = min(remaining, self._reclaim_every())
+                if not (yield from self.protocol.wait_op("ready", wait)):
+                    yield OnWait(batch.start)
 
-    def _pop(self, limit: int, mode: str = "") -> Batch:
-        """Acknowledge what was handed out; read up to ``limit`` more (lock held).
+    def pop_op(self, limit: int, mode: str = "") -> Step[Batch]:
+        """Acknowledge what was handed out; read up to ``limit`` more.
 
         Takes the consumer lease first if this handle holds none (raising
         :class:`~celery_ordered.redis.protocol.LeaseHeld` while another consumer
@@ -283,11 +325,12 @@ class Consumer:
         if self._fenced is not None:
             raise ConsumerFenced(str(self._fenced), stream=self.name)
         acquiring = self._epoch == 0
-        if acquiring and self._take_over_next:
+        if acquiring and self._take_over_next and mode != "free":
             mode = "take"
+        self._acquiring = acquiring
         try:
             with self.redis_errors():
-                batch = self.protocol.pop(
+                batch = yield from self.protocol.pop_op(
                     -1 if acquiring else self._delivered,
                     self._read,
                     limit,
@@ -299,6 +342,10 @@ class Consumer:
         except ConsumerFenced as exc:
             self._fenced = exc
             raise
+        except Exception:
+            self._acquiring = False
+            raise
+        self._acquiring = False
         if acquiring:
             self._epoch = batch.epoch
             self._take_over_next = False
@@ -310,10 +357,6 @@ class Consumer:
         self.window_seen = batch.window or self.default_window
         self._ack_every = self.ack_every or max(1, self.window_seen // 2)
         return batch
-
-    def _acknowledge_held(self) -> None:
-        """Acknowledge what was handed out, renewing the lease (lock held)."""
-        self._pop(0)
 
     def _check_not_rolled_back(self, batch: Batch) -> None:
         """Redis must never say less than this consumer has already seen."""
@@ -359,6 +402,80 @@ class Consumer:
             error.__cause__ = RemoteTraceback(stack_trace)
         return error
 
+    # -- acknowledgement and the lease ---------------------------------------
+
+    def acknowledge_op(self) -> Step[None]:
+        """Tell Redis what was handed out (renewing the lease); nothing if not consuming."""
+        if self._epoch:
+            yield from self.pop_op(0)
+
+    def take_over_op(self) -> Step[None]:
+        """Become the stream's consumer now, fencing any other one (see the stream's)."""
+        self._fenced = None
+        self._epoch = 0
+        self._take_over_next = True
+        self._buffer.clear()
+        self._read = self._delivered = self._acked = -1
+        yield from self.pop_op(0)
+
+    def release_op(self) -> Step[None]:
+        """Acknowledge and give up the consumer lease (see the stream's).
+
+        After a round trip that took the lease but whose reply never came
+        (its caller was cancelled), the lease is taken again to be given up.
+        """
+        if self._fenced is not None or not (self._epoch or self._acquiring):
+            return
+        try:
+            yield from self.pop_op(0, mode="free")
+        except LeaseHeld:  # another consumer's: that round trip did not take it
+            return
+        self._epoch = 0
+        self._buffer.clear()
+        self._read = -1
+
+    def drop_buffer(self) -> None:
+        """Forget the outcomes read and not handed out (the stream was deleted)."""
+        self._buffer.clear()
+
+
+class Consumer(ConsumerCore):
+    """The consumer part of a threaded stream handle (internal: see ``OrderedResultStream``).
+
+    Drives :class:`ConsumerCore` with blocking calls under one lock.
+    ``on_wait`` is the producer part's: a consumer waiting for its head calls
+    it with the head's number each time a wait of up to ``reclaim_every()``
+    seconds passes without it, and it reclaims overdue work.
+    """
+
+    def __init__(
+        self, name: str, protocol: Protocol, *, on_wait: Callable[[int], None], **options: Any
+    ) -> None:
+        super().__init__(name, protocol, **options)
+        #: Called with the head's number each time a wait slice passes without it.
+        self.on_wait = on_wait
+        self._lock = threading.Lock()
+
+    def _perform(self, request: Any) -> Any:
+        """Carry out one request of the core's operations, blocking."""
+        if isinstance(request, Pause):
+            return threading.Event().wait(request.seconds)
+        if isinstance(request, OnWait):
+            return self.on_wait(request.head)
+        return self.protocol.perform(request)
+
+    def _run(self, op: Step[Any]) -> Any:
+        with self._lock:
+            return run(op, self._perform)
+
+    def get(self, timeout: float | None) -> Any:
+        """The next outcome in order (see :meth:`OrderedResultStream.get`)."""
+        before = self.handed_out
+        try:
+            return self._run(self.next_op(timeout))
+        finally:
+            self.tell_progress(before)
+
     def prefetch_all(self) -> None:
         """Read every outcome that has arrived into this consumer's buffer.
 
@@ -368,17 +485,13 @@ class Consumer:
         with self._lock:
             while True:
                 try:
-                    self._fetch(timeout=0)
+                    run(self.fetch_op(timeout=0), self._perform)
                 except (StreamExhausted, StreamEmpty, ProducerFailed):
                     return
 
-    # -- acknowledgement and the lease ---------------------------------------
-
     def acknowledge(self) -> None:
         """Tell Redis what was handed out (renewing the lease); nothing if not consuming."""
-        with self._lock:
-            if self._epoch:
-                self._acknowledge_held()
+        self._run(self.acknowledge_op())
 
     def acknowledge_if_idle(self) -> bool:
         """Acknowledge what was handed out, unless a ``get`` is running; True if done.
@@ -387,9 +500,9 @@ class Consumer:
         put and get from one thread would wait on each other. (A consumer
         inside ``get`` holds the lock, and acknowledges by itself.)
         """
-        if self._delivered > self._acked and self._lock.acquire(blocking=False):
+        if self.unacknowledged and self._lock.acquire(blocking=False):
             try:
-                self._acknowledge_held()
+                run(self.pop_op(0), self._perform)
             finally:
                 self._lock.release()
             return True
@@ -405,25 +518,13 @@ class Consumer:
 
     def take_over(self) -> None:
         """Become the stream's consumer now, fencing any other one (see the stream's)."""
-        with self._lock:
-            self._fenced = None
-            self._epoch = 0
-            self._take_over_next = True
-            self._buffer.clear()
-            self._read = self._delivered = self._acked = -1
-            self._acknowledge_held()
+        self._run(self.take_over_op())
 
     def release(self) -> None:
         """Acknowledge and give up the consumer lease (see the stream's)."""
-        with self._lock:
-            if not self._epoch or self._fenced is not None:
-                return
-            self._pop(0, mode="free")
-            self._epoch = 0
-            self._buffer.clear()
-            self._read = -1
+        self._run(self.release_op())
 
     def drop_buffer(self) -> None:
         """Forget the outcomes read and not handed out (the stream was deleted)."""
         with self._lock:
-            self._buffer.clear()
+            super().drop_buffer()

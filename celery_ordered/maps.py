@@ -16,8 +16,9 @@ They behave as ``multiprocessing.Pool.imap`` does where it matters:
 - ``close()`` ends the iteration at once, as it does a generator.
 - A timeout (:class:`~celery_ordered.StreamEmpty`, also a ``TimeoutError``)
   loses nothing: ``next()`` again waits for the same item.
-- The end acknowledges every outcome handed out, so other handles' ``stats()``
-  and a later consumer see the stream fully delivered.
+- The end acknowledges every outcome handed out and gives up the consumer
+  lease, so other handles' ``stats()`` and a later consumer see the stream
+  fully delivered, and a later consumer need not wait for the lease.
 """
 
 from __future__ import annotations
@@ -211,7 +212,9 @@ class OrderedMap:
         self.slots.clear()
         self.pending = 0
         self._close_stream()
-        self.stream.ack()  # every outcome handed out is delivered, for every handle
+        # Every outcome handed out is delivered, for every handle, and the
+        # consumer lease is free: a later consumer need not wait for it to lapse.
+        self.stream.release()
 
     def _outcome(self) -> tuple[bool, Any]:
         """``(True, value)`` or ``(False, error)`` for the next item, in order.

@@ -60,6 +60,7 @@ _COUNTERS = (
     ("delivered", "stream_delivered", "Outcomes the consumer has taken, in order."),
     ("redispatched", "stream_redispatched", "Overdue tasks dispatched again."),
     ("lost", "stream_lost", "Places filled with ResultLost after the last re-dispatch."),
+    ("hedged", "stream_hedged", "Backup copies of straggling tasks sent (hedging)."),
 )
 
 #: Per-stream gauges: the field, the metric's name and its help text.

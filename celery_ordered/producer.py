@@ -18,19 +18,21 @@ import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from celery import Celery, Task
 from celery.canvas import Signature
 from kombu.serialization import prepare_accept_content
 
-from . import codec
+from . import codec, liveness
 from .config import function_allowed
 from .errors import DispatchError, ResultLost, StreamClosedError, StreamFull, UnsendableError
-from .redis.protocol import WAIT_SLICE, Claim, Protocol
+from .redis.protocol import WAIT_SLICE, Claim, Overdue, Protocol
 from .task import (
     CALL_TASK_NAME,
+    HEADER_HEDGE,
     HEADER_INCARNATION,
+    HEADER_LANE,
     HEADER_SEQ,
     HEADER_SERIALIZER,
     HEADER_STREAM,
@@ -61,7 +63,9 @@ RedisErrors = Callable[[], contextlib.AbstractContextManager[None]]
 class Prepared:
     """What ``put`` validated and encoded before claiming a number."""
 
-    #: The dispatch record stored under the number (its ``0:`` prefix is a placeholder).
+    #: The dispatch record stored under the number: ``<lane>:T:...`` for a
+    #: task, where the lane (:func:`~celery_ordered.liveness.lane_token`) is
+    #: the queue and priority it is routed to; ``0:M:...`` for a marker.
     record: bytes
     #: The encoded marker, for a marker; None for a task.
     marker: codec.Encoded | None = None
@@ -97,6 +101,8 @@ class Producer:
         max_redispatches: int,
         default_window: int,
         redis_errors: RedisErrors,
+        overtaken_after: float = 10.0,
+        hedge: bool = False,
     ) -> None:
         self.app = app
         self.name = name
@@ -105,6 +111,11 @@ class Producer:
         self.task_options = task_options
         self.lost_after = lost_after
         self.max_redispatches = max_redispatches
+        #: Seconds a number no worker received may stay behind a later number
+        #: of its queue that a worker received, before reclaim sends it again.
+        self.overtaken_after = overtaken_after
+        #: Whether the stream hedges: its tasks then report their run times.
+        self.hedge = hedge
         self.default_window = default_window
         self.redis_errors = redis_errors
         #: True once this handle knows the stream is closed: it closed it, or
@@ -183,8 +194,9 @@ class Producer:
             serializer,
             what=f"arguments of {name}",
         )
+        lane = liveness.lane_of(self.app, name, args, kwargs, options)
         return Prepared(
-            record=record.member(0, RECORD_TASK),
+            record=liveness.lane_token(lane) + record.member(0, RECORD_TASK)[1:],
             task=found,
             task_name=name,
             args=args,
@@ -259,12 +271,7 @@ class Producer:
                     lost_after=self.lost_after,
                 )
                 if claim.closed:
-                    self.known_closed = True
-                    raise StreamClosedError(
-                        f"put() on stream {self.name!r}, which is closed: open a new "
-                        "stream for more work",
-                        stream=self.name,
-                    )
+                    raise self.closed_error()
                 if claim.count:
                     return claim
                 if self.free_space():
@@ -273,12 +280,24 @@ class Producer:
                     continue
                 remaining = WAIT_SLICE if deadline is None else deadline - time.monotonic()
                 if remaining <= 0:
-                    raise StreamFull(
-                        f"stream {self.name!r}: the window stayed full for {timeout}s; "
-                        "the consumer is behind (get() more, or raise the window)",
-                        stream=self.name,
-                    )
+                    raise self.full_error(timeout)
                 self.protocol.wait_space(remaining)
+
+    def closed_error(self) -> StreamClosedError:
+        """What a put raises when its claim found the stream closed (noted here)."""
+        self.known_closed = True
+        return StreamClosedError(
+            f"put() on stream {self.name!r}, which is closed: open a new stream for more work",
+            stream=self.name,
+        )
+
+    def full_error(self, timeout: float | None) -> StreamFull:
+        """What a put raises when the window stayed full for its whole ``timeout``."""
+        return StreamFull(
+            f"stream {self.name!r}: the window stayed full for {timeout}s; "
+            "the consumer is behind (get() more, or raise the window)",
+            stream=self.name,
+        )
 
     # -- send ----------------------------------------------------------------
 
@@ -301,6 +320,7 @@ class Producer:
                 prepared.kwargs or {},
                 prepared.options or {},
                 seq,
+                liveness.lane_of_record(prepared.record),
             )
         except Exception as exc:
             error = DispatchError(
@@ -319,13 +339,17 @@ class Producer:
         kwargs: dict[str, Any],
         options: dict[str, Any],
         seq: int,
+        lane: str,
     ) -> None:
         headers = {
             HEADER_STREAM: self.name,
             HEADER_SEQ: seq,
             HEADER_SERIALIZER: self.serializer,
             HEADER_INCARNATION: self.protocol.incarnation,
+            HEADER_LANE: lane,
         }
+        if self.hedge:
+            headers[HEADER_HEDGE] = 1
         options = dict(options)
         options["headers"] = {**(options.get("headers") or {}), **headers}
         options["ignore_result"] = True
@@ -344,17 +368,29 @@ class Producer:
     # -- reclaim -------------------------------------------------------------
 
     def reclaim(self) -> int:
-        """Re-dispatch overdue tasks, fill hopeless ones; how many it acted on.
+        """Re-dispatch the tasks whose outcome cannot come, fill hopeless ones; how many.
 
-        (See :meth:`OrderedResultStream.reclaim`.)
+        (See :meth:`OrderedResultStream.reclaim` and ``reclaim.lua``.)
         """
         with self.redis_errors():
-            overdue = self.protocol.reclaim(self.lost_after, self.max_redispatches)
+            overdue = self.protocol.reclaim(
+                self.lost_after, self.max_redispatches, overtaken_after=self.overtaken_after
+            )
         for item in overdue:
-            self._act_on_overdue(item.seq, item.lost, item.record)
+            self._act_on_overdue(item)
         return len(overdue)
 
-    def _act_on_overdue(self, seq: int, lost: bool, record: bytes) -> None:
+    #: What each reason reclaim gives means, for the logs and ResultLost.
+    WHY: ClassVar[dict[str, str]] = {
+        "lapsed": "the worker holding it stopped renewing its lease (it died, froze or lost "
+        "its network)",
+        "overtaken": "no worker received it, while a task sent after it to its queue was "
+        "received (its message was lost)",
+        "idle": "no worker held it, and its queue showed no progress for lost_after",
+    }
+
+    def _act_on_overdue(self, item: Overdue) -> None:
+        seq, record = item.seq, item.record
         _, status, content_type, content_encoding, body = record.split(b":", 4)
         if status == RECORD_MARKER:
             # The producer died between claiming and publishing a marker: the
@@ -363,22 +399,24 @@ class Producer:
             with self.redis_errors():
                 self.protocol.publish(seq, encoded.member(seq, codec.MARKER))
             return
+        why = self.WHY.get(item.why, item.why or "it was overdue")
+        lost = item.lost
         try:
-            dispatch = codec.decode(record, self._task_accept).value
+            dispatch = codec.decode(liveness.record_body(record), self._task_accept).value
             name = str(dispatch["task"])
         except Exception as exc:  # unreadable: nothing can be sent again
             logger.error("stream %s: dispatch record of %d is unreadable: %r", self.name, seq, exc)
             lost, name, dispatch = True, "?", {}
         if lost:
             logger.warning(
-                "stream %s: no outcome for %d (%s) after %d re-dispatches: filled as lost",
-                self.name, seq, name, self.max_redispatches,
+                "stream %s: no outcome for %d (%s) after %d re-dispatches (%s): filled as lost",
+                self.name, seq, name, self.max_redispatches, why,
             )  # fmt: skip
             dispatches = self.max_redispatches + 1
             each = "its one dispatch" if dispatches == 1 else f"each of its {dispatches} dispatches"
             error = ResultLost(
                 f"task {name!r} at position {seq} of stream {self.name!r} gave no outcome "
-                f"within {self.lost_after:g}s of {each}: its message or its worker was lost",
+                f"after {each}: its message or its worker was lost (the last time, {why})",
                 stream=self.name,
                 seq=seq,
                 exc_type="ResultLost",
@@ -389,8 +427,12 @@ class Producer:
             with self.redis_errors():
                 self.protocol.publish(seq, member)
             return
-        logger.warning("stream %s: outcome of %d (%s) is overdue: dispatching again",
-                       self.name, seq, name)  # fmt: skip
+        logger.warning("stream %s: number %d (%s) is dispatched again: %s",
+                       self.name, seq, name, why)  # fmt: skip
+        self._send_again(seq, name, dispatch, record)
+
+    def _send_again(self, seq: int, name: str, dispatch: dict[str, Any], record: bytes) -> None:
+        """Send the task of ``seq`` again from its record, decoded (a re-dispatch, a backup)."""
         try:
             self._dispatch(
                 self.app.tasks.get(name),
@@ -399,9 +441,19 @@ class Producer:
                 dispatch.get("kwargs") or {},
                 dispatch.get("options") or {},
                 seq,
+                liveness.lane_of_record(record),
             )
         except Exception as exc:  # the broker is down: the number comes due again
-            logger.error("stream %s: re-dispatch of %d failed: %r", self.name, seq, exc)
+            logger.error("stream %s: sending %d again failed: %r", self.name, seq, exc)
+
+    def backup(self, seq: int, record: bytes) -> None:
+        """Send a backup copy of ``seq`` from its record (hedging: the first outcome wins)."""
+        try:
+            dispatch = codec.decode(liveness.record_body(record), self._task_accept).value
+        except Exception as exc:
+            logger.error("stream %s: dispatch record of %d is unreadable: %r", self.name, seq, exc)
+            return
+        self._send_again(seq, str(dispatch["task"]), dispatch, record)
 
     def maybe_reclaim(self) -> None:
         """:meth:`reclaim`, unless this handle did so less than :meth:`reclaim_every` ago."""

@@ -14,21 +14,27 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from celery import Celery, Task, current_app
 from kombu.serialization import prepare_accept_content, registry
 
-from . import checks
+from . import checks, liveness
 from .config import (
+    DEFAULT_LOST_AFTER,
+    DEFAULT_MAX_REDISPATCHES,
+    DEFAULT_OVERTAKEN_AFTER,
     accepted_content,
     default_window,
     durability,
+    hedge_factor,
+    overtaken_after,
     redis_client,
     redis_retry_for,
     serializer_for,
+    stall_warning,
     stream_ttl,
     validate_window,
 )
@@ -86,11 +92,53 @@ class StreamStats:
     redispatched: int = 0
     #: Places filled with :class:`~celery_ordered.ResultLost` after the last re-dispatch.
     lost: int = 0
+    #: Backup copies of straggling tasks sent (``hedge=``), over the stream's life.
+    hedged: int = 0
+    # What the blocker waits on. These change from one snapshot to the next
+    # (ages, heartbeats), so they take no part in comparing two snapshots.
+    #: What the blocker waits on: "started" or "received" (a live worker holds
+    #: it), "lapsed" (its worker stopped renewing its lease: it is dispatched
+    #: again at the next reclaim), "queued" (no worker holds it), "marker" (a
+    #: marker its producer claimed but has not published); None if none blocks.
+    blocker_state: str | None = field(default=None, compare=False)
+    #: The queue the blocker was sent to (``name@priority`` with a priority).
+    blocker_queue: str | None = field(default=None, compare=False)
+    #: The worker holding the blocker (its node name and pid), if one does.
+    blocker_worker: str | None = field(default=None, compare=False)
+    #: Seconds since the blocker started running, if it did.
+    blocker_started: float | None = field(default=None, compare=False)
+    #: Seconds since the worker holding the blocker last renewed its lease.
+    blocker_heartbeat: float | None = field(default=None, compare=False)
+    #: How many times the blocker was dispatched (1 + re-dispatches).
+    blocker_dispatches: int | None = field(default=None, compare=False)
+    #: Seconds until the blocker is dispatched again, or given up as lost
+    #: (0: at the next reclaim); None while a live worker holds it.
+    blocker_next_dispatch: float | None = field(default=None, compare=False)
+    #: All of it in one sentence, as the consumer's stall warning says it and
+    #: ``celery ordered inspect`` shows it; None if nothing blocks.
+    diagnosis: str | None = field(default=None, compare=False)
 
 
-def stats_from_raw(raw: RawStats, default_window: int) -> StreamStats:
-    """A :class:`StreamStats` from the snapshot :meth:`Protocol.stats` read."""
+def stats_from_raw(
+    raw: RawStats,
+    default_window: int,
+    *,
+    lost_after: float = DEFAULT_LOST_AFTER,
+    overtaken_after: float = DEFAULT_OVERTAKEN_AFTER,
+    max_redispatches: int = DEFAULT_MAX_REDISPATCHES,
+) -> StreamStats:
+    """A :class:`StreamStats` from the snapshot :meth:`Protocol.stats` read.
+
+    ``lost_after``, ``overtaken_after`` and ``max_redispatches`` are those
+    of the handle that asks: they say when the blocker is dispatched again.
+    """
     blocker = raw.next + raw.contiguous
+    found = liveness.describe(
+        raw,
+        lost_after=lost_after,
+        overtaken_after=overtaken_after,
+        max_redispatches=max_redispatches,
+    )
     return StreamStats(
         claimed=raw.claimed,
         delivered=raw.next,
@@ -107,6 +155,15 @@ def stats_from_raw(raw: RawStats, default_window: int) -> StreamStats:
         ),
         redispatched=raw.redispatched,
         lost=raw.lost,
+        hedged=raw.hedged,
+        blocker_state=found.state if found else None,
+        blocker_queue=found.queue if found else None,
+        blocker_worker=found.worker if found else None,
+        blocker_started=found.started_ago if found else None,
+        blocker_heartbeat=found.heartbeat_ago if found else None,
+        blocker_dispatches=found.dispatches if found else None,
+        blocker_next_dispatch=found.next_dispatch if found else None,
+        diagnosis=found.text if found else None,
     )
 
 
@@ -144,11 +201,19 @@ class OrderedResultStream:
         ack_every: the consumer acknowledges what it handed out every this many
             outcomes (None: half the window). After a consumer crash, at most
             this many are handed out again; 1 makes that only the one in hand.
-        lost_after: seconds after its dispatch when a task's missing outcome is
-            overdue: it is dispatched again, up to ``max_redispatches`` times,
-            then its place gets a :class:`~celery_ordered.ResultLost` error.
+        lost_after: seconds a task no worker holds may wait while its queue
+            shows no progress (nothing of the stream received from it, no
+            worker holding any of its tasks) before it counts as lost: it is
+            dispatched again, up to ``max_redispatches`` times, then its
+            place gets a :class:`~celery_ordered.ResultLost` error. A task a
+            live worker holds never counts as lost, however long it runs; see
+            docs/guarantees.md for the faster ways lost work is noticed.
             Default: the app's ``ordered_lost_after``, else one hour.
         max_redispatches: default: the app's ``ordered_max_redispatches``, else 3.
+        hedge: for idempotent tasks only: True sends one backup copy of the
+            task the consumer waits for once it has run 4 times the stream's
+            typical run time (a number above 1: that many times); the first
+            outcome wins. Default: the app's ``ordered_hedge``, else False.
         create: False to attach only to a stream that exists (raising
             :class:`~celery_ordered.StreamNotFound` otherwise), as a web view
             following a job by the name a client sent should.
@@ -190,6 +255,7 @@ class OrderedResultStream:
         progress: Callable[[Progress], object] | None = None,
         takeover: bool = False,
         consumer_lease: float | None = None,
+        hedge: bool | float | None = None,
     ) -> None:
         self.app: Celery = app if app is not None else current_app
         self.name = validate_name(name) if name is not None else f"stream-{uuid.uuid4().hex}"
@@ -225,6 +291,8 @@ class OrderedResultStream:
         lease = checks.seconds("consumer_lease", consumer_lease, none=True, zero=False)
         #: Seconds this consumer's lease lasts after each of its round trips.
         self.consumer_lease = lease if lease is not None else consumer_lease_setting(self.app)
+        #: The hedging factor (see ``hedge``), or None when this handle does not hedge.
+        self.hedge = hedge_factor(self.app, hedge)
         if window is not None:
             window = validate_window(window)
         if progress is not None and not callable(progress):
@@ -260,6 +328,22 @@ class OrderedResultStream:
             max_redispatches=self.max_redispatches,
             default_window=self._default_window,
             redis_errors=self._redis_errors,
+            overtaken_after=overtaken_after(self.app),
+            hedge=self.hedge is not None,
+        )
+        self._watcher = liveness.Watcher(
+            self.app,
+            self.name,
+            self._proto,
+            reclaim=self._producer.maybe_reclaim,
+            backup=self._producer.backup,
+            redis_url=lambda: liveness.where(client),
+            stall_warning=stall_warning(self.app),
+            hedge_factor=self.hedge,
+            lost_after=self.lost_after,
+            overtaken_after=self._producer.overtaken_after,
+            max_redispatches=self.max_redispatches,
+            wait_slice=self._producer.reclaim_every,
         )
         self._consumer = Consumer(
             self.name,
@@ -273,8 +357,8 @@ class OrderedResultStream:
             default_window=self._default_window,
             window=window or cap or self._default_window,
             redis_errors=self._redis_errors,
-            reclaim=self._producer.maybe_reclaim,
-            reclaim_every=self._producer.reclaim_every,
+            on_wait=self._watcher.on_wait,
+            reclaim_every=self._watcher.slice,
         )
         self._producer.free_space = self._consumer.acknowledge_if_idle
 
@@ -486,10 +570,18 @@ class OrderedResultStream:
         Raises :class:`~celery_ordered.StreamDeleted` if the stream was deleted.
         """
         if self._consumer.consuming:
-            self._consumer.acknowledge()
+            # Not while another thread waits in get() on this handle: it
+            # acknowledges by itself, and stats() must not wait for it.
+            self._consumer.acknowledge_if_idle()
         with self._redis_errors():
             raw = self._stats("stats()")
-        return stats_from_raw(raw, self._default_window)
+        return stats_from_raw(
+            raw,
+            self._default_window,
+            lost_after=self.lost_after,
+            overtaken_after=self._producer.overtaken_after,
+            max_redispatches=self.max_redispatches,
+        )
 
     @property
     def window(self) -> int:

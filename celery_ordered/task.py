@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
@@ -23,15 +24,17 @@ import redis
 from celery import Task, shared_task, signals
 from celery.exceptions import NotRegistered, Reject
 
-from . import codec
+from . import codec, liveness
 from .config import (
     durability,
     function_allowed,
     redis_client,
+    resolve_redis,
     serializer_for,
     stream_ttl,
 )
 from .redis.protocol import Protocol
+from .redis.urls import mask_url
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,12 @@ HEADER_SERIALIZER = "co_ser"
 #: The stream's incarnation id: an outcome for another incarnation (the stream
 #: was deleted, and maybe created again under its name) is dropped.
 HEADER_INCARNATION = "co_inc"
+#: Present when the stream hedges: the worker notes the task's run time
+#: (see :func:`celery_ordered.liveness.note_runtime`).
+HEADER_HEDGE = "co_hedge"
+#: The task's lane (its queue and priority, as its dispatch record starts),
+#: which the worker's heartbeat reports as it receives the task.
+HEADER_LANE = "co_lane"
 
 #: Name of the task that runs plain functions for streams.
 CALL_TASK_NAME = "celery_ordered.call"
@@ -77,6 +86,18 @@ class OrderedTask(Task):
     #: Requeue the message when the worker process running it dies.
     reject_on_worker_lost = True
 
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        """Note when the task started, for a hedging stream's run times."""
+        if getattr(self.request, HEADER_HEDGE, None):
+            self.request.co_started = time.monotonic()
+        super().before_start(task_id, args, kwargs)
+
+    def _note_runtime(self, target: tuple[str, int, str]) -> None:
+        started = getattr(self.request, "co_started", None)
+        if started is not None:
+            incarnation = str(getattr(self.request, HEADER_INCARNATION, None) or "")
+            liveness.note_runtime(self.app, target[0], incarnation, time.monotonic() - started)
+
     def _stream_target(self) -> tuple[str, int, str] | None:
         request = self.request
         stream = getattr(request, HEADER_STREAM, None)
@@ -105,6 +126,7 @@ class OrderedTask(Task):
         target = self._stream_target()
         if target is not None:
             self._publish(target, codec.RESULT, retval)
+            self._note_runtime(target)
         super().on_success(retval, task_id, args, kwargs)
 
     def on_failure(
@@ -117,6 +139,7 @@ class OrderedTask(Task):
                 exc, str(getattr(einfo, "traceback", "") or ""), target[2], self.name
             )
             self._publish(target, codec.ERROR, payload)
+            self._note_runtime(target)
         super().on_failure(exc, task_id, args, kwargs, einfo)
 
 
@@ -146,7 +169,14 @@ def publish_outcome(
     if stored == 0:
         logger.debug("dropped a duplicate or late outcome for %s[%d]", stream, seq)
     elif stored < 0:
-        logger.warning("stream %s has no number %d (deleted?): outcome dropped", stream, seq)
+        logger.warning(
+            "stream %s has no number %d in the Redis at %s (deleted, or not the Redis its "
+            "producer uses? the worker's ordered_redis_url must name the producer's): "
+            "outcome dropped",
+            stream,
+            seq,
+            mask_url(resolve_redis(app)[0]),
+        )
 
 
 @signals.task_unknown.connect(weak=False)

@@ -10,6 +10,10 @@
 
 These generators know no web framework; ``celery_ordered.contrib.flask`` and
 ``celery_ordered.contrib.django`` wrap them into a response in one call.
+:func:`async_sse_events` and :func:`async_ndjson_lines` are their asyncio
+twins, for an :class:`~celery_ordered.AsyncOrderedResultStream` or any async
+iterable (``celery_ordered.contrib.fastapi`` wraps them for FastAPI and
+Starlette): the same options, the same chunks.
 
 Each outcome is one JSON object (UTF-8, on one line) carrying its
 ``position``: its sequence number in the stream, or its index for any other
@@ -26,11 +30,23 @@ and, once everything was sent, the last object::
 
     {"end": true, "total": 12}
 
-where ``total`` is the number of positions (the last one plus 1). In
-server-sent events each object is the ``data:`` of an event named
-``result``, ``failure`` or ``end``, with the position as its ``id:`` (so a
-reconnecting ``EventSource`` sends it back as ``Last-Event-ID``); comment
-lines keep an idle connection open. In NDJSON each object is a line.
+where ``total`` is the number of positions (the last one plus 1). With
+``progress=`` (seconds), a report of how far the job is goes at most that
+often, between outcomes and while the stream waits::
+
+    {"progress": true, "delivered": 12, "claimed": 20, "total": null, "rate": 8.5,
+     "waiting": {"position": 12, "on": "outcome", "seconds": 3.2, "diagnosis": null}}
+
+(``delivered``: outcomes of the whole stream delivered so far; ``claimed``:
+positions put so far; ``total``: the number of positions once the stream is
+closed, else null; ``rate``: outcomes per second this response sent;
+``waiting``: null, or the position the stream has waited on for a whole
+wait, ``on`` its ``"outcome"`` (put ``seconds`` ago) or on the
+``"producer"`` (not put yet)). In server-sent events each object is the
+``data:`` of an event named ``result``, ``failure``, ``progress`` or
+``end``, with the position as the ``id:`` of outcomes (so a reconnecting
+``EventSource`` sends it back as ``Last-Event-ID``); comment lines keep an
+idle connection open. In NDJSON each object is a line.
 
 When the client goes away, the server closes the generator: it stops
 consuming at once and, by default, leaves the stream as it is, so that a
@@ -43,13 +59,27 @@ over.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
+import inspect
 import json
 import logging
-from collections.abc import Callable, Generator, Iterable
+import time
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+)
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar, cast
 
+from . import checks
+from .aio import AsyncOrderedResultStream
 from .errors import (
     ConfigurationError,
     ConsumerFenced,
@@ -61,13 +91,15 @@ from .errors import (
     StreamStateLost,
     TaskFailed,
 )
-from .stream import OrderedResultStream
+from .stream import OrderedResultStream, StreamStats
 
 __all__ = [
     "DEFAULT_HEARTBEAT",
     "NDJSON_CONTENT_TYPE",
     "RESPONSE_HEADERS",
     "SSE_CONTENT_TYPE",
+    "async_ndjson_lines",
+    "async_sse_events",
     "ndjson_lines",
     "sse_events",
 ]
@@ -89,11 +121,19 @@ DEFAULT_HEARTBEAT = 15.0
 
 OnDisconnect = Literal["keep", "close"]
 Default = Callable[[Any], Any]
+#: What a body reads: a stream, or any iterable of outcomes; blocking or asyncio.
+Source = OrderedResultStream | AsyncOrderedResultStream | Iterable[Any] | AsyncIterable[Any]
+_T = TypeVar("_T")
 
 logger = logging.getLogger(__name__)
 
 
 # -- reading outcomes ----------------------------------------------------------
+#
+# The body is written once, as asynchronous generators over a source whose
+# calls are awaited. A threaded stream or a plain iterable is wrapped so that
+# its calls complete at once (they block instead of suspending); the blocking
+# body then steps the same generators without an event loop (_run_blocking).
 
 
 @dataclass(frozen=True)
@@ -110,6 +150,27 @@ class _End:
     total: int
 
 
+@dataclass(frozen=True)
+class _Progress:
+    """How far the job is: the ``progress`` object of the module docstring."""
+
+    delivered: int
+    claimed: int | None
+    total: int | None
+    rate: float
+    waiting: dict[str, Any] | None = None
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "progress": True,
+            "delivered": self.delivered,
+            "claimed": self.claimed,
+            "total": self.total,
+            "rate": self.rate,
+            "waiting": self.waiting,
+        }
+
+
 _HEARTBEAT = object()  # nothing arrived for a heartbeat's time
 
 #: Errors about the whole stream, not one position: they would come back on
@@ -117,98 +178,307 @@ _HEARTBEAT = object()  # nothing arrived for a heartbeat's time
 _FATAL = (RedisUnavailable, StreamStateLost, ConfigurationError, ConsumerFenced)
 
 
-def _read_stream(
-    stream: OrderedResultStream,
+class _Pacer:
+    """When a body sends a progress event (at most one every ``every`` seconds), and
+    the rate it reports: outcomes this body sent per second since it began."""
+
+    def __init__(self, every: float | None) -> None:
+        self.every = every
+        self.sent = 0
+        self._began = time.monotonic()
+        self._last: float | None = None
+
+    def due(self) -> bool:
+        if self.every is None:
+            return False
+        return self._last is None or time.monotonic() - self._last >= self.every
+
+    def report(
+        self,
+        delivered: int,
+        claimed: int | None = None,
+        total: int | None = None,
+        waiting: dict[str, Any] | None = None,
+    ) -> _Progress:
+        now = self._last = time.monotonic()
+        elapsed = now - self._began
+        rate = round(self.sent / elapsed, 3) if elapsed > 0 else 0.0
+        return _Progress(delivered, claimed, total, rate, waiting)
+
+    def from_stats(self, stats: StreamStats, position: int, *, waiting: bool) -> _Progress:
+        """A report of the stream's counters, for a body at ``position`` (the next one to
+        hand out); ``waiting``: the body has waited a whole slice for it."""
+        total = stats.claimed if stats.closed else None
+        wait = _waiting(stats, position) if waiting else None
+        return self.report(max(stats.delivered, position), stats.claimed, total, wait)
+
+    def ending(self, total: int) -> list[object]:
+        """The last entries of a body: a final report (when reporting), then the end."""
+        if self.every is None:
+            return [_End(total)]
+        return [self.report(total, total, total), _End(total)]
+
+
+def _waiting(stats: StreamStats, head: int) -> dict[str, Any]:
+    """What a stream that waits for position ``head`` waits on."""
+    if stats.claimed <= head:
+        # Nothing was put at that position yet: the stream waits for its producer.
+        return {"position": head, "on": "producer", "seconds": None, "diagnosis": None}
+    seconds = stats.blocker_waited if stats.blocker == head else None
+    return {
+        "position": head,
+        "on": "outcome",
+        "seconds": None if seconds is None else round(seconds, 3),
+        # Why it waits, as the consumer's stall warning says it: held by which
+        # worker and since when, or queued where, and when it is sent again.
+        "diagnosis": stats.diagnosis if stats.blocker == head else None,
+    }
+
+
+def _wait_slice(heartbeat: float | None, progress: float | None) -> float | None:
+    """How long one read may wait: the shorter of the heartbeat and the progress interval."""
+    slices = [s for s in (heartbeat, progress) if s is not None]
+    return min(slices) if slices else None
+
+
+class _StreamSource(Protocol):
+    """What the body reads from a stream (a threaded one through :class:`_Blocking`)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def position(self) -> int: ...
+    async def get(self, timeout: float | None = None) -> Any: ...
+    async def stats(self) -> StreamStats: ...
+    async def take_over(self) -> None: ...
+    async def release(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+class _Blocking:
+    """A threaded stream behind the awaited calls the body makes: each completes
+    at once (it blocks instead of suspending)."""
+
+    def __init__(self, stream: OrderedResultStream) -> None:
+        self._stream = stream
+
+    @property
+    def name(self) -> str:
+        return self._stream.name
+
+    @property
+    def position(self) -> int:
+        return self._stream.position
+
+    async def get(self, timeout: float | None = None) -> Any:
+        return self._stream.get(timeout=timeout)
+
+    async def stats(self) -> StreamStats:
+        return self._stream.stats()
+
+    async def take_over(self) -> None:
+        self._stream.take_over()
+
+    async def release(self) -> None:
+        self._stream.release()
+
+    async def close(self) -> None:
+        self._stream.close()
+
+
+class _Items:
+    """A plain iterable behind awaited calls, like :class:`_Blocking`."""
+
+    def __init__(self, iterable: Iterable[Any]) -> None:
+        self._iterator = iter(iterable)
+
+    async def next(self) -> Any:
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    async def close(self) -> None:
+        close = getattr(self._iterator, "close", None)
+        if callable(close):
+            close()  # like ``yield from``: a closed body closes its source
+
+
+class _AsyncItems:
+    """An async iterable (such as ``stream.amap(...)``) as :class:`_Items` reads it."""
+
+    def __init__(self, iterable: AsyncIterable[Any]) -> None:
+        self._iterator = aiter(iterable)
+
+    async def next(self) -> Any:
+        return await anext(self._iterator)
+
+    async def close(self) -> None:
+        aclose = getattr(self._iterator, "aclose", None)
+        if callable(aclose):
+            await aclose()
+
+
+#: Runs a clean-up step to its end (see :func:`_shielded`).
+Finisher = Callable[[Coroutine[Any, Any, None]], Awaitable[None]]
+
+
+async def _awaited(step: Coroutine[Any, Any, None]) -> None:
+    """Run ``step``: in a blocking body, nothing suspends, so nothing cancels it."""
+    await step
+
+
+async def _shielded(step: Coroutine[Any, Any, None]) -> None:
+    """Run ``step`` to its end even if the body is being cancelled: a server
+    cancels the body when its client leaves (Starlette's cancel scope then
+    cancels every later await), and the stream must still be handed on."""
+    await asyncio.shield(step)
+
+
+async def _read_stream(
+    stream: _StreamSource,
+    after: int | None,
     wait: float | None,
+    pacer: _Pacer,
     on_disconnect: OnDisconnect,
-    takeover: bool = False,
-) -> Generator[object, None, None]:
+    finish: Finisher,
+) -> AsyncGenerator[object, None]:
+    """Outcomes past ``after``, heartbeat tokens and progress reports, then the end."""
+    left = False
     try:
-        if takeover:
+        if after is not None:
             # A client resuming (Last-Event-ID): its old response is gone, but
             # may still hold the consumer lease until the server notices.
-            stream.take_over()
+            await stream.take_over()
         while True:
             try:
-                value = stream.get(timeout=wait)
+                value = await stream.get(timeout=wait)
             except StreamEmpty:
-                yield _HEARTBEAT
+                if pacer.due():
+                    yield pacer.from_stats(await stream.stats(), stream.position, waiting=True)
+                else:
+                    yield _HEARTBEAT
                 continue
             except StreamExhausted:
-                yield _End(stream.position)
+                for entry in pacer.ending(stream.position):
+                    yield entry
                 return
             except ProducerFailed as exc:
                 # The job was cut short: say so after the last outcome, then
                 # end the body, so the client stops rather than reconnects.
-                yield _Item(stream.position, error=exc)
-                yield _End(stream.position)
+                if after is None or stream.position > after:
+                    yield _Item(stream.position, error=exc)
+                for entry in pacer.ending(stream.position):
+                    yield entry
                 return
             except _FATAL:
                 raise  # the stream cannot go on: the response ends unfinished
             except Exception as exc:  # a failed task (or undecodable outcome), at its place
                 seq = getattr(exc, "seq", None)
-                position = seq if isinstance(seq, int) else stream.position - 1
-                yield _Item(position, error=exc)
+                item = _Item(seq if isinstance(seq, int) else stream.position - 1, error=exc)
             else:
-                yield _Item(stream.position - 1, value)
-    except GeneratorExit:
-        # Closed before the end: the client left. What it was handed and did
-        # not acknowledge stays in the stream, for a reconnecting client.
-        if on_disconnect == "close":
-            try:
-                stream.close()
-            except RedisUnavailable:
-                logger.warning("stream %r: could not close it after the client left", stream.name)
+                item = _Item(stream.position - 1, value)
+            if after is None or item.position > after:  # else the client has it already
+                pacer.sent += 1
+                yield item
+            if pacer.due():
+                yield pacer.from_stats(await stream.stats(), stream.position, waiting=False)
+    except (GeneratorExit, asyncio.CancelledError):
+        # Closed (or cancelled) before the end: the client left. What it was
+        # handed and did not acknowledge stays in the stream, for a
+        # reconnecting client.
+        left = True
         raise
     finally:
-        # Hand the stream on at once (a reconnecting client, another page)
-        # rather than after the consumer lease lapses.
-        with contextlib.suppress(OrderedStreamError):
-            stream.release()
+        await finish(_leave(stream, close=left and on_disconnect == "close"))
 
 
-def _read_iterable(iterable: Iterable[Any]) -> Generator[object, None, None]:
-    iterator = iter(iterable)
+async def _leave(stream: _StreamSource, *, close: bool) -> None:
+    """Close the stream if the client left with ``on_disconnect="close"``, and hand it
+    on at once (a reconnecting client, another page) rather than after the consumer
+    lease lapses."""
+    if close:
+        try:
+            await stream.close()
+        except RedisUnavailable:
+            logger.warning("stream %r: could not close it after the client left", stream.name)
+    with contextlib.suppress(OrderedStreamError):
+        await stream.release()
+
+
+async def _read_items(
+    items: _Items | _AsyncItems, after: int | None, pacer: _Pacer, finish: Finisher
+) -> AsyncGenerator[object, None]:
+    """The items of an iterable, numbered from 0, as :func:`_read_stream` reads a stream."""
     position = 0
     try:
         while True:
             try:
-                value = next(iterator)
-            except StopIteration:
-                yield _End(position)
+                value = await items.next()
+            except StopAsyncIteration:
+                for entry in pacer.ending(position):
+                    yield entry
                 return
             except _FATAL:
                 raise
             except Exception as exc:  # an item that failed; the iterator may go on
-                yield _Item(position, error=exc)
+                item = _Item(position, error=exc)
             else:
-                yield _Item(position, value)
+                item = _Item(position, value)
             position += 1
+            if after is None or item.position > after:
+                pacer.sent += 1
+                yield item
+            if pacer.due():
+                yield pacer.report(position)
     finally:
-        close = getattr(iterator, "close", None)
-        if callable(close):
-            close()  # like ``yield from``: a closed body closes its source
+        await finish(items.close())
 
 
 def _read(
-    source: OrderedResultStream | Iterable[Any],
+    source: Source,
     after: int | None,
-    wait: float | None,
+    heartbeat: float | None,
+    progress: float | None,
     on_disconnect: OnDisconnect,
-) -> Generator[object, None, None]:
-    """Outcomes past ``after``, heartbeat tokens, then the end (closing the source if cut short)."""
-    reader: Generator[object, None, None]
+) -> AsyncGenerator[object, None]:
+    """The entries of a body of ``source`` (see :func:`_read_stream`)."""
+    pacer = _Pacer(progress)
+    wait = _wait_slice(heartbeat, progress)
     if isinstance(source, OrderedResultStream):
-        reader = _read_stream(source, wait, on_disconnect, takeover=after is not None)
-    else:
-        reader = _read_iterable(source)
+        return _read_stream(_Blocking(source), after, wait, pacer, on_disconnect, _awaited)
+    if isinstance(source, AsyncOrderedResultStream):
+        return _read_stream(source, after, wait, pacer, on_disconnect, _shielded)
+    if isinstance(source, AsyncIterable):
+        return _read_items(_AsyncItems(source), after, pacer, _shielded)
+    return _read_items(_Items(source), after, pacer, _awaited)
+
+
+def _run_blocking(body: AsyncGenerator[bytes, None]) -> Generator[bytes, None, None]:
+    """``body``'s chunks, stepped without an event loop: all it awaits completes at once.
+
+    Closing this generator (the server does when the client leaves) closes
+    ``body`` the same way.
+    """
     try:
-        for entry in reader:
-            if isinstance(entry, _Item) and after is not None and entry.position <= after:
-                continue  # the client has it already
-            yield entry
+        while True:
+            try:
+                chunk = _completed(body.__anext__())
+            except StopAsyncIteration:
+                return
+            yield chunk
     finally:
-        reader.close()
+        _completed(body.aclose())
+
+
+def _completed(step: Coroutine[Any, Any, _T]) -> _T:
+    """The result of ``step``, which must complete without suspending."""
+    try:
+        step.send(None)
+    except StopIteration as done:
+        return cast(_T, done.value)
+    step.close()
+    raise RuntimeError("a blocking response body awaited something that suspends")
 
 
 # -- encoding ------------------------------------------------------------------
@@ -255,47 +525,77 @@ def _encode(item: _Item, default: Default | None, tracebacks: bool) -> tuple[str
         return "failure", _dumps({"position": item.position, "error": error}, None)
 
 
-def _sse_body(
-    entries: Generator[object, None, None], retry: float | None, **encode: Any
-) -> Generator[bytes, None, None]:
-    # The first chunk goes out at once: the client sees the response open
-    # even while the head of the line is still running.
-    yield b": open\n" + (b"retry: %d\n" % round(retry * 1000) if retry is not None else b"") + b"\n"
-    try:
-        for entry in entries:
-            if isinstance(entry, _Item):
-                event, data = _encode(entry, **encode)
-                yield b"id: %d\nevent: %s\ndata: %s\n\n" % (entry.position, event.encode(), data)
-            elif isinstance(entry, _End):
-                yield b"event: end\ndata: %s\n\n" % _dumps(
-                    {"end": True, "total": entry.total}, None
-                )
-            else:
-                yield b": keep-alive\n\n"
-    finally:
-        entries.close()
+def _sse_chunk(entry: object, default: Default | None, tracebacks: bool) -> bytes:
+    """One server-sent event (or comment) for an entry of the body."""
+    if isinstance(entry, _Item):
+        event, data = _encode(entry, default, tracebacks)
+        return b"id: %d\nevent: %s\ndata: %s\n\n" % (entry.position, event.encode(), data)
+    if isinstance(entry, _Progress):
+        # No id: a reconnecting EventSource resumes after the last outcome.
+        return b"event: progress\ndata: %s\n\n" % _dumps(entry.fields(), None)
+    if isinstance(entry, _End):
+        return b"event: end\ndata: %s\n\n" % _dumps({"end": True, "total": entry.total}, None)
+    return b": keep-alive\n\n"
 
 
-def _ndjson_body(
-    entries: Generator[object, None, None], **encode: Any
-) -> Generator[bytes, None, None]:
+def _ndjson_chunk(entry: object, default: Default | None, tracebacks: bool) -> bytes | None:
+    """One line for an entry of the body (None for a heartbeat: NDJSON has no comments)."""
+    if isinstance(entry, _Item):
+        return _encode(entry, default, tracebacks)[1] + b"\n"
+    if isinstance(entry, _Progress):
+        return _dumps(entry.fields(), None) + b"\n"
+    if isinstance(entry, _End):
+        return _dumps({"end": True, "total": entry.total}, None) + b"\n"
+    return None
+
+
+async def _encoded(
+    entries: AsyncGenerator[object, None],
+    encode: Callable[[object], bytes | None],
+    first: bytes | None = None,
+) -> AsyncGenerator[bytes, None]:
+    """The body: ``first`` (sent at once), then each entry encoded."""
+    if first is not None:
+        yield first
     try:
-        for entry in entries:
-            if isinstance(entry, _Item):
-                yield _encode(entry, **encode)[1] + b"\n"
-            elif isinstance(entry, _End):
-                yield _dumps({"end": True, "total": entry.total}, None) + b"\n"
+        async for entry in entries:
+            chunk = encode(entry)
+            if chunk is not None:
+                yield chunk
     finally:
-        entries.close()
+        await entries.aclose()
+
+
+def _sse_opening(retry: float | None) -> bytes:
+    """The first chunk of an SSE body: the client sees the response open even while
+    the head of the line is still running."""
+    field = b"" if retry is None else b"retry: %d\n" % round(retry * 1000)
+    return b": open\n" + field + b"\n"
 
 
 # -- the public generators -------------------------------------------------------
 
 
-def _check_source(source: Any) -> None:
-    if isinstance(source, OrderedResultStream):
+def _is_async(source: Any) -> bool:
+    """Whether ``source`` is read with ``await`` (an asyncio stream or an async iterable)."""
+    return isinstance(source, (AsyncOrderedResultStream, AsyncIterable))
+
+
+def _check_source(source: Any, *, asynchronous: bool) -> None:
+    if asynchronous:
+        if not _is_async(source):
+            raise TypeError(
+                f"the source must be an AsyncOrderedResultStream or an async iterable of "
+                f"outcomes (such as stream.amap(...)), got {type(source).__name__}: a "
+                "blocking source is served by sse_events() or ndjson_lines(), in a thread"
+            )
         return
-    if isinstance(source, (str, bytes)) or not isinstance(source, Iterable):
+    if _is_async(source):
+        raise TypeError(
+            f"{type(source).__name__} is read with await: serve it with async_sse_events() "
+            "or async_ndjson_lines() (celery_ordered.contrib.fastapi does)"
+        )
+    if isinstance(source, (str, bytes)) or not isinstance(source, (OrderedResultStream, Iterable)):
         raise TypeError(
             f"the source must be an OrderedResultStream or an iterable of outcomes (such "
             f"as stream.map(...) or celery_ordered.imap(...)), got {type(source).__name__}"
@@ -321,11 +621,9 @@ def _check_common(after: Any, default: Any, tracebacks: Any, on_disconnect: Any)
         )
 
 
-def _check_seconds(name: str, value: Any, meaning: str) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be None ({meaning}) or seconds > 0, got {value!r}")
+def _check_seconds(name: str, value: Any) -> float | None:
+    """None, or ``value`` as seconds > 0 (:func:`celery_ordered.checks.seconds`)."""
+    return None if value is None else checks.seconds(name, value, none=False, zero=False)
 
 
 def sse_events(
@@ -334,6 +632,7 @@ def sse_events(
     after: int | None = None,
     heartbeat: float | None = DEFAULT_HEARTBEAT,
     retry: float | None = None,
+    progress: float | None = None,
     default: Default | None = None,
     tracebacks: bool = False,
     on_disconnect: OnDisconnect = "keep",
@@ -347,10 +646,10 @@ def sse_events(
 
     Events are ``result``, ``failure`` (a task's error at its position; the
     stream goes on) and ``end`` (everything was sent; a browser must then
-    call ``EventSource.close()``, or it reconnects). The failure event is not
-    named ``error``: ``EventSource`` fires ``error`` for its own connection
-    errors. Each event's ``data:`` is a JSON object described at the top of
-    this module.
+    call ``EventSource.close()``, or it reconnects), and ``progress`` with
+    ``progress=``. The failure event is not named ``error``: ``EventSource``
+    fires ``error`` for its own connection errors. Each event's ``data:`` is
+    a JSON object described at the top of this module.
 
     Args:
         source: an :class:`~celery_ordered.OrderedResultStream` (positions are
@@ -369,6 +668,12 @@ def sse_events(
             ``OrderedResultStream`` source can be waited on this way.
         retry: seconds the browser waits before reconnecting (the ``retry:``
             field); None leaves the browser's default (a few seconds).
+        progress: send a ``progress`` event (how many outcomes were
+            delivered, of how many, the rate, and what the stream waits on)
+            at most every ``progress`` seconds: after outcomes, and while the
+            stream waits (in place of keep-alives, where it is the shorter);
+            a final one goes before ``end``. None (the default) sends none.
+            Each costs one round trip to Redis (:meth:`~celery_ordered.OrderedResultStream.stats`).
         default: called for a value JSON cannot encode, returns one it can
             (like :func:`json.dumps`'s ``default``). Without it, or if it
             fails, such a value is sent as a failure at its position, with a
@@ -384,18 +689,16 @@ def sse_events(
         RedisUnavailable: from the iteration, when Redis stays down: the
             response ends without its ``end`` event.
     """
-    _check_source(source)
-    _check_common(after, default, tracebacks, on_disconnect)
-    _check_seconds("heartbeat", heartbeat, "no heartbeats")
-    _check_seconds("retry", retry, "the browser's default")
-    entries = _read(source, after, heartbeat, on_disconnect)
-    return _sse_body(entries, retry, default=default, tracebacks=tracebacks)
+    _check_source(source, asynchronous=False)
+    arguments = (after, heartbeat, retry, progress, default, tracebacks, on_disconnect)
+    return _run_blocking(_made(source, True, *arguments))
 
 
 def ndjson_lines(
     source: OrderedResultStream | Iterable[Any],
     *,
     after: int | None = None,
+    progress: float | None = None,
     default: Default | None = None,
     tracebacks: bool = False,
     on_disconnect: OnDisconnect = "keep",
@@ -409,14 +712,78 @@ def ndjson_lines(
 
     Each line is one JSON object (``value`` or ``error``, with its
     ``position``), and the last is ``{"end": true, "total": N}``: a body
-    without it was cut short. NDJSON has no comment lines, so there are no
+    without it was cut short. With ``progress=``, ``{"progress": true, ...}``
+    lines come in between. NDJSON has no comment lines, so there are no
     heartbeats: a connection idle for longer than a proxy's timeout is
-    closed by the proxy. The arguments are those of :func:`sse_events`.
+    closed by the proxy (progress lines, sent while the stream waits, keep
+    it open). The arguments are those of :func:`sse_events`.
     """
-    _check_source(source)
+    _check_source(source, asynchronous=False)
+    arguments = (after, None, None, progress, default, tracebacks, on_disconnect)
+    return _run_blocking(_made(source, False, *arguments))
+
+
+def async_sse_events(
+    source: AsyncOrderedResultStream | AsyncIterable[Any], **options: Any
+) -> AsyncGenerator[bytes, None]:
+    """:func:`sse_events` for asyncio: the outcomes of ``source`` as server-sent events.
+
+    ::
+
+        stream = AsyncOrderedResultStream(app, name=job, create=False)
+        events = async_sse_events(stream, after=last_event_id, progress=0.5)
+        return StreamingResponse(events, media_type=SSE_CONTENT_TYPE, headers=RESPONSE_HEADERS)
+
+    ``source`` is an :class:`~celery_ordered.AsyncOrderedResultStream` or any
+    async iterable of outcomes (such as ``stream.amap(...)``); ``options`` are
+    those of :func:`sse_events`, and so are the events. The event loop never
+    waits on Redis. When the server cancels the body (its client left), the
+    stream acknowledges exactly what the body was handed, so a reconnecting
+    client resumes right after its ``Last-Event-ID``.
+    """
+    _check_source(source, asynchronous=True)
+    return _made(source, True, **_with_defaults(sse_events, options))
+
+
+def async_ndjson_lines(
+    source: AsyncOrderedResultStream | AsyncIterable[Any], **options: Any
+) -> AsyncGenerator[bytes, None]:
+    """:func:`ndjson_lines` for asyncio, as :func:`async_sse_events` is for :func:`sse_events`."""
+    _check_source(source, asynchronous=True)
+    options = _with_defaults(ndjson_lines, options)
+    return _made(source, False, heartbeat=None, retry=None, **options)
+
+
+def _with_defaults(function: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` checked against ``function``'s keyword arguments, with its defaults."""
+    bound = inspect.signature(function).bind(None, **options)
+    bound.apply_defaults()
+    return {name: value for name, value in bound.arguments.items() if name != "source"}
+
+
+def _made(
+    source: Source,
+    sse: bool,
+    after: int | None,
+    heartbeat: float | None,
+    retry: float | None,
+    progress: float | None,
+    default: Default | None,
+    tracebacks: bool,
+    on_disconnect: OnDisconnect,
+) -> AsyncGenerator[bytes, None]:
+    """The body of :func:`sse_events` (``sse``) or :func:`ndjson_lines`: its arguments
+    are checked at the call, and it runs when iterated."""
     _check_common(after, default, tracebacks, on_disconnect)
-    entries = _read(source, after, None, on_disconnect)
-    return _ndjson_body(entries, default=default, tracebacks=tracebacks)
+    heartbeat = _check_seconds("heartbeat", heartbeat)
+    retry = _check_seconds("retry", retry)
+    progress = _check_seconds("progress", progress)
+    entries = _read(source, after, heartbeat, progress, on_disconnect)
+    if sse:
+        chunk = functools.partial(_sse_chunk, default=default, tracebacks=tracebacks)
+        return _encoded(entries, chunk, _sse_opening(retry))
+    line = functools.partial(_ndjson_chunk, default=default, tracebacks=tracebacks)
+    return _encoded(entries, line)
 
 
 def _last_event_id(header: str | None) -> int | None:
@@ -432,8 +799,26 @@ def _body(
     source: OrderedResultStream | Iterable[Any], format: str, options: dict[str, Any]
 ) -> tuple[Generator[bytes, None, None], str]:
     """The body and content type of a response in ``format`` (for the contrib helpers)."""
+    return _formatted(source, format, options, sse_events, ndjson_lines)
+
+
+def _async_body(
+    source: AsyncOrderedResultStream | AsyncIterable[Any], format: str, options: dict[str, Any]
+) -> tuple[AsyncGenerator[bytes, None], str]:
+    """:func:`_body` for an asyncio source."""
+    return _formatted(source, format, options, async_sse_events, async_ndjson_lines)
+
+
+def _formatted(
+    source: Any,
+    format: str,
+    options: dict[str, Any],
+    sse: Callable[..., _T],
+    ndjson: Callable[..., _T],
+) -> tuple[_T, str]:
+    """``sse(source, **options)`` or ``ndjson(...)`` for ``format``, and its content type."""
     if format == "sse":
-        return sse_events(source, **options), SSE_CONTENT_TYPE
+        return sse(source, **options), SSE_CONTENT_TYPE
     if format == "ndjson":
         sse_only = sorted({"heartbeat", "retry"} & options.keys())
         if sse_only:
@@ -441,7 +826,7 @@ def _body(
                 f"{' and '.join(sse_only)} apply to format='sse' only: NDJSON has no "
                 "comment lines and no reconnection delay"
             )
-        return ndjson_lines(source, **options), NDJSON_CONTENT_TYPE
+        return ndjson(source, **options), NDJSON_CONTENT_TYPE
     raise ValueError(
         f"format must be 'sse' (server-sent events, for a browser's EventSource) or "
         f"'ndjson' (newline-delimited JSON, for fetch() or scripts), got {format!r}"

@@ -81,7 +81,7 @@ def test_window_changes_the_cap_live_and_refuses_nonsense(blocked_stream: Any) -
     assert blocked_stream.window == 3
     refused = run_ordered("window", blocked_stream.name, "0")
     assert refused.exit_code == 2
-    assert "at least 1" in refused.output
+    assert "window must be an int >= 1, got 0" in refused.output
     assert blocked_stream.window == 3
 
 

@@ -1,9 +1,10 @@
 """The Django example's page in a real browser: headless Chromium, Django's threaded
 server, real workers.
 
-The page (examples/django_project, ``/``) starts a job with a CSRF-checked
-``POST`` and follows it over server-sent events; the tests click its button
-and read the rows it adds to the DOM. Django is configured for this process
+The page (examples/job_page.html, served at ``/`` by examples/django_project)
+starts a job with a CSRF-checked ``POST`` and follows it over server-sent
+events; the tests click its button and read the rows and the progress bar it
+shows. Django is configured for this process
 from the example project's settings, pointed at the tests' Redis, as in
 tests/test_django.py.
 """
@@ -21,19 +22,16 @@ from typing import Any
 
 import pytest
 import redis
-from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.apps.tasks import gate
 from tests.support.browsers import (
     DEADLINE,
     CutFirstEventStream,
+    check_a_job_resumed_after_a_dropped_connection,
+    check_the_page_follows_a_gated_job,
+    check_the_page_shows_a_whole_job,
+    gated_job,
     headless_chromium,
-    positions,
-    rows,
     start_job,
-    state,
-    wait_until_done,
 )
 from tests.support.django_project import configured_project
 from tests.support.django_project import project_worker as start_project_worker
@@ -98,33 +96,16 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         yield driver
 
 
-def expected_rows(items: int, batch: int) -> list[tuple[str, str]]:
-    """The rows of the example's job, top to bottom: each marker after its batch,
-    items 13, 26... failing at their places."""
-    expected: list[tuple[str, str]] = []
-    for item in range(items):
-        if item and item % 13 == 0:
-            expected.append(("failure", f"ValueError: item {item} is unlucky"))
-        else:
-            expected.append(("result", str(item)))
-        if item % batch == batch - 1 or item == items - 1:
-            first = item - item % batch
-            expected.append(("marker", f"batch {item // batch} done: items {first}-{item}"))
-    return expected
+def django_marker(batch: int, first: int, last: int) -> str:
+    """The marker after a batch of the Django example's job (jobs/work.py)."""
+    return f"batch {batch} done: items {first}-{last}"
 
 
 @pytest.mark.usefixtures("project_worker")
 def test_the_page_shows_every_outcome_in_submission_order(site: str, browser: Any) -> None:
-    # When a job of 30 items in batches of 7 is started from the page
-    start_job(browser, site, items=30, batch=7)
-    wait_until_done(browser)
-
-    # Then the rows are the job's outcomes in the order put: each marker right
-    # after its batch (the last batch is short), items 13 and 26 failed at their places
-    expected = expected_rows(30, 7)
-    assert rows(browser) == expected
-    assert positions(browser) == list(range(len(expected)))
-    assert browser.find_element(By.ID, "status").text.endswith(f"done, {len(expected)} rows")
+    # A job of 30 items in batches of 7: each marker right after its batch
+    # (the last batch is short), items 13 and 26 failed at their places
+    check_the_page_shows_a_whole_job(browser, site, items=30, batch=7, marker=django_marker)
 
 
 def urlconf(job: Callable[[int, int], Iterator[Any]]) -> ModuleType:
@@ -135,57 +116,31 @@ def urlconf(job: Callable[[int, int], Iterator[Any]]) -> ModuleType:
 
     module = ModuleType("gated_urls")
     module.urlpatterns = [  # type: ignore[attr-defined]
-        path("jobs/", views.start_job, {"job": job}, name="start-job"),
+        path("jobs", views.start_job, {"job": job}, name="start-job"),
         path("", include("jobs.urls")),
     ]
     return module
 
 
 @pytest.mark.usefixtures("project_worker")
-def test_rows_appear_while_the_job_is_still_running(
-    site: str, browser: Any, redis_url: str, redis_client: redis.Redis, gate_key: str
+def test_rows_and_the_progress_bar_move_while_the_job_is_still_running(
+    site: str,
+    browser: Any,
+    redis_url: str,
+    redis_client: redis.Redis,
+    gate_key: str,
+    tmp_path: Path,
 ) -> None:
     from django.test import override_settings
     from jobs.tasks import process
 
-    # Given a job whose fourth entry waits until the test opens its gate
-    key = gate_key
+    # Given a job whose fourth entry (item 2) waits until the test opens its gate
+    job = gated_job(process, redis_url, gate_key)
 
-    def gated_job(items: int, batch: int) -> Iterator[Any]:
-        yield process.s(0, 0.0)
-        yield process.s(1, 0.2)
-        yield {"marker": "before the gate"}
-        yield gate.s(redis_url, key, {"item": 2, "seconds": 0.0, "worker": 0}, DEADLINE)
-        yield process.s(3, 0.0)
-        yield {"marker": "after the gate"}
-
-    with override_settings(ROOT_URLCONF=urlconf(gated_job)):
+    # When it is started from the page, it shows its rows and progress as it goes
+    with override_settings(ROOT_URLCONF=urlconf(job)):
         start_job(browser, site)
-
-        # When the first three rows are on the page
-        WebDriverWait(browser, DEADLINE).until(lambda d: len(rows(d)) >= 3)
-
-        # Then they arrived while the job could not have finished: the gate is shut
-        assert redis_client.llen(key) == 0
-        assert rows(browser) == [
-            ("result", "0"),
-            ("result", "1"),
-            ("marker", "before the gate"),
-        ]
-        assert state(browser) == "running"
-
-        # And once the gate opens, the rest follows in order
-        redis_client.rpush(key, 1)
-        wait_until_done(browser)
-    assert rows(browser) == [
-        ("result", "0"),
-        ("result", "1"),
-        ("marker", "before the gate"),
-        ("result", "2"),
-        ("result", "3"),
-        ("marker", "after the gate"),
-    ]
-    assert positions(browser) == list(range(6))
+        check_the_page_follows_a_gated_job(browser, redis_client, gate_key, f"{tmp_path}/django")
 
 
 @pytest.mark.usefixtures("project_worker")
@@ -195,15 +150,10 @@ def test_a_dropped_connection_resumes_where_it_broke(serve: Serve, browser: Any)
     # Given a server whose first event stream breaks after 4 events
     cutter = CutFirstEventStream(get_wsgi_application(), events=4)
 
-    # When a job runs to its end
-    start_job(browser, serve(cutter), items=8, batch=4)
-    wait_until_done(browser)
-
-    # Then the browser reconnected by itself, saying which event it had last,
-    # and the page shows every outcome exactly once, in order
-    assert cutter.last_event_ids == [None, "3"]
-    assert rows(browser) == expected_rows(8, 4)
-    assert positions(browser) == list(range(10))
+    # When a job runs to its end, it resumes where it broke
+    check_a_job_resumed_after_a_dropped_connection(
+        browser, serve(cutter), lambda: cutter.last_event_ids, django_marker
+    )
 
 
 def status(url: str, data: bytes | None = None) -> int:
@@ -222,4 +172,4 @@ def test_a_job_nobody_started_is_not_found(site: str) -> None:
 
 
 def test_starting_a_job_without_the_pages_csrf_token_is_forbidden(site: str) -> None:
-    assert status(f"{site}jobs/", b"items=3&batch=3") == 403
+    assert status(f"{site}jobs", b"items=3&batch=3") == 403

@@ -8,12 +8,14 @@ name; only the environment points them at the tests' Redis.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shlex
 import signal
 import subprocess
 import sys
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ import redis
 from celery_ordered.redis.urls import socket_url
 from tests.apps.tasks import echo
 from tests.support import ROOT
+from tests.support.waiting import wait_until
 
 #: Seconds a documented command may take.
 COMMAND_TIMEOUT = 180
@@ -41,12 +44,12 @@ def documented(path: Path, command_start: str) -> list[str]:
 
 
 def python(argv: list[str]) -> list[str]:
-    """``argv`` run by this interpreter (``python ...``, ``celery ...``)."""
+    """``argv`` run by this interpreter (``python ...``, ``celery ...``, ``uvicorn ...``)."""
     if argv[0] == "python":
         return [sys.executable, *argv[1:]]
-    if argv[0] == "celery":
-        return [sys.executable, "-m", "celery", *argv[1:]]
-    raise AssertionError(f"not a python or celery command: {argv}")
+    if argv[0] in ("celery", "uvicorn"):
+        return [sys.executable, "-m", *argv]
+    raise AssertionError(f"not a python, celery or uvicorn command: {argv}")
 
 
 @pytest.fixture
@@ -73,7 +76,8 @@ def example_env(redis_url: str, tmp_path: Path) -> Iterator[dict[str, str]]:
 
 @contextlib.contextmanager
 def background(argv: list[str], env: dict[str, str], log: Path) -> Iterator[None]:
-    """Run ``argv`` (a documented worker) until the block ends; then stop it as Ctrl-C would."""
+    """Run ``argv`` (a documented worker or server) until the block ends; then stop it as
+    Ctrl-C would."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
             python(argv), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
@@ -87,7 +91,7 @@ def background(argv: list[str], env: dict[str, str], log: Path) -> Iterator[None
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            raise AssertionError(f"the worker did not stop on Ctrl-C:\n{log.read_text()}") from None
+            raise AssertionError(f"{argv[0]} did not stop on Ctrl-C:\n{log.read_text()}") from None
 
 
 def run(argv: list[str], env: dict[str, str], cwd: Path = ROOT) -> str:
@@ -134,6 +138,44 @@ def test_the_django_command_as_documented_runs_a_job_locally() -> None:
     out = run(command, env, cwd=project)
     assert "40 items, 3 failed, every outcome in order" in out
     assert [int(n) for n in re.findall(r"batch (\d+)", out)][:4] == [0, 1, 2, 3]
+
+
+def test_the_fastapi_example_as_documented_streams_a_job_in_order(
+    example_env: dict[str, str], tmp_path: Path
+) -> None:
+    # Given the worker and the server the example's README starts, in the same
+    # environment (uvicorn takes a free port from UVICORN_PORT=0)
+    readme = ROOT / "examples" / "fastapi_app" / "README.md"
+    worker = documented(readme, "celery -A examples.fastapi_app.app:celery_app worker")
+    server = documented(readme, "uvicorn examples.fastapi_app.app:app")
+    assert server == ["uvicorn", "examples.fastapi_app.app:app"]
+    log, worker_log = tmp_path / "uvicorn.log", tmp_path / "worker.log"
+    with (
+        background(worker, example_env, worker_log),
+        background(server, {**example_env, "UVICORN_PORT": "0"}, log),
+    ):
+        found = wait_until(
+            lambda: re.search(r"Uvicorn running on (http://[\d.]+:\d+)", log.read_text()),
+            "uvicorn listening",
+        )
+        site = found.group(1)
+        # (A task sent before the worker has bound its queue in the broker is lost.)
+        wait_until(lambda: " ready." in worker_log.read_text(), "the worker ready")
+        # When a job of 20 items in batches of 5 is started, and read as NDJSON
+        start = urllib.request.Request(f"{site}/jobs", data=b"items=20&batch=5")
+        with urllib.request.urlopen(start, timeout=COMMAND_TIMEOUT) as answer:
+            assert answer.status == 201
+            job = json.load(answer)
+        with urllib.request.urlopen(site + job["results"], timeout=COMMAND_TIMEOUT) as body:
+            lines = [json.loads(line) for line in body.read().splitlines()]
+    # Then every outcome comes, in order: item 13 failed at its place, a marker
+    # after each batch, and the end
+    assert [line.get("position") for line in lines] == [*range(24), None]
+    values = [line.get("value") or line.get("error") for line in lines[:-1]]
+    assert [v["item"] for v in values if "item" in v] == [i for i in range(20) if i != 13]
+    assert values[15] == {"type": "ValueError", "message": "item 13 is unlucky"}
+    assert [v["marker"] for v in values if "marker" in v] == [f"batch {b} done" for b in range(4)]
+    assert lines[-1] == {"end": True, "total": 24}
 
 
 def test_celery_ordered_inspect_on_the_quickstarts_running_stream(

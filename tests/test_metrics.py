@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from celery_ordered import ConfigurationError, ResultLost, StreamStats
 from celery_ordered.embedded import RedisServer
 from celery_ordered.metrics import OrderedStreamsCollector, start_metrics_server
+from tests.apps.liveness_tasks import first_run_held, held_on
 from tests.apps.tasks import echo, gate
 from tests.support import ROOT
 from tests.support.topologies import free_ports
@@ -68,6 +69,7 @@ def expected(stats: StreamStats) -> dict[str, float]:
         "delivered_total": stats.delivered,
         "redispatched_total": stats.redispatched,
         "lost_total": stats.lost,
+        "hedged_total": stats.hedged,
         "in_flight": stats.in_flight,
         "buffered": stats.buffered,
         "out_of_order": stats.out_of_order,
@@ -297,6 +299,36 @@ def test_redispatches_and_lost_outcomes_are_counted(
     assert metrics["redispatched_total"] == 1
     assert metrics["lost_total"] == 1
     assert (stream.stats().redispatched, stream.stats().lost) == (1, 1)
+
+
+@pytest.mark.usefixtures("worker")
+def test_backup_copies_of_stragglers_are_counted(
+    serve: Callable[..., Any],
+    make_stream: Callable[..., Any],
+    redis_url: str,
+    redis_client: redis.Redis,
+) -> None:
+    # Given a hedging stream of quick tasks and a straggler whose first run hangs
+    notes = f"co-metrics-{uuid.uuid4().hex}"
+    stream = make_stream(hedge=True, window=40)
+    try:
+        for i in range(16):
+            stream.put(held_on, "nobody-", redis_url, notes, i)
+        stream.put(first_run_held, redis_url, notes, "straggler")
+        # When the consumer reads them all: a backup copy of the straggler came
+        assert [stream.get(timeout=DEADLINE)[0] for _ in range(17)] == [*range(16), "straggler"]
+        # Then the scrape counts the one backup copy sent
+        metrics = of_stream(scrape(serve(names=[stream.name]).url), stream.name)
+        assert metrics["hedged_total"] == 1 == stream.stats().hedged
+    finally:
+        redis_client.rpush(f"{notes}:gate", "go")  # the first run ends
+        redis_client.expire(f"{notes}:gate", 30)
+        wait_until(
+            lambda: len(redis_client.lrange(f"{notes}:events", 0, -1)) == 2 * 18,
+            "the straggler's first run ending",
+            DEADLINE,
+        )
+        redis_client.delete(f"{notes}:runs", f"{notes}:events")
 
 
 @pytest.fixture

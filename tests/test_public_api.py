@@ -6,6 +6,7 @@ import inspect
 import re
 
 import celery_ordered
+from celery_ordered.redis.protocol import SCRIPTS
 from tests.support import ROOT
 
 
@@ -64,8 +65,7 @@ def test_package_ships_its_scripts_and_type_marker() -> None:
     # _prelude.lua is no script: protocol.py puts it in front of every one.
     assert (lua / "_prelude.lua").is_file()
     scripts = [p for p in lua.glob("*.lua") if not p.name.startswith("_")]
-    expected = {"claim", "publish", "pop", "close", "stats", "reclaim", "window"}
-    assert {p.stem for p in scripts} == expected
+    assert {p.stem for p in scripts} == set(SCRIPTS)
     for script in scripts:
         header = script.read_text().split("\n\n")[0]
         assert "KEYS[1]" in header, f"{script.name} must name its keys in its header"

@@ -236,9 +236,10 @@ def test_scripts_run_inside_a_pipeline(redis_client, name, flush_first):
         publish(keys=publish_keys, args=[0, member(0, "dup"), 0, "inc-1"], client=pipe)
         publish(keys=publish_keys, args=[1, member(1, "b"), 0, "inc-1"], client=pipe)
         stats(
-            keys=[k.seq, k.next, k.window, k.results, k.closed, k.pending, k.created, k.counters],
+            keys=[k.seq, k.next, k.window, k.results, k.closed, k.pending, k.created, k.counters,
+                  k.deadlines, k.lanes],
             client=pipe,
-        )
+        )  # fmt: skip
         close(
             keys=[k.seq, k.next, k.results, k.closed, k.ready, k.done, k.space, k.created,
                   k.error],
@@ -256,7 +257,9 @@ def test_scripts_run_inside_a_pipeline(redis_client, name, flush_first):
     assert claimed == [0, 3]
     assert published == [1, 1, 0, 1]
     assert snapshot[:6] == [3, 0, 8, 3, 3, -1]
-    assert snapshot[8:] == [b"inc-1", 0, 0]  # the incarnation; nothing re-dispatched or lost
+    # The incarnation; nothing re-dispatched, lost or hedged; no blocker to describe.
+    assert snapshot[8:12] == [b"inc-1", 0, 0, 0]
+    assert snapshot[12:] == [b"", b"", b"", b"", b"", 0, -1, b""]
     assert closed_at == 3
     assert popped[:8] == [0, 3, 3, 0, 8, 1, 3, b""]  # ..., epoch 1, 3 claimed, no error
     assert popped[-3:] == [member(0, "a"), member(1, "b"), member(2, "c")]

@@ -25,6 +25,7 @@ from celery_ordered.contrib.flask import stream_response
 from celery_ordered.web import NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE, ndjson_lines, sse_events
 from tests.apps.tasks import check_positive, echo, fail, fail_two_args, gate, sleep_echo
 from tests.support import ROOT
+from tests.support.gates import gated_stream
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -145,25 +146,32 @@ def test_tracebacks_are_sent_only_when_asked_for(
     assert traceback.rstrip().endswith("CustomError: boom")
 
 
-def test_events_stream_while_the_head_of_line_is_still_running(
+@pytest.fixture
+def gated_body(
     make_stream: Callable[..., OrderedResultStream],
     serve: Callable[..., FlaskClient],
     redis_url: str,
-    redis_client: redis.Redis,
     gate_key: str,
-) -> None:
-    # Given a job whose position 2 waits until the test opens its gate
-    stream = make_stream()
-    stream.put(echo, "a")
-    stream.put(echo, "b")
-    stream.put(gate, redis_url, gate_key, "gated")
-    stream.put(echo, "d")
-    stream.close()
-    client = serve(lambda: stream_response(stream, heartbeat=0.05))
+) -> Callable[..., Iterator[bytes]]:
+    """The body of ``stream_response(stream, **options)`` on a closed stream of "a",
+    "b", "c", "d" whose position 2 ("c") waits until the test opens the gate at
+    ``gate_key``, chunk by chunk, past its opening comment."""
 
-    # When the response is read while the gate is still closed
-    body = chunks(client.get("/stream"))
-    assert next(body) == OPEN
+    def body(**options: Any) -> Iterator[bytes]:
+        stream = gated_stream(make_stream, redis_url, gate_key, "abcd", held=2)
+        chunked = chunks(serve(lambda: stream_response(stream, **options)).get("/stream"))
+        assert next(chunked) == OPEN
+        return chunked
+
+    return body
+
+
+def test_events_stream_while_the_head_of_line_is_still_running(
+    gated_body: Callable[..., Iterator[bytes]], redis_client: redis.Redis, gate_key: str
+) -> None:
+    # When a job whose position 2 waits for the test's gate is read while the
+    # gate is still shut
+    body = gated_body(heartbeat=0.05)
     first = [parse_event(next(body)) for _ in range(2)]
 
     # Then positions 0 and 1 have arrived, and keep-alive comments follow
@@ -181,7 +189,7 @@ def test_events_stream_while_the_head_of_line_is_still_running(
         ("3", "result"),
         (None, "end"),
     ]
-    assert [e["data"].get("value") for e in rest[:2]] == ["gated", "d"]
+    assert [e["data"].get("value") for e in rest[:2]] == ["c", "d"]
 
 
 def test_a_client_that_leaves_and_returns_resumes_after_its_last_event_id(
@@ -193,11 +201,7 @@ def test_a_client_that_leaves_and_returns_resumes_after_its_last_event_id(
     gate_key: str,
 ) -> None:
     # Given a stream still being produced, its position 3 held by a gate
-    stream = make_stream()
-    for value in ("a", "b", "c"):
-        stream.put(echo, value)
-    stream.put(gate, redis_url, gate_key, "d")
-    stream.put(echo, "e")
+    stream = gated_stream(make_stream, redis_url, gate_key, "abcde", held=3, close=False)
     client = serve(lambda: stream_response(OrderedResultStream(app, stream.name)))
 
     # When a client reads positions 0-2, then goes away
@@ -358,6 +362,130 @@ def test_retry_sets_the_browsers_reconnection_delay(
     ]
 
 
+def progress_of(event: dict[str, Any]) -> dict[str, Any]:
+    """A progress event's data, after checking it carries no id (an id would move the
+    browser's Last-Event-ID off the last outcome)."""
+    assert event["event"] == "progress"
+    assert "id" not in event, "a progress event must not carry an id"
+    data: dict[str, Any] = event["data"]
+    assert data.pop("progress") is True
+    return data
+
+
+def test_progress_events_say_how_far_the_job_is_and_what_it_waits_on(
+    gated_body: Callable[..., Iterator[bytes]], redis_client: redis.Redis, gate_key: str
+) -> None:
+    # When a job whose position 2 waits for the test's gate is read up to the gate
+    body = gated_body(progress=0.05)
+    events = [parse_event(next(body)) for _ in range(2)]
+    while len([e for e in events if e["event"] == "result"]) < 2:
+        events.append(parse_event(next(body)))
+    results = [(e["id"], e["data"]["value"]) for e in events if e["event"] == "result"]
+    assert results == [("0", "a"), ("1", "b")]
+
+    # Then, while position 2 cannot have finished, progress events say that
+    # the stream waits on its outcome, 2 of the 4 delivered
+    waits = []
+    while len(waits) < 2:
+        event = parse_event(next(body))
+        if event["event"] == "progress" and event["data"]["waiting"] is not None:
+            waits.append(progress_of(event))
+    assert redis_client.llen(gate_key) == 0, "the gate was never opened"
+    for report in waits:
+        assert report["delivered"] == 2
+        assert (report["claimed"], report["total"]) == (4, 4)
+        waiting = report["waiting"]
+        assert (waiting["position"], waiting["on"]) == (2, "outcome")
+        # why, as stats() and the stall warning say it: held by a worker, or queued
+        assert waiting["diagnosis"].startswith("number 2 is "), waiting["diagnosis"]
+        assert waiting["seconds"] >= 0
+    assert waits[1]["waiting"]["seconds"] >= waits[0]["waiting"]["seconds"]
+
+    # And once the gate opens, the rest comes in order, then a last report of
+    # all 4 delivered, then the end
+    redis_client.rpush(gate_key, 1)
+    rest = [parse_event(chunk) for chunk in body]
+    assert [(e.get("id"), e["data"]["value"]) for e in rest if e["event"] == "result"] == [
+        ("2", "c"),
+        ("3", "d"),
+    ]
+    *_, last, end = rest
+    assert end == {"event": "end", "data": {"end": True, "total": 4}}
+    final = progress_of(last)
+    assert final.pop("rate") > 0
+    assert final == {"delivered": 4, "claimed": 4, "total": 4, "waiting": None}
+
+
+def test_a_stream_still_open_reports_it_waits_for_its_producer_and_no_total(
+    make_stream: Callable[..., OrderedResultStream],
+) -> None:
+    # Given an open stream whose one outcome was delivered
+    stream = make_stream()
+    stream.put(echo, "a")
+    body = ndjson_lines(stream, progress=0.05)
+    assert json.loads(next(body)) == {"position": 0, "value": "a"}
+
+    # When the body waits for more
+    reports = [json.loads(next(body)) for _ in range(3)]
+
+    # Then it reports what it knows: 1 delivered of 1 put so far, no total
+    # yet, and the next position not put: it waits for the producer
+    waiting = next(r for r in reports if r["waiting"] is not None)
+    assert waiting["progress"] is True
+    assert (waiting["delivered"], waiting["claimed"], waiting["total"]) == (1, 1, None)
+    assert waiting["waiting"] == {
+        "position": 1, "on": "producer", "seconds": None, "diagnosis": None,
+    }  # fmt: skip
+
+    # And once the producer puts the rest and closes, the total is known
+    stream.put(echo, "b")
+    stream.close()
+    rest = [json.loads(line) for line in body]
+    assert [r["value"] for r in rest if "value" in r] == ["b"]
+    assert rest[-2]["total"] == 2
+    assert rest[-1] == {"end": True, "total": 2}
+
+
+def test_progress_events_are_throttled_to_one_per_interval(
+    make_stream: Callable[..., OrderedResultStream],
+) -> None:
+    stream = make_stream()
+    for n in range(5):
+        stream.put(echo, n)
+    stream.close()
+    stream.join(timeout=30)
+
+    # With an hour between reports: the first one, after the first outcome,
+    # and the last one, before the end; none in between
+    events = [parse_event(chunk) for chunk in sse_events(stream, progress=3600)][1:]
+    kinds = [e["event"] for e in events]
+    assert kinds == ["result", "progress", *["result"] * 4, "progress", "end"]
+    first, last = progress_of(events[1]), progress_of(events[6])
+    assert (first["delivered"], first["total"], first["waiting"]) == (1, 5, None)
+    assert (last["delivered"], last["total"]) == (5, 5)
+
+    # And without progress=, there are none
+    again = make_stream()
+    again.put("x")
+    again.close()
+    assert [parse_event(c).get("event") for c in sse_events(again)] == [None, "result", "end"]
+
+
+def test_progress_of_any_iterable_counts_its_items(
+    make_stream: Callable[..., OrderedResultStream],
+) -> None:
+    stream = make_stream()
+    source = stream.map(check_positive, [1, -2, 3])
+    lines = [json.loads(line) for line in ndjson_lines(source, progress=3600)]
+    assert [line.get("position") for line in lines if "progress" not in line] == [0, 1, 2, None]
+    reports = [line for line in lines if "progress" in line]
+    assert [(r["delivered"], r["claimed"], r["total"]) for r in reports] == [
+        (1, None, None),
+        (3, 3, 3),
+    ]
+    assert lines[-2:] == [reports[-1], {"end": True, "total": 3}]
+
+
 @pytest.mark.parametrize(
     ("call", "error", "words"),
     [
@@ -365,6 +493,9 @@ def test_retry_sets_the_browsers_reconnection_delay(
         (lambda s: stream_response(s, "ndjson", heartbeat=5), ValueError, "format='sse' only"),
         (lambda s: stream_response(s, heartbeat=0), ValueError, "seconds > 0"),
         (lambda s: stream_response(s, retry=-1), ValueError, "seconds > 0"),
+        (lambda s: stream_response(s, progress=0), ValueError, "progress must be"),
+        (lambda s: stream_response(s, "ndjson", progress=True), ValueError, "seconds > 0"),
+        (lambda s: stream_response(s, heartbeat=float("inf")), ValueError, "finite"),
         (lambda s: stream_response(s, after=-1), ValueError, "int >= 0"),
         (lambda s: stream_response(s, on_disconnect="delete"), ValueError, "'keep'"),
         (lambda s: stream_response(s, default="str"), TypeError, "callable"),

@@ -57,7 +57,7 @@ def stream_response(
     ``format`` is ``"sse"`` (server-sent events, for a browser's
     ``EventSource``) or ``"ndjson"`` (newline-delimited JSON). ``options``
     are those of :func:`celery_ordered.web.sse_events` (``after``,
-    ``heartbeat``, ``retry``, ``default``, ``tracebacks``,
+    ``heartbeat``, ``retry``, ``progress``, ``default``, ``tracebacks``,
     ``on_disconnect``); for server-sent events, ``after`` defaults to the
     request's ``Last-Event-ID``, so a reconnecting browser resumes where it
     was. The response carries ``Cache-Control: no-cache`` and

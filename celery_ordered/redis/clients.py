@@ -4,18 +4,26 @@
 primary, or a :class:`redis.cluster.RedisCluster`, whose commands are retried
 with exponential backoff for about ``retry_for`` seconds (a wrong password
 never), and patched where redis-py gives up too early.
+:func:`async_client_for` builds their ``redis.asyncio`` twins, from the same
+URLs with the same retry policy, one per URL and settings per event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from typing import Any, TypeVar
 
 import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.asyncio.retry
+import redis.asyncio.sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import (
@@ -46,7 +54,24 @@ class _Contact:
         self.answered = False
 
 
-class _Retry(Retry):
+class _Tries:
+    """The tries of one call: when it began and how many failed."""
+
+    def __init__(self) -> None:
+        self.began = time.monotonic()
+        self.failures = 0
+
+
+@contextlib.contextmanager
+def _unrefused() -> Iterator[None]:
+    """Raise the error a :class:`_Refused` carries, as it was."""
+    try:
+        yield
+    except _Refused as refused:
+        raise refused.args[0] from None
+
+
+class _Policy:
     """redis-py's Retry, but a wrong password or ACL fails at once.
 
     Authentication errors are connection errors to redis-py, so they would be
@@ -55,51 +80,75 @@ class _Retry(Retry):
     (refused the connection, no such host or socket) is retried for only that
     long: retrying rides out a Redis that went away, not one that was never
     there. Once it has answered, failures are retried for ``retry_for``.
+
+    A mixin of redis-py's blocking Retry (:class:`_Retry`) and its asyncio
+    one (:class:`_AsyncRetry`): it judges each try, they wait between them.
     """
 
     #: About how long the retries last, in seconds (see :func:`retry_policy`).
     retry_for: float | None = None
     #: Seconds to retry a Redis that never answered (None: as long as ``retry_for``).
     first_contact_for: float | None = None
+    _backoff: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.contact = _Contact()
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> _Retry:
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         # redis-py deep-copies the policy into each connection: the copies
         # share what they learn about the server (whether it ever answered).
         clone = copy.copy(self)
         clone._backoff = copy.deepcopy(self._backoff, memo)
         return clone
 
+    @contextlib.contextmanager
+    def _judged(self, tries: _Tries) -> Iterator[None]:
+        """Around one try: what retrying cannot mend becomes a :class:`_Refused`."""
+        try:
+            yield
+        except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
+            raise _Refused(exc) from exc
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            tries.failures += 1
+            budget = self.first_contact_for
+            if budget is not None and not self.contact.answered:
+                # Give up rather than pause past the budget.
+                pause = self._backoff.compute(tries.failures)
+                if time.monotonic() - tries.began + pause > budget:
+                    raise _Refused(exc) from exc
+            raise
+        self.contact.answered = True
+
+
+class _Retry(_Policy, Retry):
+    """The retry policy of a blocking client (see :class:`_Policy`)."""
+
     def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
-        """Call ``do`` with retries, as redis-py's Retry does (see the class)."""
-        began = time.monotonic()
-        failures = 0
+        """Call ``do`` with retries, as redis-py's Retry does (see :class:`_Policy`)."""
+        tries = _Tries()
 
         def guarded() -> Any:
-            nonlocal failures
-            try:
-                result = do()
-            except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
-                raise _Refused(exc) from exc
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                failures += 1
-                budget = self.first_contact_for
-                if budget is not None and not self.contact.answered:
-                    # Give up rather than pause past the budget.
-                    pause = self._backoff.compute(failures)
-                    if time.monotonic() - began + pause > budget:
-                        raise _Refused(exc) from exc
-                raise
-            self.contact.answered = True
-            return result
+            with self._judged(tries):
+                return do()
 
-        try:
+        with _unrefused():
             return super().call_with_retry(guarded, fail, *args, **kwargs)
-        except _Refused as refused:
-            raise refused.args[0] from None
+
+
+class _AsyncRetry(_Policy, redis.asyncio.retry.Retry):
+    """The retry policy of an asyncio client (see :class:`_Policy`)."""
+
+    async def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+        """Await ``do`` with retries, as redis-py's Retry does (see :class:`_Policy`)."""
+        tries = _Tries()
+
+        async def guarded() -> Any:
+            with self._judged(tries):
+                return await do()
+
+        with _unrefused():
+            return await super().call_with_retry(guarded, fail, *args, **kwargs)
 
 
 #: A client of the streams' Redis: one server (also Sentinel's primary) or a cluster.
@@ -114,6 +163,13 @@ RETRY_BACKOFF_CAP = 1.0
 #: Seconds to wait for a TCP connection (to a server, a cluster node or a Sentinel).
 CONNECT_TIMEOUT = 5.0
 
+#: Connections a client may open (per node of a cluster). Every blocked waiter
+#: (a consumer's ``BLPOP`` on ``ready``, a producer's on ``space``, a joiner's
+#: on ``done``) holds one while it waits, so the cap is far above redis-py's
+#: default of 100 (since redis-py 6): one process, or one event loop, may
+#: follow hundreds of streams. It is Redis's own default ``maxclients``.
+MAX_CONNECTIONS = 10_000
+
 #: Seconds a ``fail_fast`` client retries a Redis that never answered it.
 FIRST_CONTACT_RETRY_FOR = 1.0
 
@@ -126,8 +182,22 @@ def retry_policy(retry_for: float, *, first_contact_for: float | None = None) ->
     ``first_contact_for``, a Redis that never answered is retried for only
     about that long.
     """
+    return _policy(_Retry, retry_for, first_contact_for)
+
+
+def async_retry_policy(
+    retry_for: float, *, first_contact_for: float | None = None
+) -> redis.asyncio.retry.Retry:
+    """:func:`retry_policy` for a ``redis.asyncio`` client: it waits without blocking."""
+    return _policy(_AsyncRetry, retry_for, first_contact_for)
+
+
+_P = TypeVar("_P", _Retry, _AsyncRetry)
+
+
+def _policy(kind: type[_P], retry_for: float, first_contact_for: float | None) -> _P:
     retries = int(retry_for / RETRY_BACKOFF_CAP) + 4 if retry_for > 0 else 0
-    policy = _Retry(ExponentialBackoff(cap=RETRY_BACKOFF_CAP, base=0.05), retries)
+    policy = kind(ExponentialBackoff(cap=RETRY_BACKOFF_CAP, base=0.05), retries)
     policy.retry_for = retry_for
     policy.first_contact_for = first_contact_for
     return policy
@@ -181,16 +251,31 @@ def _new_client(
         return _cluster_client(target, retry)
     if target.kind == "sentinel":
         return _sentinel_client(target, retry, options)
-    return redis.Redis.from_url(
-        target.node_url,
-        health_check_interval=30,
-        socket_connect_timeout=CONNECT_TIMEOUT,
-        retry=retry,
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    )
+    return redis.Redis.from_url(target.node_url, **_server_settings(retry))
+
+
+def _server_settings(retry: Any) -> dict[str, Any]:
+    """The settings of a client of one server (or of Sentinel's primary), blocking or asyncio."""
+    return {
+        "health_check_interval": 30,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "retry": retry,
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+        "max_connections": MAX_CONNECTIONS,
+    }
 
 
 def _sentinel_client(target: RedisTarget, retry: Retry, options: dict[str, Any]) -> redis.Redis:
+    master_name, settings = _sentinel_settings(target, retry, options)
+    sentinel = Sentinel(list(target.nodes), **settings)
+    client: redis.Redis = sentinel.master_for(master_name, connection_class=_SentinelConnection)
+    return client
+
+
+def _sentinel_settings(
+    target: RedisTarget, retry: Any, options: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """The primary's name and the Sentinel settings of ``target``, checked."""
     master_name = options.get("master_name")
     if target.master_name and master_name and target.master_name != master_name:
         raise ConfigurationError(
@@ -217,23 +302,17 @@ def _sentinel_client(target: RedisTarget, retry: Retry, options: dict[str, Any])
             "{'password': ...} for the Sentinels themselves) and min_other_sentinels an "
             f"int >= 0; got {sentinel_kwargs!r} and {min_other!r}"
         )
-    sentinel = Sentinel(
-        list(target.nodes),
-        min_other_sentinels=min_other,
+    return master_name, {
+        "min_other_sentinels": min_other,
         # Without timeouts a Sentinel host that vanished would hang discovery.
-        sentinel_kwargs={
+        "sentinel_kwargs": {
             "socket_connect_timeout": CONNECT_TIMEOUT,
             "socket_timeout": CONNECT_TIMEOUT,
             **sentinel_kwargs,
         },
-        health_check_interval=30,
-        socket_connect_timeout=CONNECT_TIMEOUT,
-        retry=retry,
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        **_server_settings(retry),
         **target.options,
-    )
-    client: redis.Redis = sentinel.master_for(master_name, connection_class=_SentinelConnection)
-    return client
+    }
 
 
 class _SentinelConnection(SentinelManagedConnection):
@@ -255,17 +334,15 @@ class ClusterUnavailable(redis.ConnectionError):
     """A Redis Cluster, or the part of it that holds a key, cannot serve it now."""
 
 
-_T = TypeVar("_T")
-
-
-def _cluster_errors(do: Callable[[], _T], where: str) -> _T:
-    """Run ``do``; a cluster that is down or unreachable becomes a ConnectionError.
+@contextlib.contextmanager
+def _cluster_errors(where: str) -> Iterator[None]:
+    """Around a cluster command: a cluster down or unreachable becomes a ConnectionError.
 
     Those are what a retry can mend (a failover, a node restarting); anything
     else about the cluster is raised as it is.
     """
     try:
-        return do()
+        yield
     except (ClusterDownError, SlotNotCoveredError, TryAgainError) as exc:
         raise ClusterUnavailable(f"Redis Cluster at {where}: {exc}") from exc
     except RedisClusterException as exc:
@@ -302,19 +379,21 @@ class _Cluster(RedisCluster):
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         """Run one command, retried with backoff while the cluster cannot serve it."""
         run = super().execute_command
-        # redis-py pops options (target_nodes, keys) off kwargs: a copy per try.
-        return self.co_retry.call_with_retry(
-            lambda: _cluster_errors(lambda: run(*args, **dict(kwargs)), self.co_where),
-            lambda _error: None,
-        )
+
+        def once() -> Any:
+            with _cluster_errors(self.co_where):
+                # redis-py pops options (target_nodes, keys) off kwargs: a copy per try.
+                return run(*args, **dict(kwargs))
+
+        return self.co_retry.call_with_retry(once, lambda _error: None)
 
 
 def _cluster_client(target: RedisTarget, retry: Retry) -> _Cluster:
     others = [ClusterNode(host, port) for host, port in target.nodes[1:]]
 
     def connect() -> _Cluster:
-        return _cluster_errors(
-            lambda: _Cluster(
+        with _cluster_errors(target.where):
+            return _Cluster(
                 co_retry=retry,
                 co_where=target.where,
                 url=target.node_url,
@@ -323,10 +402,133 @@ def _cluster_client(target: RedisTarget, retry: Retry) -> _Cluster:
                 # backoff is the retry around each command.
                 retry=Retry(NoBackoff(), 1),
                 socket_connect_timeout=CONNECT_TIMEOUT,
-            ),
-            target.where,
-        )
+                max_connections=MAX_CONNECTIONS,
+            )
 
     # Connecting reads the cluster's layout, so it rides out failures too.
     cluster: _Cluster = retry.call_with_retry(connect, lambda _error: None)
     return cluster
+
+
+# -- asyncio ---------------------------------------------------------------------
+
+#: A ``redis.asyncio`` client of the streams' Redis: one server (also
+#: Sentinel's primary) or a cluster.
+AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
+
+# Per event loop: its clients by URL and settings. A loop's entry goes when
+# the loop shuts down (see _close_at_shutdown), or is found closed.
+_async_clients: dict[asyncio.AbstractEventLoop, dict[tuple[Any, ...], AsyncClient]] = {}
+_async_keepers: dict[asyncio.AbstractEventLoop, AsyncGenerator[None, None]] = {}
+
+
+def async_client_for(
+    url: str,
+    retry_for: float = DEFAULT_REDIS_RETRY_FOR,
+    *,
+    transport_options: Mapping[str, Any] | None = None,
+    fail_fast: bool = False,
+) -> AsyncClient:
+    """One shared ``redis.asyncio`` client per URL and settings per event loop.
+
+    :func:`client_for`'s twin for asyncio: the same URL forms, transport
+    options and retry policy, giving a ``redis.asyncio.Redis`` (one server, or
+    Sentinel's primary through ``redis.asyncio.sentinel``) or a
+    ``redis.asyncio.cluster.RedisCluster``. Call it in a coroutine: the client
+    belongs to the running loop (its connections cannot serve another one),
+    and is closed when that loop shuts down (``asyncio.run`` ending, or
+    ``loop.shutdown_asyncgens()``).
+    """
+    loop = asyncio.get_running_loop()
+    options = dict(transport_options or {})
+    key = (os.getpid(), url, retry_for, repr(sorted(options.items())), fail_fast)
+    clients = _clients_of(loop)
+    client = clients.get(key)
+    if client is None:
+        first = FIRST_CONTACT_RETRY_FOR if fail_fast else None
+        retry = async_retry_policy(retry_for, first_contact_for=first)
+        client = clients[key] = _new_async_client(parse_redis_url(url), retry, options)
+    return client
+
+
+def _clients_of(loop: asyncio.AbstractEventLoop) -> dict[tuple[Any, ...], AsyncClient]:
+    for closed in [other for other in _async_clients if other.is_closed()]:
+        # Shut down without shutdown_asyncgens(): its clients can never run again.
+        del _async_clients[closed]
+        _async_keepers.pop(closed, None)
+    clients = _async_clients.get(loop)
+    if clients is None:
+        clients = _async_clients[loop] = {}
+        keeper = _close_at_shutdown(loop, clients)
+        # Its first step makes the loop track it (as every async generator it
+        # iterates), so that the loop's shutdown_asyncgens() closes it.
+        with contextlib.suppress(StopIteration):
+            keeper.asend(None).send(None)
+        _async_keepers[loop] = keeper
+    return clients
+
+
+async def _close_at_shutdown(
+    loop: asyncio.AbstractEventLoop, clients: dict[tuple[Any, ...], AsyncClient]
+) -> AsyncGenerator[None, None]:
+    """Wait, as an open async generator, for the loop to shut down; then close its clients."""
+    try:
+        yield
+    finally:
+        _async_clients.pop(loop, None)
+        _async_keepers.pop(loop, None)
+        for client in list(clients.values()):
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+
+def _new_async_client(target: RedisTarget, retry: Any, options: dict[str, Any]) -> AsyncClient:
+    if target.kind == "cluster":
+        return _AsyncCluster.from_url(
+            target.node_url,
+            co_retry=retry,
+            co_where=target.where,
+            startup_nodes=[
+                redis.asyncio.cluster.ClusterNode(host, port) for host, port in target.nodes[1:]
+            ],
+            # One immediate retry with a fresh view of the cluster; the
+            # backoff is the retry around each command.
+            retry=redis.asyncio.retry.Retry(NoBackoff(), 1),
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            max_connections=MAX_CONNECTIONS,
+        )
+    if target.kind == "sentinel":
+        master_name, settings = _sentinel_settings(target, retry, options)
+        sentinel = redis.asyncio.sentinel.Sentinel(list(target.nodes), **settings)
+        # redis.asyncio's Sentinel connection asks where the primary is on
+        # every connect: it needs no _SentinelConnection.
+        primary: redis.asyncio.Redis = sentinel.master_for(master_name)
+        return primary
+    client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+        target.node_url, **_server_settings(retry)
+    )
+    return client
+
+
+class _AsyncCluster(redis.asyncio.cluster.RedisCluster):
+    """:class:`_Cluster` for asyncio: commands ride out a failover with backoff."""
+
+    def __init__(self, *, co_retry: Any, co_where: str, **kwargs: Any) -> None:
+        self.co_retry = co_retry
+        self.co_where = co_where
+        super().__init__(**kwargs)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        """Run one command, retried with backoff while the cluster cannot serve it."""
+        run = super().execute_command
+
+        async def once() -> Any:
+            with _cluster_errors(self.co_where):
+                # redis-py pops options (target_nodes, keys) off kwargs: a copy per try.
+                return await run(*args, **dict(kwargs))
+
+        return await self.co_retry.call_with_retry(once, _no_cleanup)
+
+
+async def _no_cleanup(error: Exception) -> None:
+    """What an asyncio cluster command does between two tries: nothing (redis-py has)."""

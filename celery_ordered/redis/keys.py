@@ -99,12 +99,22 @@ class StreamKeys:
 
     @property
     def pending(self) -> str:
-        """Hash of dispatch records for numbers whose outcome has not arrived."""
+        """Hash of what each unfilled number waits on, until its outcome arrives.
+
+        Field ``<n>`` is its dispatch record, ``t:<n>`` its claim time,
+        ``n:<n>`` its re-dispatches, ``h:<n>`` the lease of the worker holding
+        it, ``w:<n>`` where it waits in its queue after a re-dispatch, and
+        ``b:<n>`` when a backup copy was sent (hedging).
+        """
         return self._key("pending")
 
     @property
     def deadlines(self) -> str:
-        """Sorted set of unfilled numbers scored by when they count as lost."""
+        """Sorted set of unfilled numbers scored by when reclaim looks at them next (ms).
+
+        A number a worker holds: when its lease lapses; another: when its
+        queue may have shown no progress for ``lost_after``.
+        """
         return self._key("deadlines")
 
     @property
@@ -144,6 +154,22 @@ class StreamKeys:
         return self._key("counters")
 
     @property
+    def lanes(self) -> str:
+        """Hash of each lane (a queue and priority) the stream's tasks went to.
+
+        Field ``<lane>`` holds ``"<highest number received>|<last activity ms>"``:
+        the highest number of the stream a worker reported receiving from that
+        lane, and when the lane last showed progress (a reception, or a
+        heartbeat of a worker holding one of its numbers).
+        """
+        return self._key("lanes")
+
+    @property
+    def timing(self) -> str:
+        """Hash of recent run times (ms) of a hedged stream's tasks: a ring of samples."""
+        return self._key("timing")
+
+    @property
     def mark(self) -> str:
         """Written with every write that waits for replicas (``WAIT``).
 
@@ -171,6 +197,8 @@ class StreamKeys:
             self.consumer,
             self.error,
             self.counters,
+            self.lanes,
+            self.timing,
             self.mark,
         )
 

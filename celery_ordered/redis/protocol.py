@@ -15,9 +15,12 @@ one node that holds the stream.
 With a :class:`Durability`, every durable write (claim, publish, pop, close,
 window) is followed, on the same connection and in the same round trip, by
 ``WAIT``: the call returns once that many replicas hold the write, so a
-failover to one of them cannot take it back. ``reclaim`` writes too, but does
-not wait: a failover that takes a reclaim back only makes its numbers come
-due again.
+failover to one of them cannot take it back. Five scripts never wait for
+replicas, as a failover that takes their write back costs no outcome:
+``reclaim`` (its numbers only come due again), ``lease`` (a worker's
+heartbeat: the next one, a third of a lease later, writes it again), ``hedge``
+(at worst a second backup copy of a task meant for idempotent work),
+``timing`` (a few run-time samples fewer) and ``stats`` (it reads).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from redis.cluster import RedisCluster
 from redis.exceptions import AskError, MovedError, NoScriptError
 
 from ..errors import ConfigurationError, ConsumerFenced, StreamDeleted, StreamStateLost
-from .clients import Client, ClusterUnavailable
+from ..steps import Command, Script, Step, blocking, run
+from .clients import AsyncClient, Client, ClusterUnavailable
 from .keys import StreamKeys
 
 logger = logging.getLogger(__name__)
@@ -50,7 +54,9 @@ logger = logging.getLogger(__name__)
 WAIT_SLICE = 2.0
 
 #: The scripts, one per operation: ``lua/<name>.lua``.
-SCRIPTS = ("claim", "publish", "pop", "close", "stats", "reclaim", "window")
+SCRIPTS = (
+    "claim", "publish", "pop", "close", "stats", "reclaim", "window", "lease", "hedge", "timing"
+)  # fmt: skip
 
 #: The file put in front of every script: the local functions they share.
 PRELUDE = "_prelude"
@@ -78,7 +84,8 @@ def script_source(name: str) -> str:
 _registered: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
-def _scripts(client: Client) -> dict[str, Any]:
+def _scripts(client: Client | AsyncClient) -> dict[str, Any]:
+    """The scripts registered on ``client`` (blocking or asyncio), once per client."""
     scripts = _registered.get(client)
     if scripts is None:
         scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
@@ -178,6 +185,25 @@ class RawStats:
     redispatched: int = 0
     #: Places filled as lost after their last re-dispatch.
     lost: int = 0
+    #: Backup copies sent by hedging, over the stream's life.
+    hedged: int = 0
+    #: The blocker's lane (its queue and priority, as ``liveness.lane_token``
+    #: wrote it into its dispatch record); "" if none waits.
+    head_lane: str = ""
+    #: The blocker's record status: "T" a task, "M" a marker, "" none.
+    head_status: str = ""
+    #: The lease of the worker holding the blocker (its ``h:`` field), "" if none.
+    head_lease: str = ""
+    #: Where the blocker waits in its queue after a re-dispatch (``w:``), "" if not.
+    head_waits: str = ""
+    #: When a backup copy of the blocker was sent (``b:``, ms), "" if none.
+    head_backup: str = ""
+    #: Times the blocker was dispatched again.
+    head_redispatched: int = 0
+    #: When the blocker's lane may count as idle (ms); None if it has no deadline.
+    head_deadline_ms: int | None = None
+    #: The blocker's lane entry: "<highest number received>|<last activity ms>", or "".
+    head_lane_progress: str = ""
 
 
 @dataclass(frozen=True)
@@ -187,6 +213,15 @@ class Overdue:
     seq: int
     lost: bool
     record: bytes
+    #: Why: "lapsed" (its worker's lease lapsed), "overtaken" (a number sent
+    #: after it to its lane was received), "idle" (its lane showed no progress
+    #: for ``lost_after``).
+    why: str = ""
+
+
+#: How many numbers from the consumer's position :meth:`Protocol.reclaim`
+#: checks for being overtaken in their queue, per call.
+RECLAIM_SCAN = 1000
 
 
 class Protocol:
@@ -239,11 +274,21 @@ class Protocol:
         try:
             return do()
         except MovedError as exc:  # a RedisCluster client follows these itself
-            raise ConfigurationError(
-                f"the Redis of stream {self.keys.name!r} is a node of a Redis Cluster (it "
-                f"answered MOVED {exc}): connect with redis+cluster://host:port so that each "
-                "stream goes to the node that holds it"
-            ) from exc
+            raise self.moved(exc) from exc
+
+    def moved(self, exc: MovedError) -> ConfigurationError:
+        """The error for a ``MOVED`` reply: the URL names one node of a cluster."""
+        return ConfigurationError(
+            f"the Redis of stream {self.keys.name!r} is a node of a Redis Cluster (it "
+            f"answered MOVED {exc}): connect with redis+cluster://host:port so that each "
+            "stream goes to the node that holds it"
+        )
+
+    def perform(self, request: Script | Command) -> Any:
+        """Carry out one request of an operation (see :mod:`celery_ordered.steps`), blocking."""
+        if isinstance(request, Script):
+            return self._call(request.name, request.keys, request.args, durable=request.durable)
+        return self._cluster_hint(lambda: self.client.execute_command(*request.args))
 
     def _durably(self, script: Any, keys: list[str], args: list[Any], want: Durability) -> Any:
         """``EVALSHA``, a write of the ``mark`` key and ``WAIT``, on one connection.
@@ -342,7 +387,7 @@ class Protocol:
 
     # -- the operations ----------------------------------------------------------
 
-    def claim(
+    def claim_op(
         self,
         records: list[bytes],
         default_window: int,
@@ -350,7 +395,7 @@ class Protocol:
         producer: str,
         claim_id: str,
         lost_after: float | None = None,
-    ) -> Claim:
+    ) -> Step[Claim]:
         """Claim up to ``len(records)`` numbers if the window allows (see claim.lua).
 
         ``records`` says what each number is for (dispatched again if its
@@ -364,10 +409,12 @@ class Protocol:
         writes, a restore from an older snapshot), and raises
         :class:`~celery_ordered.StreamStateLost` instead of handing out
         numbers whose tasks are already on their way.
+
+        An operation (:mod:`celery_ordered.steps`); :meth:`claim` runs it, blocking.
         """
         k = self.keys
         try:
-            first, count = self._call(
+            first, count = yield Script(
                 "claim",
                 [k.seq, k.next, k.window, k.closed, k.space, k.pending, k.deadlines, k.producers,
                  k.created],
@@ -395,6 +442,8 @@ class Protocol:
                 )
             self._claimed_to[producer] = (claim_id, claim.first + claim.count)
         return claim
+
+    claim = blocking(claim_op)
 
     def went_back(self, what: str, *, seq: int) -> StreamStateLost:
         """The error for a stream whose state in Redis went back in time: ``what`` happened."""
@@ -425,39 +474,28 @@ class Protocol:
             return self.deleted(what)
         return exc
 
-    def publish(self, seq: int, member: bytes, *, incarnation: str | None = None) -> int:
+    def publish_op(self, seq: int, member: bytes, *, incarnation: str | None = None) -> Step[int]:
         """Store one outcome; 1 stored, 0 duplicate or late, -1 never claimed.
 
         ``incarnation`` (default: this handle's, if it opened the stream) is
         the incarnation the number was claimed in: another one (the stream
         was deleted, maybe created again) refuses the outcome. "" skips that
         check.
+
+        An operation (:mod:`celery_ordered.steps`); :meth:`publish` runs it, blocking.
         """
         k = self.keys
-        return int(
-            self._call(
-                "publish",
-                [
-                    k.seq,
-                    k.next,
-                    k.results,
-                    k.ready,
-                    k.closed,
-                    k.done,
-                    k.pending,
-                    k.deadlines,
-                    k.created,
-                ],
-                [
-                    seq,
-                    member,
-                    self.ttl_ms,
-                    self.incarnation if incarnation is None else incarnation,
-                ],
-            )
-        )
+        stored = yield Script(
+            "publish",
+            [k.seq, k.next, k.results, k.ready, k.closed, k.done, k.pending, k.deadlines,
+             k.created],
+            [seq, member, self.ttl_ms, self.incarnation if incarnation is None else incarnation],
+        )  # fmt: skip
+        return int(stored)
 
-    def pop(
+    publish = blocking(publish_op)
+
+    def pop_op(
         self,
         ack: int,
         start: int,
@@ -467,7 +505,7 @@ class Protocol:
         epoch: int = 0,
         lease: float = 30.0,
         mode: str = "",
-    ) -> Batch:
+    ) -> Step[Batch]:
         """Acknowledge below ``ack`` and read the gapless run from ``start``.
 
         Only the holder of the consumer lease may: ``epoch`` is the caller's
@@ -480,10 +518,12 @@ class Protocol:
         went back in time: :class:`~celery_ordered.StreamStateLost`, instead
         of waiting for outcomes that can never come. A stream deleted since
         it was opened: :class:`~celery_ordered.StreamDeleted`.
+
+        An operation (:mod:`celery_ordered.steps`); :meth:`pop` runs it, blocking.
         """
         k = self.keys
         try:
-            reply = self._call(
+            reply = yield Script(
                 "pop",
                 [k.next, k.results, k.closed, k.space, k.ready, k.window, k.seq, k.created,
                  k.consumer, k.error],
@@ -528,45 +568,47 @@ class Protocol:
             members=list(reply[8:]),
         )
 
-    def close(self, error: bytes = b"") -> int:
+    pop = blocking(pop_op)
+
+    def close_op(self, error: bytes = b"") -> Step[int]:
         """Close the stream to claims; returns the number of claims made.
 
         ``error`` (encoded) is kept for consumers if this call is the one that
         closes the stream: they get it after every outcome, in place of a
         normal end.
+
+        An operation (:mod:`celery_ordered.steps`); :meth:`close` runs it, blocking.
         """
         k = self.keys
         try:
-            return int(
-                self._call(
-                    "close",
-                    [
-                        k.seq,
-                        k.next,
-                        k.results,
-                        k.closed,
-                        k.ready,
-                        k.done,
-                        k.space,
-                        k.created,
-                        k.error,
-                    ],
-                    [self.ttl_ms, self.incarnation, error],
-                )
+            claimed = yield Script(
+                "close",
+                [k.seq, k.next, k.results, k.closed, k.ready, k.done, k.space, k.created, k.error],
+                [self.ttl_ms, self.incarnation, error],
             )
         except redis.ResponseError as exc:
             raise self._deleted_or(exc, "close()") from exc
+        return int(claimed)
+
+    close = blocking(close_op)
 
     def stats(self) -> RawStats:
-        """One consistent snapshot of the stream's counters."""
+        """One consistent snapshot of the stream's counters and of its blocker."""
+        return run(self.stats_op(), self.perform)
+
+    def stats_op(self) -> Step[RawStats]:
+        """:meth:`stats` as an operation of :mod:`celery_ordered.steps`."""
         k = self.keys
-        (claimed, nxt, window, stored, contiguous, closed, now, head, incarnation,
-         redispatched, lost) = self._call(
+        reply = yield Script(
             "stats",
-            [k.seq, k.next, k.window, k.results, k.closed, k.pending, k.created, k.counters],
+            [k.seq, k.next, k.window, k.results, k.closed, k.pending, k.created, k.counters,
+             k.deadlines, k.lanes],
             [],
             durable=False,  # it reads only
         )  # fmt: skip
+        (claimed, nxt, window, stored, contiguous, closed, now, head, incarnation,
+         redispatched, lost, hedged, lane, status, lease, waits, backup, head_redispatched,
+         deadline, progress) = reply  # fmt: skip
         return RawStats(
             int(claimed),
             int(nxt),
@@ -576,41 +618,75 @@ class Protocol:
             None if int(closed) < 0 else int(closed),
             int(now),
             None if int(head) < 0 else int(head),
-            incarnation.decode() if isinstance(incarnation, bytes) else str(incarnation),
+            self._text(incarnation),
             int(redispatched),
             int(lost),
+            int(hedged),
+            self._text(lane),
+            self._text(status),
+            self._text(lease),
+            self._text(waits),
+            self._text(backup),
+            int(head_redispatched),
+            None if int(deadline) < 0 else int(deadline),
+            self._text(progress),
         )
 
-    def reclaim(self, lost_after: float, limit: int, batch: int = 100) -> list[Overdue]:
-        """Numbers overdue for an outcome: to dispatch again, or (past ``limit``) lost.
+    def reclaim(self, lost_after: float, limit: int, **options: Any) -> list[Overdue]:
+        """Numbers whose outcome cannot come: to dispatch again, or (past ``limit``) lost.
+
+        ``options`` are :meth:`reclaim_op`'s: ``batch``, ``overtaken_after``, ``scan``.
+        """
+        return run(self.reclaim_op(lost_after, limit, **options), self.perform)
+
+    def reclaim_op(
+        self,
+        lost_after: float,
+        limit: int,
+        batch: int = 100,
+        *,
+        overtaken_after: float = 10.0,
+        scan: int = RECLAIM_SCAN,
+    ) -> Step[list[Overdue]]:
+        """:meth:`reclaim` as an operation of :mod:`celery_ordered.steps`.
+
+        See ``reclaim.lua``: a number whose worker's lease lapsed, one that
+        no worker received while a number sent after it to the same queue was
+        received more than ``overtaken_after`` seconds ago (checked for the
+        first ``scan`` numbers from the consumer's position), and one no worker
+        holds whose queue showed no progress for ``lost_after`` seconds. At
+        most ``batch`` numbers per call.
 
         It writes (moves deadlines on, counts re-dispatches) but does not wait
         for replicas: if a failover takes a reclaim back, the numbers come due
         again and are reclaimed again.
         """
         k = self.keys
-        reply = self._call(
+        reply = yield Script(
             "reclaim",
-            [k.next, k.results, k.pending, k.deadlines, k.counters],
-            [int(lost_after * 1000), limit, batch, self.ttl_ms],
+            [k.next, k.results, k.pending, k.deadlines, k.counters, k.seq, k.lanes],
+            [int(lost_after * 1000), limit, batch, self.ttl_ms, int(overtaken_after * 1000),
+             scan],
             durable=False,  # it writes, but losing its writes to a failover is harmless
-        )
+        )  # fmt: skip
         return [
-            Overdue(int(reply[i + 1]), reply[i] == b"lost", reply[i + 2])
-            for i in range(0, len(reply), 3)
+            Overdue(int(reply[i + 1]), reply[i] == b"lost", reply[i + 2], self._text(reply[i + 3]))
+            for i in range(0, len(reply), 4)
         ]
 
-    def open(
+    def open_op(
         self, new_id: str, *, create: bool, window: int = 0, only_if_unset: bool = False
-    ) -> int | None:
+    ) -> Step[int | None]:
         """Learn the stream's incarnation (:attr:`incarnation`), creating the stream if asked.
 
         ``create``: a stream that does not exist is created as incarnation
         ``new_id``; else it is left alone and None returned. A ``window`` is
         stored as :meth:`set_window` does. Returns the cap in force (0: none).
+
+        An operation (:mod:`celery_ordered.steps`); :meth:`open` runs it, blocking.
         """
         k = self.keys
-        cap, incarnation = self._call(
+        cap, incarnation = yield Script(
             "window",
             [k.window, k.space, k.created, k.seq],
             [window, int(only_if_unset), self.ttl_ms, new_id, "create" if create else "attach"],
@@ -623,16 +699,20 @@ class Protocol:
         self.incarnation = incarnation.decode() if isinstance(incarnation, bytes) else incarnation
         return int(cap)
 
-    def set_window(self, window: int, *, only_if_unset: bool = False) -> int:
+    open = blocking(open_op)
+
+    def set_window_op(self, window: int, *, only_if_unset: bool = False) -> Step[int]:
         """Store the window cap and wake blocked producers to look at it.
 
         Returns the cap in force: with ``only_if_unset``, a cap already stored
         stays. Raises :class:`~celery_ordered.StreamDeleted` if the stream is
         not the incarnation :meth:`open` found any more.
+
+        An operation (:mod:`celery_ordered.steps`); :meth:`set_window` runs it, blocking.
         """
         k = self.keys
         try:
-            cap, _ = self._call(
+            cap, _ = yield Script(
                 "window",
                 [k.window, k.space, k.created, k.seq],
                 [window, int(only_if_unset), self.ttl_ms, self.incarnation, "known"],
@@ -641,23 +721,36 @@ class Protocol:
             raise self._deleted_or(exc, "set_window()") from exc
         return int(cap)
 
+    set_window = blocking(set_window_op)
+
     def delete(self) -> int:
         """Remove every key of the stream; returns how many existed."""
         return int(self._cluster_hint(lambda: self.client.delete(*self.keys.all())))
 
-    def _wait(self, key: str, timeout: float) -> bool:
-        # BLPOP's timeout is in seconds (fractions allowed since Redis 6); 0
-        # would mean forever, so keep it strictly positive and bounded.
+    def wait_op(self, token: str, timeout: float) -> Step[bool]:
+        """Block until a wake-up token comes on list ``token`` (or ``timeout``); True if one did.
+
+        ``token`` is ``"space"`` (:meth:`wait_space`), ``"ready"``
+        (:meth:`wait_ready`) or ``"done"`` (:meth:`wait_done`). An operation
+        of :mod:`celery_ordered.steps`: one blocking command, of at most
+        :attr:`wait_slice` seconds.
+        """
+        # The timeout is in seconds (fractions allowed since Redis 6); 0 would
+        # mean forever, so keep it strictly positive and bounded.
         wait = min(max(timeout, 0.001), self.wait_slice)
-        return self._cluster_hint(lambda: self.client.blpop([key], timeout=wait)) is not None
+        if token == "done":  # the token stays: see wait_done
+            got = yield Command(("BRPOPLPUSH", self.keys.done, self.keys.done, wait))
+        else:
+            got = yield Command(("BLPOP", getattr(self.keys, token), wait))
+        return got is not None
 
     def wait_space(self, timeout: float) -> bool:
         """Block until a consumer frees window space (or ``timeout``)."""
-        return self._wait(self.keys.space, timeout)
+        return run(self.wait_op("space", timeout), self.perform)
 
     def wait_ready(self, timeout: float) -> bool:
         """Block until the head of the stream may be ready (or ``timeout``)."""
-        return self._wait(self.keys.ready, timeout)
+        return run(self.wait_op("ready", timeout), self.perform)
 
     def wait_done(self, timeout: float) -> bool:
         """Block until every claimed number may be filled (or ``timeout``).
@@ -666,10 +759,91 @@ class Protocol:
         list is rotated onto itself (``BRPOPLPUSH done done``), never emptied,
         so it keeps the expiry the scripts gave it; nothing is written here.
         """
-        wait = min(max(timeout, 0.001), self.wait_slice)
-        key = self.keys.done
-        got = self._cluster_hint(lambda: self.client.execute_command("BRPOPLPUSH", key, key, wait))
-        return got is not None
+        return run(self.wait_op("done", timeout), self.perform)
+
+    # -- liveness: worker leases, run times and backups ------------------------------
+
+    @staticmethod
+    def _text(value: Any) -> str:
+        """A script's string reply as ``str``."""
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def beat(
+        self,
+        incarnation: str,
+        holder: str,
+        lease: float,
+        held: list[tuple[int, str, float, float | None, str]],
+        released: list[int],
+    ) -> int:
+        """A worker's heartbeat for the numbers of this stream it holds (see ``lease.lua``).
+
+        ``held``: ``(number, state, seconds since received, seconds since
+        started or None, lane)`` per number, the state ``"received"`` or
+        ``"started"`` (each gets a lease of ``lease`` seconds from now, held by
+        ``holder``), or ``"gone"`` (received since the last beat and done: it
+        only tells that its lane moves). ``released``: numbers the holder gave
+        back without an outcome. Returns how many held numbers still wait for their outcome;
+        raises :class:`~celery_ordered.StreamDeleted` if the stream is not
+        incarnation ``incarnation`` in this Redis (nothing is written then).
+
+        Its writes do not wait for replicas: a failover that loses a heartbeat
+        loses at most one beat's renewal, which the next beat makes again.
+        """
+        k = self.keys
+        entries = [
+            f"{seq} {state} {max(0, int(received * 1000))} "
+            f"{-1 if started is None else max(0, int(started * 1000))} {lane}"
+            for seq, state, received, started, lane in held
+        ]
+        args = [incarnation, self.ttl_ms, max(1, int(lease * 1000)), holder, len(entries),
+                " ".join(str(seq) for seq in released), *entries]  # fmt: skip
+        keys = [k.pending, k.deadlines, k.lanes, k.created, k.seq]
+        try:
+            return int(self._call("lease", keys, args, durable=False))
+        except redis.ResponseError as exc:
+            raise self._deleted_or(exc, "a worker's heartbeat") from exc
+
+    def note_runtimes(self, incarnation: str, runtimes: list[float]) -> int:
+        """Note run times (seconds) of this stream's tasks, for hedging (see ``timing.lua``).
+
+        Returns how many were ever noted; raises
+        :class:`~celery_ordered.StreamDeleted` if the stream is not
+        incarnation ``incarnation`` here. Not waited for by replicas: a lost
+        sample changes nothing that matters.
+        """
+        k = self.keys
+        args = [
+            incarnation,
+            self.ttl_ms,
+            len(runtimes),
+            *(max(0, round(t * 1000)) for t in runtimes),
+        ]
+        try:
+            return int(self._call("timing", [k.timing, k.created], args, durable=False))
+        except redis.ResponseError as exc:
+            raise self._deleted_or(exc, "a worker noting run times") from exc
+
+    def hedge(
+        self, head: int, factor: float, waited: float, samples: int
+    ) -> tuple[float | None, bytes]:
+        """Whether to send a backup copy of ``head`` now (see ``hedge.lua``).
+
+        Returns the typical run time of the stream's tasks in seconds (None
+        while fewer than ``samples`` are noted) and the record to send again
+        (b"" for none): once ``head`` has run ``factor`` times that long (at
+        least ``waited`` seconds, the time a consumer has waited for it). At
+        most one backup per number. Not waited for by replicas: a failover
+        that loses the mark at worst lets a second backup go.
+        """
+        k = self.keys
+        typical, record = self._call(
+            "hedge",
+            [k.pending, k.timing, k.counters],
+            [head, factor, max(0, int(waited * 1000)), samples, self.ttl_ms],
+            durable=False,
+        )
+        return (None if int(typical) < 0 else int(typical) / 1000), bytes(record or b"")
 
 
 def _send(node: redis.Redis, conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:

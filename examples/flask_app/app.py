@@ -1,10 +1,13 @@
 """A Flask page that runs a Celery job and shows its outcomes live, in order.
 
-Press "Start a job": the server puts the job's tasks (uneven work) into a
-named stream, with a "batch k done" marker after each batch, from a producer
-thread. The page follows the stream over server-sent events and adds a row
-per outcome as soon as it, and everything before it, is done. Items 13, 26...
-fail on purpose: each error shows at its place and the job goes on.
+Press "Start a job": the server puts the job's tasks (uneven work, from
+``examples/web_job.py``) into a named stream, with a "batch k done" marker
+after each batch, from a producer thread. The page (``examples/job_page.html``,
+shared with the other web examples) follows the stream over server-sent
+events: it adds a row per outcome as soon as it, and everything before it,
+is done, and shows a progress bar with the rate and what the job waits on
+when it waits. Items 13, 26... fail on purpose: each error shows at its
+place and the job goes on.
 
 Zero setup (a private Redis and local worker processes), from the
 repository root, then open http://127.0.0.1:5000:
@@ -18,7 +21,7 @@ broker; default: that Redis):
     celery -A examples.flask_app.app:celery_app worker --loglevel=INFO    # terminal 1
     python -m examples.flask_app.app                                      # terminal 2
 
-For scripts: ``curl -X POST localhost:5000/jobs -d tasks=20`` starts a job
+For scripts: ``curl -X POST localhost:5000/jobs -d items=20`` starts a job
 and answers its URLs; ``curl -N localhost:5000/jobs/NAME/results.ndjson``
 streams it as NDJSON. Follow a job from one place at a time: a stream has one
 consumer position.
@@ -28,24 +31,17 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 from celery import Celery
-from flask import Flask, abort, render_template, request, url_for
+from flask import Flask, abort, request, url_for
 
-from celery_ordered import (
-    OrderedResultStream,
-    StreamClosedError,
-    StreamFull,
-    StreamNotFound,
-    ordered_task,
-)
+from celery_ordered import OrderedResultStream, StreamClosedError, StreamFull, StreamNotFound
 from celery_ordered.contrib.flask import stream_response
+from examples.web_job import ABANDON_AFTER, PAGE, WINDOW, Job, demo_job
 
 REDIS_URL = os.environ.get("REDIS_URL")
 BROKER_URL = os.environ.get("BROKER_URL", REDIS_URL)
@@ -54,31 +50,7 @@ celery_app = Celery("flask_app", broker=BROKER_URL)
 celery_app.conf.ordered_redis_url = REDIS_URL
 celery_app.conf.ordered_stream_ttl = 3600  # a job's stream is gone an hour after its last use
 
-#: How many tasks a job runs ahead of the page that follows it.
-WINDOW = 16
-#: A job nobody follows for this long is abandoned: its producer stops.
-ABANDON_AFTER = 600.0
-
 logger = logging.getLogger(__name__)
-
-Job = Callable[[int, int], Iterable[Any]]
-
-
-@ordered_task(name="flask_app.process")
-def process(item: int, seconds: float) -> dict[str, Any]:
-    """One item of work: uneven, so later items often finish first."""
-    time.sleep(seconds)
-    if item and item % 13 == 0:
-        raise ValueError(f"item {item} is unlucky")
-    return {"item": item, "seconds": seconds, "worker": os.getpid()}
-
-
-def demo_job(tasks: int, batch: int) -> Iterator[Any]:
-    """What a job puts, in order: its tasks, and a marker after each batch."""
-    for item in range(tasks):
-        yield process.s(item, random.choice([0.01, 0.05, 0.1, 0.4]))
-        if item % batch == batch - 1 or item == tasks - 1:
-            yield {"marker": f"batch {item // batch} done"}
 
 
 def produce(stream: OrderedResultStream, work: Iterable[Any]) -> None:
@@ -106,7 +78,7 @@ def form_int(field: str, default: int) -> int:
 
 
 def create_app(job: Job = demo_job) -> Flask:
-    """The web app; ``job(tasks, batch)`` says what a job puts."""
+    """The web app; ``job(items, batch)`` says what a job puts."""
     app = Flask(__name__)
 
     def job_stream(name: str) -> OrderedResultStream:
@@ -119,17 +91,17 @@ def create_app(job: Job = demo_job) -> Flask:
 
     @app.get("/")
     def index() -> str:
-        return render_template("index.html")
+        return PAGE.read_text(encoding="utf-8")
 
     @app.post("/jobs")
     def start_job() -> tuple[dict[str, str], int]:
-        tasks, batch = form_int("tasks", 40), form_int("batch", 10)
-        if not (1 <= tasks <= 10_000 and batch >= 1):
-            abort(400, "tasks must be 1 to 10000, and batch at least 1")
+        items, batch = form_int("items", 40), form_int("batch", 10)
+        if not (1 <= items <= 10_000 and batch >= 1):
+            abort(400, "items must be 1 to 10000, and batch at least 1")
         name = f"job-{uuid.uuid4().hex}"
         stream = OrderedResultStream(celery_app, name, window=WINDOW)
         threading.Thread(
-            target=produce, args=(stream, job(tasks, batch)), name=name, daemon=True
+            target=produce, args=(stream, job(items, batch)), name=name, daemon=True
         ).start()
         urls = {
             "events": url_for("job_events", name=name),
@@ -139,10 +111,11 @@ def create_app(job: Job = demo_job) -> Flask:
 
     @app.get("/jobs/<name>/events")
     def job_events(name: str) -> Any:
-        # Server-sent events; a reconnecting EventSource resumes after the
-        # last event it got (its Last-Event-ID). It reconnects after 5 s,
-        # when this response has noticed (at a heartbeat) that it was left.
-        return stream_response(job_stream(name), heartbeat=2.0, retry=5.0)
+        # Server-sent events, with a progress event at most every 0.25 s; a
+        # reconnecting EventSource resumes after the last outcome it got (its
+        # Last-Event-ID). It reconnects after 5 s, when this response has
+        # noticed (at a heartbeat) that it was left.
+        return stream_response(job_stream(name), heartbeat=2.0, retry=5.0, progress=0.25)
 
     @app.get("/jobs/<name>/results.ndjson")
     def job_results(name: str) -> Any:

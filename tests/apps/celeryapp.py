@@ -14,7 +14,7 @@ REDIS_URL = os.environ.get("CO_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 BROKER_URL = os.environ.get("CO_TEST_BROKER_URL", REDIS_URL)
 QUEUE = os.environ.get("CO_TEST_QUEUE", "celery-ordered-tests")
 
-app = Celery("tests", include=["tests.apps.tasks"])
+app = Celery("tests", include=["tests.apps.tasks", "tests.apps.liveness_tasks"])
 app.conf.update(
     broker_url=BROKER_URL,
     result_backend=None,

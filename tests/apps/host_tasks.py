@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from typing import Any
 
 import redis
@@ -22,6 +23,25 @@ WAIT = 30
 @functools.cache
 def _client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url)
+
+
+def _pop(client: redis.Redis, key: str) -> Any:
+    """BLPOP ``key`` for up to :data:`WAIT` s, in one-second slices.
+
+    One blocking read of ``WAIT`` s would outlast the client's socket timeout
+    (5 s in redis-py 8) and fail while the host is cut off; a slice that
+    fails that way counts as "nothing yet".
+    """
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        try:
+            popped = client.blpop([key], timeout=1)
+        except (redis.ConnectionError, redis.TimeoutError):
+            time.sleep(0.2)  # a backoff while the link is down, not a synchronisation
+            continue
+        if popped is not None:
+            return popped
+    return None
 
 
 def visit(x: int, key: str, *, meet: str | None = None, hold: str | None = None) -> list[Any]:
@@ -48,13 +68,13 @@ def visit(x: int, key: str, *, meet: str | None = None, hold: str | None = None)
     if meet is not None:
         point = f"{key}:meet:{meet}"
         if client.incr(f"{point}:arrived") == 1:
-            if client.blpop([f"{point}:go"], timeout=WAIT) is None:
+            if _pop(client, f"{point}:go") is None:
                 raise TimeoutError(f"{host} waited {WAIT}s at {meet!r}; no other host came")
         else:
             client.rpush(f"{point}:go", host)
     if hold == host and client.set(f"{key}:held", x, nx=True):
         client.rpush(f"{key}:holding", x)
-        if client.blpop([f"{key}:gate"], timeout=WAIT) is None:
+        if _pop(client, f"{key}:gate") is None:
             raise TimeoutError(f"{host} held {x} for {WAIT}s; the test never let it go")
         client.rpush(f"{key}:released", f"{host} {x}")
     return [x, host, os.stat("/proc/self/ns/net").st_ino]

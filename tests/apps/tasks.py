@@ -15,8 +15,12 @@ from celery_ordered import ordered_task
 
 @functools.cache
 def _client(redis_url: str) -> redis.Redis:
-    """One client per URL per worker process."""
-    return redis.Redis.from_url(redis_url)
+    """One client per URL per worker process.
+
+    No socket timeout: :func:`gate` blocks in BLPOP for as long as the test
+    holds it (redis-py 8 reads with a 5 s timeout by default).
+    """
+    return redis.Redis.from_url(redis_url, socket_timeout=None)
 
 
 class CustomError(Exception):

@@ -6,7 +6,8 @@
 -- KEYS[4]  ready      list    wake token for a blocked consumer
 -- KEYS[5]  closed     string  the number of claims when the stream was closed
 -- KEYS[6]  done       list    wake token for join(): every claimed number is filled
--- KEYS[7]  pending    hash    number -> dispatch record (and 'n:'/'t:' fields), until filled
+-- KEYS[7]  pending    hash    number -> dispatch record (and its 'n:' 't:' 'w:' 'h:' 'b:'
+--                             fields), until filled
 -- KEYS[8]  deadlines  zset    numbers scored by when they count as lost
 -- KEYS[9]  created    string  the stream's incarnation id
 -- ARGV[1]  number     the sequence number this outcome fills
@@ -25,7 +26,7 @@ if ARGV[4] ~= '' and redis.call('GET', KEYS[9]) ~= ARGV[4] then
   return -1
 end
 -- Whatever happens to this outcome, the number no longer waits for one.
-redis.call('HDEL', KEYS[7], n, 'n:' .. n, 't:' .. n)
+redis.call('HDEL', KEYS[7], n, 'n:' .. n, 't:' .. n, 'w:' .. n, 'h:' .. n, 'b:' .. n)
 redis.call('ZREM', KEYS[8], n)
 local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
 if n < nxt or redis.call('ZCOUNT', KEYS[3], n, n) > 0 then

@@ -1,13 +1,15 @@
 """The jobs app's views: a page that follows a job live, and the streams behind it.
 
-``/`` is the page: its "Start a job" button posts to ``/jobs/``, which starts
-a job in a producer thread and answers its URLs; the page then follows
+``/`` is the page (``examples/job_page.html``, shared with the other web
+examples): its "Start a job" button posts to ``/jobs``, which starts a job in
+a producer thread and answers its URLs; the page then follows
 ``/jobs/NAME/events`` (server-sent events) and adds a row per outcome, in
-order, as it comes. ``/jobs/NAME/results.ndjson`` serves the same job as
+order, as it comes, under a progress bar. ``/jobs/NAME/results.ndjson`` serves the same job as
 NDJSON, for scripts. ``/jobs/run`` runs a job inside one request instead.
 """
 
 import uuid
+from pathlib import Path
 
 from django.http import (
     Http404,
@@ -17,8 +19,8 @@ from django.http import (
     JsonResponse,
     QueryDict,
 )
-from django.shortcuts import render
 from django.urls import reverse
+from django.views.decorators.csrf import ensure_csrf_cookie
 from django.views.decorators.http import require_POST, require_safe
 from project.celery import app as celery_app
 
@@ -26,6 +28,9 @@ from celery_ordered import OrderedResultStream, StreamNotFound
 from celery_ordered.contrib.django import stream_response
 
 from . import work
+
+#: The page, shared by the web examples (examples/job_page.html).
+PAGE = Path(__file__).resolve().parents[2] / "job_page.html"
 
 
 def job_size(params: QueryDict) -> tuple[int, int]:
@@ -51,14 +56,19 @@ def job_stream(name: str) -> OrderedResultStream:
 
 
 @require_safe
+@ensure_csrf_cookie
 def index(request: HttpRequest) -> HttpResponse:
-    """``GET /``: the page, with its "Start a job" form (and its CSRF token)."""
-    return render(request, "jobs/index.html")
+    """``GET /``: the page, with its "Start a job" form.
+
+    It sets the ``csrftoken`` cookie, whose token the page sends back in the
+    ``X-CSRFToken`` header of its ``POST``.
+    """
+    return HttpResponse(PAGE.read_text(encoding="utf-8"))
 
 
 @require_POST
 def start_job(request: HttpRequest, job: work.Job = work.demo_job) -> HttpResponse:
-    """``POST /jobs/`` (``items``, ``batch``): start a job; answer its name and URLs.
+    """``POST /jobs`` (``items``, ``batch``): start a job; answer its name and URLs.
 
     The job outlives the request: its producer thread puts its tasks while
     somebody follows its stream, and gives up on it when nobody did for
@@ -83,11 +93,12 @@ def start_job(request: HttpRequest, job: work.Job = work.demo_job) -> HttpRespon
 def job_events(request: HttpRequest, name: str) -> HttpResponse:
     """``GET /jobs/NAME/events``: the job's outcomes as server-sent events.
 
-    A reconnecting ``EventSource`` sends the id of the last event it got
+    A progress event goes at most every 0.25 s. A reconnecting
+    ``EventSource`` sends the id of the last outcome it got
     (``Last-Event-ID``), and the stream resumes after it. It reconnects after
     5 s; by then this response noticed, at a heartbeat, that it was left.
     """
-    return stream_response(request, job_stream(name), heartbeat=2.0, retry=5.0)
+    return stream_response(request, job_stream(name), heartbeat=2.0, retry=5.0, progress=0.25)
 
 
 @require_safe

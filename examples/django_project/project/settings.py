@@ -11,9 +11,9 @@ DEBUG = os.environ.get("DJANGO_DEBUG") == "1"
 ALLOWED_HOSTS = ["localhost", "127.0.0.1"]
 
 INSTALLED_APPS = ["jobs"]
-# The page's "Start a job" form posts its CSRF token (a cookie and a field).
+# The page's "Start a job" button posts the token of its csrftoken cookie
+# (in the X-CSRFToken header).
 MIDDLEWARE = ["django.middleware.csrf.CsrfViewMiddleware"]
-TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates", "APP_DIRS": True}]
 ROOT_URLCONF = "project.urls"
 WSGI_APPLICATION = "project.wsgi.application"
 ASGI_APPLICATION = "project.asgi.application"
