@@ -18,6 +18,7 @@ from celery_ordered.redis.keys import StreamKeys
 from tests.apps.tasks import echo
 from tests.support import ROOT
 from tests.support.cli import run_ordered
+from tests.support.processes import as_from_a_terminal
 
 
 @pytest.fixture
@@ -134,6 +135,7 @@ def test_watch_shows_no_shrinking_share_and_ctrl_c_ends_it_quietly(
         [sys.executable, "-m", "celery", "-A", "tests.apps.celeryapp", "ordered", "watch",
          blocked_stream.name, "--lines", "--interval", "0.02"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=as_from_a_terminal,
     )  # fmt: skip
     try:
         assert watcher.stdout is not None

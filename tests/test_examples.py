@@ -27,6 +27,7 @@ import redis
 from celery_ordered.redis.urls import socket_url
 from tests.apps.tasks import echo
 from tests.support import ROOT
+from tests.support.processes import as_from_a_terminal
 from tests.support.waiting import wait_until
 
 #: Seconds a documented command may take.
@@ -80,8 +81,9 @@ def background(argv: list[str], env: dict[str, str], log: Path) -> Iterator[None
     Ctrl-C would."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            python(argv), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
+            python(argv), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            preexec_fn=as_from_a_terminal,
+        )  # fmt: skip
     try:
         yield
     finally:

@@ -25,7 +25,7 @@ import redis
 
 from tests.support import ROOT, SESSION
 from tests.support.browsers import gated_job
-from tests.support.processes import die_with_parent
+from tests.support.processes import as_from_a_terminal
 from tests.support.waiting import wait_until
 
 #: Seconds the server may take to stop on Ctrl-C before it is killed.
@@ -117,7 +117,7 @@ def served(factory: str, env: Mapping[str, str]) -> Iterator[str]:
         proc = subprocess.Popen(
             argv, cwd=ROOT, env={**env, "TMPDIR": str(directory)},
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
+            preexec_fn=as_from_a_terminal,
         )  # fmt: skip
     try:
 

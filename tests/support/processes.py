@@ -116,6 +116,20 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:  # pragma: no cover - in
             ctypes.CDLL(None).prctl(1, sig)  # PR_SET_PDEATHSIG
 
 
+def as_from_a_terminal() -> None:  # pragma: no cover - in the child
+    """``preexec_fn`` for a program a test stops with Ctrl-C (SIGINT), as a shell would.
+
+    A shell without job control starts its background commands with SIGINT
+    ignored (so that Ctrl-C at the terminal spares them), and the setting is
+    inherited: a test run in the background of a CI script would pass it on,
+    and Python, seeing SIGINT ignored at start-up, never raises
+    KeyboardInterrupt. A program started from a terminal has the default, so
+    this restores it. It also runs :func:`die_with_parent`.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    die_with_parent()
+
+
 def wait_gone(
     pids: Iterable[int] = (),
     *,

@@ -154,7 +154,8 @@ class ReplyCutter:
                             self.cut += 1
                         return  # the reply is dropped with the connection
                     client.sendall(data)
-        except OSError:
+        except (OSError, ValueError):
+            # close() closed the sockets under us (select() then sees fd -1).
             return
         finally:
             for sock in (client, upstream):
