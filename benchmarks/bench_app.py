@@ -62,6 +62,13 @@ def count(counter_key: str, done_key: str, total: int) -> None:
         client.rpush(done_key, 1)
 
 
+@app.task(ignore_result=True)
+def sleep_count(counter_key: str, done_key: str, total: int, seconds: float) -> None:
+    """Sleep ``seconds``, then :func:`count`: plain Celery's row of the fleet benchmark."""
+    time.sleep(seconds)
+    count(counter_key, done_key, total)
+
+
 @app.task
 def noop(x: int) -> int:
     """A trivial plain Celery task."""

@@ -127,7 +127,7 @@ class RedisMeter:
 
 
 class MonitorCounter:
-    """Counts EVALSHA calls per script by reading the stream Redis's ``MONITOR``.
+    """Counts EVALSHA calls per script, and blocking waits, from the stream Redis's ``MONITOR``.
 
     commandstats counts EVALSHA as one command whichever script it runs;
     MONITOR sees each call with its SHA. It costs Redis some time, which
@@ -150,6 +150,10 @@ class MonitorCounter:
                 if parts and parts[0].upper() == "EVALSHA" and len(parts) > 1:
                     sha = parts[1].strip('"')
                     name = self.names.get(sha, sha[:8])
+                    self.counts[name] = self.counts.get(name, 0) + 1
+                elif parts and parts[0].strip('"').upper() in ("BLPOP", "BRPOPLPUSH"):
+                    # The blocking waits, as the other round trips are named by script.
+                    name = parts[0].strip('"').upper()
                     self.counts[name] = self.counts.get(name, 0) + 1
                 if self._stop.is_set():
                     return
@@ -213,14 +217,25 @@ def fleet_row(broker_redis_url: str, queue: str) -> dict[str, Any]:
             began = time.perf_counter()
             values = list(stream.map(ctx.tasks.ordered_sleep, [FLEET_TASK_SECONDS] * FLEET_TASKS))
             elapsed = time.perf_counter() - began
-            window = stream.window
+            stats = stream.stats()
         finally:
             stream.delete()
         if len(values) != FLEET_TASKS:
             raise BenchError("the fleet row lost outcomes")
+        # Plain Celery on the same worker: the same tasks, sent as fast as it can.
+        counter, done = ctx.name("fleet-counter"), ctx.name("fleet-done")
+        began = time.perf_counter()
+        for _ in range(FLEET_TASKS):
+            ctx.tasks.sleep_count.apply_async(
+                (counter, done, FLEET_TASKS, FLEET_TASK_SECONDS), ignore_result=True
+            )
+        ctx.blpop(done)
+        plain = FLEET_TASKS / (time.perf_counter() - began)
+        ctx.redis.delete(counter, done)
         capacity = FLEET_SLOTS / FLEET_TASK_SECONDS
         rate = FLEET_TASKS / elapsed
-        return {"rate": rate, "capacity": capacity, "share": rate / capacity, "window": window}
+        return {"rate": rate, "capacity": capacity, "share": rate / capacity,
+                "window": stats.window, "why": stats.window_why, "plain": plain}  # fmt: skip
     finally:
         worker.stop()
 
@@ -266,8 +281,10 @@ def render(results: dict[str, Any]) -> str:
     if fleet:
         lines.append(
             f"\nfleet: {FLEET_SLOTS} thread slots, {FLEET_TASK_SECONDS * 1000:.0f} ms tasks, "
-            f"default window ({fleet['window']}): {fleet['rate']:,.0f} tasks/s of "
-            f"{fleet['capacity']:,.0f} ({fleet['share']:.0%})"
+            f"default window (now {fleet['window']}: {fleet['why']}): "
+            f"{fleet['rate']:,.0f} tasks/s of {fleet['capacity']:,.0f} ({fleet['share']:.0%}); "
+            f"plain Celery on the same worker {fleet['plain']:,.0f} tasks/s "
+            f"({fleet['plain'] / fleet['capacity']:.0%})"
         )
     return "\n".join(lines)
 

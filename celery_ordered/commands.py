@@ -184,7 +184,7 @@ def inspect(ctx: click.Context, name: str) -> None:
         ("in flight", stats.in_flight),
         ("buffered", stats.buffered),
         ("out of order", stats.out_of_order),
-        ("window", stats.window),
+        ("window", f"{stats.window} ({stats.window_why or 'fixed'})"),
         ("closed", "yes" if stats.closed else "no"),
         ("redispatched", stats.redispatched),
         ("lost", stats.lost),

@@ -68,6 +68,10 @@ DEFAULT_WINDOW_PER_CPU = 10
 #: Largest window accepted: beyond it "bounded memory" means nothing.
 MAX_WINDOW = 1_000_000
 
+#: The most a default window grows to (it adapts: see :func:`window_adapts`).
+#: A window set by the user is fixed, whatever its size.
+ADAPTIVE_WINDOW_CEILING = 1024
+
 #: Seconds an unused stream's keys live before Redis drops them.
 DEFAULT_STREAM_TTL = 24 * 3600.0
 
@@ -150,6 +154,17 @@ def default_window(app: Celery) -> int:
             # validate_window's message begins with "window": name the setting.
             raise ConfigurationError(f"app.conf.ordered_{exc}") from None
     return DEFAULT_WINDOW_PER_CPU * (os.cpu_count() or 1)
+
+
+def window_adapts(app: Celery) -> bool:
+    """True if a stream opened without ``window=`` gets an adaptive window.
+
+    It does unless the app sets ``ordered_window``: the default (10 x the
+    CPU count) is then a floor, and the consumer's round trips grow it, up
+    to :data:`ADAPTIVE_WINDOW_CEILING`, while the window is what holds work
+    back, and shrink it back while outcomes wait for the consumer.
+    """
+    return app.conf.get("ordered_window") is None
 
 
 def validate_window(window: object) -> int:

@@ -35,7 +35,7 @@ from typing import Any
 from celery import Celery, Task
 
 from . import checks, codec
-from .errors import DispatchError, OrderedStreamError, StreamEmpty, StreamFull
+from .errors import OrderedStreamError, StreamEmpty, StreamFull
 from .producer import Prepared
 from .stream import OrderedResultStream
 from .task import CHUNK_TASK_NAME
@@ -151,11 +151,21 @@ class OrderedMap:
                 self.backlog.append(prepared)
 
     def _fill(self, deadline: float | None) -> None:
-        """Claim and send what fits the window (at least one if nothing is pending)."""
+        """Claim and send what fits the window (at least one if nothing is pending).
+
+        With work pending, it claims again only once half the window is free
+        (hysteresis): then one acknowledgement, one claim and one batch of
+        messages carry half a window of items, instead of a round trip or
+        two for each outcome handed out.
+        """
         while True:
-            room = self.stream.consumer.window_seen - self.pending
-            if self.pending and room <= 0:
-                return  # full by this iterator's own count: no round trip to learn it
+            if self.items is None and not self.backlog:
+                self._close_stream()
+                return
+            window = self.stream.consumer.window_seen
+            room = window - self.pending
+            if self.pending and room < max(1, window // 2):
+                return  # full enough by this iterator's own count: no round trip
             self._take(max(room, 1))
             while self.backlog and not isinstance(self.backlog[0], Prepared):
                 refused = self.backlog.popleft()
@@ -167,11 +177,12 @@ class OrderedMap:
                     break
                 run.append(entry)
             if not run:
-                if self.items is None and not self.backlog:
-                    self._close_stream()
-                    return
                 continue
             wait = 0.0 if self.pending else _remaining(deadline)
+            if self.pending:
+                # What was handed out frees its place in Redis's count first,
+                # or the claim would find the window full.
+                self.stream.consumer.acknowledge_if_idle()
             try:
                 records = [prepared.record for prepared in run]
                 claim = self.stream.producer.claim_block(records, wait)
@@ -184,15 +195,16 @@ class OrderedMap:
                     "consumed",
                     stream=self.stream.name,
                 ) from exc
+            block: list[tuple[Prepared, int]] = []
             for offset in range(claim.count):
                 prepared = self.backlog.popleft()
                 assert isinstance(prepared, Prepared)
-                with contextlib.suppress(DispatchError):
-                    # A failed send fills its number with the error, which
-                    # comes out of the stream at this item's place.
-                    self.stream.producer.send(prepared, claim.first + offset)
-                self.slots.append(None)
-                self.pending += 1
+                block.append((prepared, claim.first + offset))
+            # A failed send fills its number with the error, which comes out of
+            # the stream at its item's place.
+            self.stream.producer.send_many(block)
+            self.slots.extend(None for _ in block)
+            self.pending += len(block)
             if claim.count < len(run):
                 return  # the window filled up
 

@@ -23,6 +23,7 @@ from kombu.serialization import prepare_accept_content, registry
 
 from . import checks, liveness
 from .config import (
+    ADAPTIVE_WINDOW_CEILING,
     DEFAULT_LOST_AFTER,
     DEFAULT_MAX_REDISPATCHES,
     DEFAULT_OVERTAKEN_AFTER,
@@ -37,6 +38,7 @@ from .config import (
     stall_warning,
     stream_ttl,
     validate_window,
+    window_adapts,
 )
 from .config import lost_after as configured_lost_after
 from .config import max_redispatches as configured_max_redispatches
@@ -94,6 +96,10 @@ class StreamStats:
     lost: int = 0
     #: Backup copies of straggling tasks sent (``hedge=``), over the stream's life.
     hedged: int = 0
+    #: For an adaptive window (the default), what it last did and why, such as
+    #: "grew to 80: the consumer waited for number 312 with the window full";
+    #: None when the window is fixed (``window=``, ``ordered_window``, ``set_window``).
+    window_why: str | None = field(default=None, compare=False)
     # What the blocker waits on. These change from one snapshot to the next
     # (ages, heartbeats), so they take no part in comparing two snapshots.
     #: What the blocker waits on: "started" or "received" (a live worker holds
@@ -164,6 +170,7 @@ def stats_from_raw(
         blocker_dispatches=found.dispatches if found else None,
         blocker_next_dispatch=found.next_dispatch if found else None,
         diagnosis=found.text if found else None,
+        window_why=raw.window_why or None,
     )
 
 
@@ -186,7 +193,11 @@ class OrderedResultStream:
         window: how many outcomes may be claimed ahead of the consumer; stored
             in Redis, so it holds across producers and can be changed while the
             stream runs (:meth:`set_window`). None keeps the stream's current
-            window, or the app's ``ordered_window``, or 10 x the CPU count.
+            window, or takes the app's ``ordered_window`` (fixed), or else an
+            adaptive window: it starts at 10 x the CPU count and grows (up to
+            1,024) while it is what holds work back, and shrinks while
+            outcomes wait for the consumer (``stats().window_why`` says why).
+            A window given here or by ``ordered_window`` is a hard bound.
         redis_url: Redis holding the stream (default: the app's
             ``ordered_redis_url``, else its Redis result backend or broker).
         client: a ``redis.Redis`` (or ``redis.cluster.RedisCluster``) to use
@@ -310,6 +321,14 @@ class OrderedResultStream:
                 create=create,
                 window=window or (self._default_window if create else 0),
                 only_if_unset=window is None,
+                adapt_to=(
+                    ADAPTIVE_WINDOW_CEILING
+                    if window is None
+                    and create
+                    and window_adapts(self.app)
+                    and self._default_window < ADAPTIVE_WINDOW_CEILING
+                    else 0
+                ),
             )
         if cap is None:
             raise StreamNotFound(

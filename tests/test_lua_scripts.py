@@ -171,7 +171,7 @@ def test_only_reads_and_harmless_writes_skip_waiting_for_replicas(recorded: Reco
     # a run time lost changes nothing, a backup mark lost at worst lets a second
     # backup go; attaching (open with create=False and no window) writes nothing
     # worth waiting for.
-    not_waited = {(name, args[-1] if name == "window" else "") for name, _, args, durable
+    not_waited = {(name, args[4] if name == "window" else "") for name, _, args, durable
                   in recorded.calls if not durable}  # fmt: skip
     assert not_waited == {
         ("stats", ""), ("reclaim", ""), ("window", "attach"), ("lease", ""), ("timing", ""),

@@ -71,3 +71,24 @@ def test_module_level_imap_runs_on_a_private_stream_and_removes_it(
     assert seen[3] == 0.25
     # The iteration ended: the private stream is gone.
     assert set(redis_client.scan_iter(match="co:{*}:window")) == before
+
+
+def test_a_send_that_fails_inside_a_batch_fails_only_its_own_place(
+    worker: Any, make_stream: Any, app: Any
+) -> None:
+    # Given a map whose blocks go out in one batch, and one item whose message
+    # kombu refuses to build (an unknown compression) in the middle of a block
+    from celery_ordered import DispatchError
+    from celery_ordered.maps import OrderedMap
+
+    stream = make_stream(window=8)
+    items = [echo.s(1), echo.s(2).set(compression="no-such-codec"), echo.s(3), echo.s(4)]
+    # When the map runs them (ready-made signatures, as map(chunksize=N) sends its chunks)
+    seen = outcomes(OrderedMap(stream, None, iter(items), timeout=30))
+    # Then the refused send raises at its place, and the rest of its batch went out
+    assert [type(x) for x in seen] == [int, DispatchError, int, int]
+    assert seen[0] == 1
+    assert seen[2:] == [3, 4]
+    assert "no-such-codec" in str(seen[1])
+    assert seen[1].seq == 1
+    assert stream.stats().claimed == 4

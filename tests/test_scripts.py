@@ -237,7 +237,7 @@ def test_scripts_run_inside_a_pipeline(redis_client, name, flush_first):
         publish(keys=publish_keys, args=[1, member(1, "b"), 0, "inc-1"], client=pipe)
         stats(
             keys=[k.seq, k.next, k.window, k.results, k.closed, k.pending, k.created, k.counters,
-                  k.deadlines, k.lanes],
+                  k.deadlines, k.lanes, k.adapt],
             client=pipe,
         )  # fmt: skip
         close(
@@ -248,7 +248,7 @@ def test_scripts_run_inside_a_pipeline(redis_client, name, flush_first):
         )  # fmt: skip
         pop(
             keys=[k.next, k.results, k.closed, k.space, k.ready, k.window, k.seq, k.created,
-                  k.consumer, k.error],
+                  k.consumer, k.error, k.adapt],
             args=[-1, -1, 10, 0, "inc-1", "consumer-1", 0, 30000, ""],
             client=pipe,
         )  # fmt: skip
@@ -259,7 +259,7 @@ def test_scripts_run_inside_a_pipeline(redis_client, name, flush_first):
     assert snapshot[:6] == [3, 0, 8, 3, 3, -1]
     # The incarnation; nothing re-dispatched, lost or hedged; no blocker to describe.
     assert snapshot[8:12] == [b"inc-1", 0, 0, 0]
-    assert snapshot[12:] == [b"", b"", b"", b"", b"", 0, -1, b""]
+    assert snapshot[12:] == [b"", b"", b"", b"", b"", 0, -1, b"", b""]  # a fixed window
     assert closed_at == 3
     assert popped[:8] == [0, 3, 3, 0, 8, 1, 3, b""]  # ..., epoch 1, 3 claimed, no error
     assert popped[-3:] == [member(0, "a"), member(1, "b"), member(2, "c")]

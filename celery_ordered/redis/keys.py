@@ -170,6 +170,17 @@ class StreamKeys:
         return self._key("timing")
 
     @property
+    def adapt(self) -> str:
+        """Hash of an adaptive window, present only while the window adapts.
+
+        ``floor`` and ``ceiling`` bound the window; ``why`` says what it
+        last did and why (``pop`` grows and shrinks it; see docs/how-it-works.md).
+        A window set by the user (``window=``, ``ordered_window``,
+        ``set_window``) is fixed: the hash is then absent.
+        """
+        return self._key("adapt")
+
+    @property
     def mark(self) -> str:
         """Written with every write that waits for replicas (``WAIT``).
 
@@ -199,6 +210,7 @@ class StreamKeys:
             self.counters,
             self.lanes,
             self.timing,
+            self.adapt,
             self.mark,
         )
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import time
 import weakref
 from collections.abc import Callable
@@ -52,6 +53,10 @@ logger = logging.getLogger(__name__)
 #: client's ``socket_timeout`` (redis-py's default is 5 s), or the read of a
 #: blocked ``BLPOP`` would time out first.
 WAIT_SLICE = 2.0
+
+#: Seconds between the renewals of a stream's expiry by one handle's frequent
+#: scripts (the consumer's ``pop``): see :meth:`Protocol._renewal`.
+RENEW_EVERY = 60.0
 
 #: The scripts, one per operation: ``lua/<name>.lua``.
 SCRIPTS = (
@@ -204,6 +209,8 @@ class RawStats:
     head_deadline_ms: int | None = None
     #: The blocker's lane entry: "<highest number received>|<last activity ms>", or "".
     head_lane_progress: str = ""
+    #: What the adaptive window last did and why; "" when the window is fixed.
+    window_why: str = ""
 
 
 @dataclass(frozen=True)
@@ -253,9 +260,27 @@ class Protocol:
         self.wait_slice = WAIT_SLICE
         if socket_timeout:
             self.wait_slice = min(WAIT_SLICE, max(0.05, float(socket_timeout) / 2))
+        self._renewed_at = -math.inf
         # Each producer's last claim id and the end of its numbers: a later
         # claim that starts below it means Redis lost writes (see claim()).
         self._claimed_to: dict[str, tuple[str, int]] = {}
+
+    def _renewal(self, *, force: bool = False) -> int:
+        """The ``ttl`` argument of a script this handle runs many times a second.
+
+        ``ttl_ms`` (renew the expiry of every key the script touches) on the
+        first call and then at most every :data:`RENEW_EVERY` (or a tenth of
+        the TTL), or when ``force``; ``-ttl_ms`` in between: the script renews
+        nothing, and gives an expiry only to a key it creates. A busy stream
+        then pays for its keys' expiry once a minute, not on every call.
+        """
+        if not self.ttl_ms:
+            return 0
+        now = time.monotonic()
+        if force or now - self._renewed_at >= min(RENEW_EVERY, self.ttl_ms / 10_000):
+            self._renewed_at = now
+            return self.ttl_ms
+        return -self.ttl_ms
 
     # -- running scripts -------------------------------------------------------
 
@@ -526,9 +551,9 @@ class Protocol:
             reply = yield Script(
                 "pop",
                 [k.next, k.results, k.closed, k.space, k.ready, k.window, k.seq, k.created,
-                 k.consumer, k.error],
-                [ack, start, limit, self.ttl_ms, self.incarnation, owner, epoch,
-                 max(1, int(lease * 1000)), mode],
+                 k.consumer, k.error, k.adapt],
+                [ack, start, limit, self._renewal(force=epoch == 0), self.incarnation,
+                 owner, epoch, max(1, int(lease * 1000)), mode],
             )  # fmt: skip
         except redis.ResponseError as exc:
             word, _, rest = str(exc).partition(" ")
@@ -602,13 +627,13 @@ class Protocol:
         reply = yield Script(
             "stats",
             [k.seq, k.next, k.window, k.results, k.closed, k.pending, k.created, k.counters,
-             k.deadlines, k.lanes],
+             k.deadlines, k.lanes, k.adapt],
             [],
             durable=False,  # it reads only
         )  # fmt: skip
         (claimed, nxt, window, stored, contiguous, closed, now, head, incarnation,
          redispatched, lost, hedged, lane, status, lease, waits, backup, head_redispatched,
-         deadline, progress) = reply  # fmt: skip
+         deadline, progress, window_why) = reply  # fmt: skip
         return RawStats(
             int(claimed),
             int(nxt),
@@ -630,6 +655,7 @@ class Protocol:
             int(head_redispatched),
             None if int(deadline) < 0 else int(deadline),
             self._text(progress),
+            self._text(window_why),
         )
 
     def reclaim(self, lost_after: float, limit: int, **options: Any) -> list[Overdue]:
@@ -675,21 +701,36 @@ class Protocol:
         ]
 
     def open_op(
-        self, new_id: str, *, create: bool, window: int = 0, only_if_unset: bool = False
+        self,
+        new_id: str,
+        *,
+        create: bool,
+        window: int = 0,
+        only_if_unset: bool = False,
+        adapt_to: int = 0,
     ) -> Step[int | None]:
         """Learn the stream's incarnation (:attr:`incarnation`), creating the stream if asked.
 
         ``create``: a stream that does not exist is created as incarnation
         ``new_id``; else it is left alone and None returned. A ``window`` is
-        stored as :meth:`set_window` does. Returns the cap in force (0: none).
+        stored as :meth:`set_window` does; with ``adapt_to``, the window it
+        stores adapts, from ``window`` up to ``adapt_to`` (see ``pop.lua``).
+        Returns the cap in force (0: none).
 
         An operation (:mod:`celery_ordered.steps`); :meth:`open` runs it, blocking.
         """
         k = self.keys
         cap, incarnation = yield Script(
             "window",
-            [k.window, k.space, k.created, k.seq],
-            [window, int(only_if_unset), self.ttl_ms, new_id, "create" if create else "attach"],
+            [k.window, k.space, k.created, k.seq, k.adapt],
+            [
+                window,
+                int(only_if_unset),
+                self.ttl_ms,
+                new_id,
+                "create" if create else "attach",
+                adapt_to,
+            ],
             # Attaching writes nothing worth waiting for replicas (at most the
             # id of a stream made before incarnation ids, or its expiry).
             durable=create or bool(window),
@@ -714,8 +755,8 @@ class Protocol:
         try:
             cap, _ = yield Script(
                 "window",
-                [k.window, k.space, k.created, k.seq],
-                [window, int(only_if_unset), self.ttl_ms, self.incarnation, "known"],
+                [k.window, k.space, k.created, k.seq, k.adapt],
+                [window, int(only_if_unset), self.ttl_ms, self.incarnation, "known", 0],
             )
         except redis.ResponseError as exc:
             raise self._deleted_or(exc, "set_window()") from exc

@@ -9,16 +9,31 @@ local function now_ms()
   return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 end
 
+-- Give `key`, which the calling script has just created, the stream's expiry:
+-- `ttl` ms, renewal or not (as ARGV holds it; 0: the key lives forever).
+local function expire_new(ttl, key)
+  local ms = math.abs(tonumber(ttl))
+  if ms > 0 then
+    redis.call('PEXPIRE', key, ms)
+  end
+end
+
 -- Leave a wake token in the list `key`: a waiter blocked on it (BLPOP) wakes,
--- and a token already there is left alone, so tokens never pile up.
-local function wake(key)
+-- and a token already there is left alone, so tokens never pile up. A new
+-- token makes a new list, which lives `ttl` ms (as ARGV holds it, a renewal
+-- or not: see refresh; 0: forever).
+local function wake(key, ttl)
   if redis.call('LLEN', key) == 0 then
     redis.call('RPUSH', key, 1)
+    expire_new(ttl, key)
   end
 end
 
 -- Make each key given after `ttl` live `ttl` ms from now (`ttl` as ARGV holds it:
 -- 0 means the keys live forever, and nothing is done). A missing key stays missing.
+-- A negative `ttl` renews nothing: a frequent caller renews its keys once in a
+-- while (protocol.py's renewal), and in between gives -ttl ms only to a key
+-- its call creates.
 local function refresh(ttl, ...)
   local ms = tonumber(ttl)
   if ms > 0 then

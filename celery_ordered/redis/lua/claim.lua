@@ -67,7 +67,7 @@ end
 redis.call('HSET', KEYS[8], ARGV[5], ARGV[6] .. ':' .. seq .. ':' .. count)
 if room > count then
   -- Room is left: pass the wake-up on to any other blocked producer.
-  wake(KEYS[5])
+  wake(KEYS[5], ARGV[4])
 end
 refresh(ARGV[4], unpack(KEYS))
 return {seq, count}

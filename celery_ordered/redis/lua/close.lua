@@ -29,11 +29,11 @@ if not closed then
     redis.call('SET', KEYS[9], ARGV[3])
   end
 end
-wake(KEYS[5])
-wake(KEYS[7])
+wake(KEYS[5], ARGV[1])
+wake(KEYS[7], ARGV[1])
 local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
 if nxt + redis.call('ZCARD', KEYS[3]) >= tonumber(closed) then
-  wake(KEYS[6])
+  wake(KEYS[6], ARGV[1])
 end
 refresh(ARGV[1], unpack(KEYS))
 return tonumber(closed)

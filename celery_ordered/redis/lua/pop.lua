@@ -13,10 +13,12 @@
 -- KEYS[8]  created   string  the stream's incarnation id
 -- KEYS[9]  consumer  hash    the consumer lease: 'epoch', 'owner', 'until' (ms)
 -- KEYS[10] error     string  the producer's error, if it closed the stream with one
+-- KEYS[11] adapt     hash    'floor', 'ceiling', 'why' of an adaptive window (absent: fixed)
 -- ARGV[1]  ack       every number below it has been delivered; -1: keep the cursor
 -- ARGV[2]  from      first number to read; -1 (or anything below the cursor): the cursor
 -- ARGV[3]  max       most outcomes to return
--- ARGV[4]  ttl       ms every key of the stream lives after its last use (0: forever)
+-- ARGV[4]  ttl       ms every key of the stream lives after its last use (0: forever);
+--                    negative: renew no key, give -ttl ms to a key this call creates
 -- ARGV[5]  incarnation the id of KEYS[8] the consumer opened the stream with
 -- ARGV[6]  owner     the calling consumer's id (host, pid and handle)
 -- ARGV[7]  epoch     the caller's lease epoch; 0: acquire the lease (a new epoch)
@@ -51,7 +53,8 @@ if mine == 0 then
 elseif mine ~= epoch then
   return redis.error_reply('FENCED ' .. epoch .. ' ' .. (redis.call('HGET', KEYS[9], 'owner') or '-'))
 end
-local nxt = tonumber(redis.call('GET', KEYS[1]) or '0')
+local cursor = redis.call('GET', KEYS[1])
+local nxt = tonumber(cursor or '0')
 local ack = tonumber(ARGV[1])
 local claimed = tonumber(redis.call('GET', KEYS[7]) or '0')
 if ack > claimed then
@@ -68,9 +71,12 @@ else
 end
 if ack > nxt then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ack)
-  redis.call('SET', KEYS[1], ack)
+  redis.call('SET', KEYS[1], ack, 'KEEPTTL')
+  if not cursor then
+    expire_new(ARGV[4], KEYS[1])  -- a new key (renewed below too, if this call renews)
+  end
   nxt = ack
-  wake(KEYS[4])
+  wake(KEYS[4], ARGV[4])
 end
 local from = tonumber(ARGV[2])
 if from < nxt then
@@ -82,8 +88,9 @@ local err = ''
 if closed >= 0 and from >= closed then
   err = redis.call('GET', KEYS[10]) or ''
 end
-local reply = {nxt, closed, redis.call('ZCARD', KEYS[2]), from,
-               tonumber(redis.call('GET', KEYS[6]) or '0'), epoch, claimed, err}
+local window = tonumber(redis.call('GET', KEYS[6]) or '0')
+local stored = redis.call('ZCARD', KEYS[2])
+local reply = {nxt, closed, stored, from, window, epoch, claimed, err}
 local found = redis.call('ZRANGEBYSCORE', KEYS[2], from, from + tonumber(ARGV[3]) - 1,
                          'WITHSCORES')
 local expected = from
@@ -93,5 +100,31 @@ for i = 1, #found, 2 do
   end
   reply[#reply + 1] = found[i]
   expected = expected + 1
+end
+-- An adaptive window (see docs/how-it-works.md), like TCP's congestion window:
+-- it doubles when the consumer, asking for outcomes, finds its head missing
+-- while the window is full (the window, not the consumer, holds work back:
+-- the workers may sit idle), and shrinks by a quarter when every place is
+-- taken by an outcome waiting for the consumer (the consumer is the limit).
+if tonumber(ARGV[3]) > 0 and window > 0 and redis.call('EXISTS', KEYS[11]) == 1 then
+  local floor, ceiling = unpack(redis.call('HMGET', KEYS[11], 'floor', 'ceiling'))
+  floor, ceiling = tonumber(floor), tonumber(ceiling)
+  local resized, why = nil, nil
+  if expected == from and closed < 0 and claimed - nxt >= window and window < ceiling then
+    resized = math.min(ceiling, window * 2)
+    why = 'grew to ' .. resized .. ': the consumer waited for number ' .. from ..
+          ' with the window full'
+  elseif expected > from and stored >= window and window > floor then
+    resized = math.max(floor, window - math.floor(window / 4))
+    why = 'shrank to ' .. resized .. ': ' .. stored .. ' outcomes waited for the consumer'
+  end
+  if resized then
+    redis.call('SET', KEYS[6], resized, 'KEEPTTL')
+    redis.call('HSET', KEYS[11], 'why', why)
+    reply[5] = resized
+    if resized > window then
+      wake(KEYS[4], ARGV[4])  -- blocked producers: there is room now
+    end
+  end
 end
 return reply

@@ -12,33 +12,43 @@
 -- KEYS[9]  created    string  the stream's incarnation id
 -- ARGV[1]  number     the sequence number this outcome fills
 -- ARGV[2]  member     the encoded outcome ("<number>:<status>:<type>:<encoding>:<body>")
--- ARGV[3]  ttl        ms every key of the stream lives after its last use (0: forever)
+-- ARGV[3]  ttl        ms the stream's keys live after their last use (0: forever)
 -- ARGV[4]  incarnation the id of KEYS[9] the number was claimed in ('': not checked)
 --
 -- Returns 1 when stored, 0 when dropped as a duplicate or as late (already
 -- delivered), -1 when the number was never claimed in this incarnation of the
 -- stream (say, the stream was deleted, or deleted and created again).
+--
+-- It runs once per task, so it does as little as it can: one MGET reads the
+-- four strings it needs, and it renews no key's expiry (the producer's claims
+-- and the consumer's pops do, once per block). Only a key it creates (the
+-- results set after the consumer emptied it, a wake token) gets `ttl` here.
 local n = tonumber(ARGV[1])
-if n >= tonumber(redis.call('GET', KEYS[1]) or '0') then
+local seq, nxt, closed, created = unpack(redis.call('MGET', KEYS[1], KEYS[2], KEYS[5], KEYS[9]))
+if n >= tonumber(seq or '0') then
   return -1
 end
-if ARGV[4] ~= '' and redis.call('GET', KEYS[9]) ~= ARGV[4] then
+if ARGV[4] ~= '' and created ~= ARGV[4] then
   return -1
 end
--- Whatever happens to this outcome, the number no longer waits for one.
-redis.call('HDEL', KEYS[7], n, 'n:' .. n, 't:' .. n, 'w:' .. n, 'h:' .. n, 'b:' .. n)
-redis.call('ZREM', KEYS[8], n)
-local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
-if n < nxt or redis.call('ZCOUNT', KEYS[3], n, n) > 0 then
+-- The first outcome of a number finds its fields in `pending` and removes them:
+-- the number no longer waits for one. A duplicate, or a late outcome (of a
+-- number delivered since), finds none: claim writes a number's record once,
+-- and the other scripts write its other fields only while the record is there.
+if redis.call('HDEL', KEYS[7], n, 't:' .. n, 'n:' .. n, 'w:' .. n, 'h:' .. n, 'b:' .. n) == 0 then
   return 0
 end
+redis.call('ZREM', KEYS[8], n)
+nxt = tonumber(nxt or '0')
 redis.call('ZADD', KEYS[3], n, ARGV[2])
+local stored = redis.call('ZCARD', KEYS[3])
+if stored == 1 then
+  expire_new(ARGV[3], KEYS[3])  -- a new set
+end
 if n == nxt then
-  wake(KEYS[4])
+  wake(KEYS[4], ARGV[3])
 end
-local closed = redis.call('GET', KEYS[5])
-if closed and nxt + redis.call('ZCARD', KEYS[3]) >= tonumber(closed) then
-  wake(KEYS[6])
+if closed and nxt + stored >= tonumber(closed) then
+  wake(KEYS[6], ARGV[3])
 end
-refresh(ARGV[3], unpack(KEYS))
 return 1

@@ -12,6 +12,7 @@
 -- KEYS[8]  counters hash    'redispatched', 'lost' and 'hedged' over the stream's life
 -- KEYS[9]  deadlines zset   numbers scored by when their lane may count as idle (ms)
 -- KEYS[10] lanes    hash    lane -> "<highest number received>|<last activity, ms>"
+-- KEYS[11] adapt    hash    'floor', 'ceiling', 'why' of an adaptive window (absent: fixed)
 --
 -- Returns {claimed, next, window (0 if unset), stored, contiguous, closed (-1 if open),
 --          now (ms), when the head-of-line blocker was claimed (ms, -1 if none),
@@ -19,7 +20,8 @@
 --          tasks dispatched again, places filled as lost, backups sent (hedging),
 --          and of the blocker: its lane and status (from its record's prefix, '' if
 --          none), its 'h:', 'w:' and 'b:' fields ('' if absent), its re-dispatches,
---          its deadline (ms, -1 if none) and its lane's entry in KEYS[10] ('' if none)}
+--          its deadline (ms, -1 if none) and its lane's entry in KEYS[10] ('' if none),
+--          and what the adaptive window last did and why ('' if the window is fixed)}
 -- where `contiguous` counts stored outcomes from `next` on with no gap, and the
 -- head-of-line blocker is the first claimed number after them: the one
 -- everything behind it waits for.
@@ -53,4 +55,5 @@ return {tonumber(redis.call('GET', KEYS[1]) or '0'), nxt,
         lane or '', status or '', field('h:'), field('w:'), field('b:'),
         tonumber(field('n:')) or 0,
         tonumber(redis.call('ZSCORE', KEYS[9], head) or '-1'),
-        lane and redis.call('HGET', KEYS[10], lane) or ''}
+        lane and redis.call('HGET', KEYS[10], lane) or '',
+        redis.call('HGET', KEYS[11], 'why') or ''}

@@ -1,0 +1,114 @@
+"""Redis's own time per task for each of a stream's scripts, on a quiet Redis.
+
+Run from the repository root (see benchmarks/README.md)::
+
+    python benchmarks/redis_time.py [--tasks N] [--window N]
+
+``benchmarks/cost.py`` reads Redis's time while a worker, a producer and
+Redis share two cores, where a busy machine also bills Redis for the time it
+waited for a core. This script measures the scripts alone: one process drives
+a stream as ``map`` does (a claim per half window, a publish per task, the
+consumer's pops), on a private ``redis-server`` that nothing else uses, and
+reads ``INFO commandstats`` around each call: the microseconds Redis spent
+per task in each script (its inner commands included), and the tasks per
+second one Redis core could serve at that cost. It is the arithmetic of
+``docs/deploying.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make `celery_ordered` importable
+    sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+
+from celery_ordered.embedded import RedisServer  # noqa: E402
+from celery_ordered.redis.protocol import Protocol  # noqa: E402
+
+#: A dispatch record and an outcome of the sizes a small task has.
+RECORD = b'q:T:application/json:utf-8:{"task": "proj.tasks.index", "args": [1234], "kwargs": {}}'
+OUTCOME = b"%d:R:application/json:utf-8:1234"
+
+
+def _evalsha_usec(client: redis.Redis) -> float:
+    stats = client.info("commandstats").get("cmdstat_evalsha", {})
+    return float(stats.get("usec", 0))
+
+
+def measure(client: redis.Redis, tasks: int, window: int) -> dict[str, float]:
+    """Redis usec per task of each script, driving one stream as ``map`` does."""
+    proto = Protocol(client, f"bench-{uuid.uuid4().hex[:8]}", ttl=86400)
+    proto.open(uuid.uuid4().hex, create=True, window=window)
+    spent: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    owner, epoch, delivered = "bench", 0, 0
+    client.config_resetstat()
+    last = _evalsha_usec(client)
+
+    def account(script: str) -> None:
+        nonlocal last
+        now = _evalsha_usec(client)
+        spent[script] += now - last
+        calls[script] += 1
+        last = _evalsha_usec(client)  # INFO itself is not an EVALSHA
+
+    while delivered < tasks:
+        block = min(window // 2 or 1, tasks - delivered)
+        claim = proto.claim(
+            [RECORD] * block, window, producer="p", claim_id=uuid.uuid4().hex, lost_after=3600
+        )
+        account("claim")
+        for n in range(claim.first, claim.first + claim.count):
+            proto.publish(n, OUTCOME % n)
+            account("publish")
+        batch = proto.pop(
+            delivered if epoch else -1, delivered, 256, owner=owner, epoch=epoch, lease=30
+        )
+        account("pop")
+        epoch = batch.epoch
+        delivered += len(batch.members)
+    proto.delete()
+    usec = {script: total / tasks for script, total in spent.items()}
+    usec["calls per task"] = sum(calls.values()) / tasks
+    return usec
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=20_000)
+    parser.add_argument("--window", type=int, default=64)
+    args = parser.parse_args()
+    server = RedisServer().start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        version = client.info("server")["redis_version"]
+        measure(client, 2_000, args.window)  # warm up: scripts loaded, memory touched
+        usec = measure(client, args.tasks, args.window)
+        client.close()
+    finally:
+        server.stop()
+    total = sum(v for k, v in usec.items() if k != "calls per task")
+    print(
+        f"redis-server {version}, {args.tasks:,} tasks, window {args.window} "
+        "(claims per half window, as map does)\n"
+    )
+    print("| script | Redis usec per task |")
+    print("| --- | --- |")
+    for script in ("claim", "publish", "pop"):
+        print(f"| {script} | {usec.get(script, 0.0):.2f} |")
+    print(f"| all | {total:.2f} |")
+    print(
+        f"\nOne Redis core at this cost: about {1e6 / total:,.0f} stream tasks/s "
+        f"({usec['calls per task']:.2f} script calls per task)."
+    )
+
+
+if __name__ == "__main__":
+    main()

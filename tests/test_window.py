@@ -1,0 +1,152 @@
+"""The adaptive default window: it grows while it holds work back, shrinks while
+outcomes wait for the consumer, and a window the user sets stays fixed.
+
+Real Redis and real workers; each step is driven by what the stream holds
+(a gated head task, markers), never by timing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+import redis
+
+from celery_ordered import StreamEmpty, StreamFull
+from celery_ordered.config import ADAPTIVE_WINDOW_CEILING, default_window
+from tests.apps.tasks import gate
+from tests.support.cli import run_ordered
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+@pytest.fixture
+def gate_of(redis_url: str, redis_client: redis.Redis) -> Any:
+    """Put a task that finishes when the test opens its gate; the gate opens at the end."""
+    keys: list[str] = []
+
+    def put(stream: Any, value: Any) -> str:
+        key = f"co-test-gate:{uuid.uuid4().hex}"
+        keys.append(key)
+        stream.put(gate, redis_url, key, value)
+        return key
+
+    yield put
+    for key in keys:
+        redis_client.rpush(key, 1)
+        redis_client.expire(key, 10)
+
+
+def _fill_behind_a_gated_head(stream: Any, gate_of: Any, window: int) -> str:
+    """Number 0 a gated task, then markers up to ``window``: the window is full."""
+    key = gate_of(stream, "head")
+    for i in range(1, window):
+        stream.put(i, timeout=5)
+    with pytest.raises(StreamFull):
+        stream.put("no room", timeout=0)
+    return key
+
+
+def test_the_default_window_grows_when_the_consumer_waits_with_it_full(
+    app: Any, make_stream: Any, gate_of: Any, redis_client: redis.Redis
+) -> None:
+    # Given a stream with the default window, full behind a head task still running
+    floor = default_window(app)
+    stream = make_stream()
+    assert stream.stats().window == floor
+    assert stream.stats().window_why == f"starts at {floor} and adapts up to 1024"
+    key = _fill_behind_a_gated_head(stream, gate_of, floor)
+
+    # When the consumer asks for the head and finds it missing
+    with pytest.raises(StreamEmpty):
+        stream.get(timeout=0.1)
+
+    # Then the window doubled once, and says why, in stats() and in `ordered inspect`
+    stats = stream.stats()
+    assert stats.window == 2 * floor
+    assert stats.window_why == (
+        f"grew to {2 * floor}: the consumer waited for number 0 with the window full"
+    )
+    inspected = run_ordered("inspect", stream.name)
+    assert f"window        {2 * floor} (grew to {2 * floor}: " in inspected.output
+    # And producers may put that much more, and no more
+    for i in range(floor, 2 * floor):
+        stream.put(i, timeout=0)
+    with pytest.raises(StreamFull):
+        stream.put("no room", timeout=0)
+
+    # When every place holds an outcome waiting for the consumer (the head arrives)
+    redis_client.rpush(key, 1)
+    wait_until(lambda: stream.stats().blocker is None, "the head's outcome")
+    assert stream.get(timeout=30) == "head"
+
+    # Then the window shrank by a quarter: the consumer, not the window, is the limit
+    stats_after = stream.stats()
+    shrunk = 2 * floor - (2 * floor) // 4
+    assert stats_after.window == shrunk
+    assert stats_after.window_why == (
+        f"shrank to {shrunk}: {2 * floor} outcomes waited for the consumer"
+    )
+    # And nothing was lost or reordered on the way
+    stream.close()
+    assert list(stream) == list(range(1, 2 * floor))
+
+
+def test_a_window_the_user_sets_stays_fixed(make_stream: Any, gate_of: Any) -> None:
+    # Given streams whose window the user chose: at creation, and by set_window()
+    chosen = make_stream(window=4)
+    changed = make_stream()
+    changed.set_window(4)
+    for stream in (chosen, changed):
+        assert stream.stats().window_why is None
+        _fill_behind_a_gated_head(stream, gate_of, 4)
+        # When the consumer waits with the window full
+        with pytest.raises(StreamEmpty):
+            stream.get(timeout=0.1)
+        # Then the window is a hard bound: it stays as set
+        stats = stream.stats()
+        assert (stats.window, stats.window_why) == (4, None)
+        with pytest.raises(StreamFull):
+            stream.put("no room", timeout=0)
+    assert "window        4 (fixed)" in run_ordered("inspect", chosen.name).output
+
+
+def test_an_app_window_setting_is_fixed_too(app: Any, make_stream: Any, gate_of: Any) -> None:
+    # Given an app that sets ordered_window
+    app.conf.ordered_window = 3
+    try:
+        stream = make_stream()
+    finally:
+        app.conf.ordered_window = None
+    _fill_behind_a_gated_head(stream, gate_of, 3)
+    with pytest.raises(StreamEmpty):
+        stream.get(timeout=0.1)
+    # Then it never adapts
+    assert (stream.stats().window, stream.stats().window_why) == (3, None)
+
+
+def test_the_window_never_grows_past_its_ceiling(
+    make_stream: Any, gate_of: Any, redis_client: redis.Redis
+) -> None:
+    # Given a default window already at its ceiling, full behind a running head
+    stream = make_stream()
+    key = gate_of(stream, "head")
+    floor = stream.window
+    while stream.window < ADAPTIVE_WINDOW_CEILING:
+        # (each time the consumer finds the head missing with the window full)
+        room = stream.window - stream.stats().claimed
+        for i in range(room):
+            stream.put(i, timeout=0)
+        with pytest.raises(StreamEmpty):
+            stream.get(timeout=0)
+    assert stream.window == ADAPTIVE_WINDOW_CEILING > floor
+    # When the consumer waits once more with the window full
+    for i in range(stream.window - stream.stats().claimed):
+        stream.put(i, timeout=0)
+    with pytest.raises(StreamEmpty):
+        stream.get(timeout=0)
+    # Then it stays at the ceiling
+    assert stream.window == ADAPTIVE_WINDOW_CEILING
+    redis_client.rpush(key, 1)
