@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, signals
+from celery.app.routes import MapRoute
 
 from .config import (
     redis_client,
@@ -91,13 +92,39 @@ CHECK_TIMEOUT = 1.0
 # -- lanes ------------------------------------------------------------------------
 
 
+#: Lanes already routed, per app: see :func:`lane_of`.
+_lanes: weakref.WeakKeyDictionary[Celery, dict[tuple[str, str], str]] = weakref.WeakKeyDictionary()
+
+#: Most lanes remembered per app (the cache is emptied when it is full).
+_LANES_KEPT = 512
+
+
 def lane_of(app: Celery, name: str, args: Any, kwargs: Any, options: dict[str, Any]) -> str:
     """The lane a task goes to: its queue's name, and ``@priority`` when it has one.
 
     Celery's own router decides the queue (``options``, then ``task_routes``,
     then the default queue), as ``apply_async`` will. A route that cannot be
     computed here gives the queue named in ``options``, or "".
+
+    When every route of the app is a mapping (no router function, which
+    could look at the arguments), the lane depends only on the task's name
+    and options: it is remembered, so a map of many items routes once.
     """
+    router = app.amqp.router
+    if all(isinstance(route, MapRoute) for route in router.routes):
+        key = (name, repr(sorted(options.items())))
+        known = _lanes.setdefault(app, {})
+        lane = known.get(key)
+        if lane is None:
+            lane = _route(app, name, args, kwargs, options)
+            if len(known) >= _LANES_KEPT:
+                known.clear()
+            known[key] = lane
+        return lane
+    return _route(app, name, args, kwargs, options)
+
+
+def _route(app: Celery, name: str, args: Any, kwargs: Any, options: dict[str, Any]) -> str:
     task = app.tasks.get(name)
     priority = options.get("priority", getattr(task, "priority", None))
     try:

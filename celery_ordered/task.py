@@ -17,6 +17,7 @@ import importlib
 import logging
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
@@ -143,6 +144,44 @@ class OrderedTask(Task):
         super().on_failure(exc, task_id, args, kwargs, einfo)
 
 
+#: The settings a worker's publish depends on (see :func:`_publishing`).
+_PUBLISHING_SETTINGS = (
+    "ordered_redis_url", "result_backend", "broker_url", "ordered_redis_transport_options",
+    "result_backend_transport_options", "broker_transport_options", "ordered_redis_retry_for",
+    "ordered_stream_ttl", "ordered_wait_replicas", "ordered_wait_timeout",
+)  # fmt: skip
+
+#: Seconds a worker trusts what :func:`_publishing` resolved before it reads the
+#: settings again.
+_PUBLISHING_RECHECK = 1.0
+
+# Per app: (when the settings were read, their values, client, TTL, durability).
+_publishing_cache: weakref.WeakKeyDictionary[
+    Any, tuple[float, tuple[str, ...], Any, float, Any]
+] = weakref.WeakKeyDictionary()
+
+
+def _publishing(app: Any) -> tuple[Any, float, Any]:
+    """The client, TTL and durability a worker publishes with, for ``app``.
+
+    Resolving them (reading ten settings through Celery's configuration and
+    parsing the Redis URL) cost more client time than the publish's own round
+    trip, once per task. They are resolved once per app, and again when one of
+    :data:`_PUBLISHING_SETTINGS` changed: the settings are read again at most
+    every :data:`_PUBLISHING_RECHECK` seconds.
+    """
+    now = time.monotonic()
+    cached = _publishing_cache.get(app)
+    if cached is None or now - cached[0] >= _PUBLISHING_RECHECK:
+        settings = tuple(repr(app.conf.get(name)) for name in _PUBLISHING_SETTINGS)
+        if cached is None or cached[1] != settings:
+            cached = (now, settings, redis_client(app), stream_ttl(app), durability(app))
+        else:
+            cached = (now, *cached[1:])
+        _publishing_cache[app] = cached
+    return cached[2], cached[3], cached[4]
+
+
 def publish_outcome(
     app: Any,
     stream: str,
@@ -164,7 +203,8 @@ def publish_outcome(
     except Exception as exc:  # the result cannot travel: its place holds why
         status = codec.ERROR
         encoded = codec.encode(codec.exception_payload(exc, "", serializer, task_name), serializer)
-    proto = Protocol(redis_client(app), stream, ttl=stream_ttl(app), durability=durability(app))
+    client, ttl, wait_for = _publishing(app)
+    proto = Protocol(client, stream, ttl=ttl, durability=wait_for)
     stored = proto.publish(seq, encoded.member(seq, status), incarnation=incarnation)
     if stored == 0:
         logger.debug("dropped a duplicate or late outcome for %s[%d]", stream, seq)

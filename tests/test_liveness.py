@@ -598,3 +598,32 @@ def test_a_bad_worker_lease_stops_the_heartbeat_with_a_clear_error(app: Celery) 
             Heartbeat(app, "w@h")
     finally:
         app.conf.ordered_worker_lease = saved
+
+
+def test_a_tasks_lane_follows_celerys_router_even_when_it_reads_the_arguments() -> None:
+    # Given an app whose routes map one task by name, and route another by its argument
+    from celery import Celery
+
+    from celery_ordered.liveness import lane_of
+
+    def by_argument(name: str, args: Any, kwargs: Any, options: Any, **_: Any) -> Any:
+        if name == "jobs.split":
+            return {"queue": "big" if args[0] > 10 else "small"}
+        return None
+
+    app = Celery("lanes", set_as_current=False)
+    app.conf.task_routes = ({"jobs.mapped": {"queue": "mapped"}}, by_argument)
+    # Then each dispatch gets the queue Celery would send it to, item by item
+    assert [lane_of(app, "jobs.split", (n,), {}, {}) for n in (1, 99, 2)] == [
+        "small",
+        "big",
+        "small",
+    ]
+    assert lane_of(app, "jobs.mapped", (1,), {}, {}) == "mapped"
+    assert lane_of(app, "jobs.mapped", (1,), {}, {"queue": "chosen", "priority": 3}) == "chosen@3"
+    # And with mapping routes only, the remembered lane still follows the options
+    mapped_only = Celery("lanes-mapped", set_as_current=False)
+    mapped_only.conf.task_routes = {"jobs.mapped": {"queue": "mapped"}}
+    assert lane_of(mapped_only, "jobs.mapped", (1,), {}, {}) == "mapped"
+    assert lane_of(mapped_only, "jobs.mapped", (2,), {}, {"queue": "other"}) == "other"
+    assert lane_of(mapped_only, "jobs.other", (2,), {}, {}) == "celery"

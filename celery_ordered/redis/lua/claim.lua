@@ -57,10 +57,21 @@ redis.call('SET', KEYS[1], seq + count)
 local lost_after = tonumber(ARGV[3])
 local now = now_ms()
 local due = now + lost_after
-for i = 0, count - 1 do
-  redis.call('HSET', KEYS[6], seq + i, ARGV[8 + i], 't:' .. (seq + i), now)
+-- One HSET and one ZADD for a block of numbers (each redis.call costs more than
+-- the work it does), in slices that keep unpack() within Lua's stack.
+for from = 0, count - 1, 1000 do
+  local fields, deadlines = {}, {}
+  for i = from, math.min(count, from + 1000) - 1 do
+    fields[#fields + 1] = seq + i
+    fields[#fields + 1] = ARGV[8 + i]
+    fields[#fields + 1] = 't:' .. (seq + i)
+    fields[#fields + 1] = now
+    deadlines[#deadlines + 1] = due
+    deadlines[#deadlines + 1] = seq + i
+  end
+  redis.call('HSET', KEYS[6], unpack(fields))
   if lost_after > 0 then
-    redis.call('ZADD', KEYS[7], due, seq + i)
+    redis.call('ZADD', KEYS[7], unpack(deadlines))
   end
 end
 -- A retry of this very call (its reply lost) gets the same numbers back.
