@@ -181,6 +181,22 @@ def chunked_map(ctx: Context, n: int) -> float:
     return elapsed
 
 
+def _group_cpu(pgid: int) -> float:
+    """CPU seconds (user and system) used so far by the live processes of group ``pgid``."""
+    ticks = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid:  # pgrp
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _measure(
     ctx: Context,
     meter: RedisMeter,
@@ -189,9 +205,16 @@ def _measure(
     *,
     by_script: bool = False,
 ) -> tuple[float, dict[str, Any]]:
+    """A row's rate, and per task: the stream Redis's work, and the CPU of this
+    process (producer and consumer) and of the worker (its main and pool processes)."""
     meter.reset(by_script=by_script)
+    worker = ctx.worker.proc.pid
+    mine, theirs = time.process_time(), _group_cpu(worker)
     elapsed = row(ctx, n)
-    return n / elapsed, meter.read(n)
+    costs = meter.read(n)
+    costs["producer_cpu_usec"] = (time.process_time() - mine) * 1e6 / n
+    costs["worker_cpu_usec"] = (_group_cpu(worker) - theirs) * 1e6 / n
+    return n / elapsed, costs
 
 
 def fleet_row(broker_redis_url: str, queue: str) -> dict[str, Any]:
@@ -248,8 +271,9 @@ def render(results: dict[str, Any]) -> str:
         "",
         "| way | tasks/s (median) | range | vs plain Celery | round trips/task "
         "(producer+consumer) | publish/task | script calls inside Redis/task "
-        "(PEXPIRE, GET) | Redis usec/task (commandstats; cpu) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "(PEXPIRE, GET) | Redis usec/task (commandstats; cpu) | CPU usec/task: "
+        "producer+consumer, worker |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     plain = statistics.median(results["rows"]["plain Celery"]["rates"])
     for way, row in results["rows"].items():
@@ -257,9 +281,9 @@ def render(results: dict[str, Any]) -> str:
         median = statistics.median(rates)
         cells = [way, f"{median:,.0f}", f"{min(rates):,.0f}-{max(rates):,.0f}",
                  f"{median / plain:.2f}"]  # fmt: skip
-        costs = row.get("costs")
-        if costs:
-            c = {k: statistics.median(x[k] for x in costs) for k in costs[0] if k != "by_script"}
+        costs = row.get("costs") or [{}]
+        c = {k: statistics.median(x[k] for x in costs) for k in costs[0] if k != "by_script"}
+        if row.get("by_script"):
             # Round trips of the producer and the consumer: every top-level
             # command but the worker's publishes (each one EVALSHA).
             publish = row["by_script"].get("publish", 0.0)
@@ -269,8 +293,12 @@ def render(results: dict[str, Any]) -> str:
                 f"{c['inner']:.1f} ({c['pexpire']:.1f}, {c['get']:.1f})",
                 f"{c['usec']:.0f}; {c['cpu_usec']:.0f}",
             ]
-        else:
+        else:  # plain Celery: the streams' Redis does nothing
             cells += ["", "", "", ""]
+        if "producer_cpu_usec" in c:
+            cells.append(f"{c['producer_cpu_usec']:,.0f}, {c['worker_cpu_usec']:,.0f}")
+        else:
+            cells.append("")
         lines.append("| " + " | ".join(cells) + " |")
     for way, row in results["rows"].items():
         if row.get("by_script"):
@@ -319,8 +347,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         rate, costs = _measure(ctx, meter, row, n)
                         entry = results["rows"].setdefault(way, {"rates": [], "costs": []})
                         entry["rates"].append(rate)
-                        if way != "plain Celery":
-                            entry["costs"].append(costs)
+                        entry["costs"].append(costs)
                     progress(f"run {repeat + 1} of {args.repeats} done")
                 # One more run of each stream row with MONITOR on (it slows Redis
                 # down, so only its counts are kept): each script's calls per task.

@@ -11,7 +11,7 @@ the way Celery's own Redis backend reads ``redis_socket_timeout``:
                                      them: ``master_name``,
                                      ``sentinel_kwargs``,
                                      ``min_other_sentinels``
-``ordered_window``                   default window cap (else 10 x CPUs)
+``ordered_window``                   a fixed window cap (else adaptive, from 10 x CPUs)
 ``ordered_serializer``               outcome serializer (else
                                      ``result_serializer``)
 ``ordered_function_modules``         modules whose plain functions workers
