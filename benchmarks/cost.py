@@ -59,6 +59,7 @@ from benchmarks.harness import (  # noqa: E402
     BenchError,
     broker_url,
     chosen_redis,
+    clean,
     progress,
     start_worker,
     version,
@@ -359,11 +360,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 worker.stop()
                 client = redis.Redis.from_url(redis_url)
-                client.delete(queue, f"_kombu.binding.{queue}")
+                clean(client, queue, run_id)  # the queue, its bindings, the run's keys
             if not args.skip_fleet:
                 progress("fleet row: 64 thread slots")
-                results["fleet"] = fleet_row(redis_url, queue)
-                client.delete(queue, f"_kombu.binding.{queue}")
+                try:
+                    results["fleet"] = fleet_row(redis_url, queue)
+                finally:
+                    clean(client, queue, run_id)
     finally:
         server.stop()
     return results
