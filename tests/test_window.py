@@ -7,6 +7,7 @@ Real Redis and real workers; each step is driven by what the stream holds
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any
 
@@ -49,11 +50,19 @@ def _fill_behind_a_gated_head(stream: Any, gate_of: Any, window: int) -> str:
     return key
 
 
+@pytest.fixture
+def two_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default window's floor is 10 x the CPU count: make it 20 on any machine."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+
+
+@pytest.mark.usefixtures("two_cpus")
 def test_the_default_window_grows_when_the_consumer_waits_with_it_full(
     app: Any, make_stream: Any, gate_of: Any, redis_client: redis.Redis
 ) -> None:
     # Given a stream with the default window, full behind a head task still running
     floor = default_window(app)
+    assert floor == 20
     stream = make_stream()
     assert stream.stats().window == floor
     assert stream.stats().window_why == f"starts at {floor} and adapts up to 1024"
@@ -127,6 +136,7 @@ def test_an_app_window_setting_is_fixed_too(app: Any, make_stream: Any, gate_of:
     assert (stream.stats().window, stream.stats().window_why) == (3, None)
 
 
+@pytest.mark.usefixtures("two_cpus")
 def test_the_window_never_grows_past_its_ceiling(
     make_stream: Any, gate_of: Any, redis_client: redis.Redis
 ) -> None:
