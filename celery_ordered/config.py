@@ -29,6 +29,8 @@ the way Celery's own Redis backend reads ``redis_socket_timeout``:
                                      that a worker received (10)
 ``ordered_stall_warning``            seconds a consumer waits on one
                                      number before it logs why (30)
+``ordered_consumer_linger``          seconds a consumer lets outcomes
+                                     gather between small reads (0.02)
 ``ordered_hedge``                    send a backup of a straggling task
                                      (False; True or a factor)
 ``ordered_redis_retry_for``          seconds to retry a failing Redis (20)
@@ -96,6 +98,13 @@ DEFAULT_OVERTAKEN_AFTER = 10.0
 #: Seconds a consumer waits on the same number before it logs a warning that
 #: says why (at most 30 s: the issue's bar).
 DEFAULT_STALL_WARNING = 30.0
+
+#: Seconds a consumer lets outcomes gather before its next read from Redis,
+#: after a read that found only a few while many numbers are in flight (see
+#: :class:`celery_ordered.consumer.ConsumerCore`). Like Kafka's
+#: ``fetch.max.wait.ms`` and ``linger.ms``: a little latency, in steady
+#: state only, for reads that each carry a batch.
+DEFAULT_CONSUMER_LINGER = 0.02
 
 #: How many times the typical run time the head-of-line task runs before a
 #: hedging stream sends a backup copy (``hedge=True``).
@@ -242,6 +251,11 @@ def overtaken_after(app: Celery) -> float:
 def stall_warning(app: Celery) -> float:
     """Seconds a consumer waits on one number before it logs why."""
     return _seconds(app, "ordered_stall_warning", DEFAULT_STALL_WARNING, allow_zero=False)
+
+
+def consumer_linger(app: Celery) -> float:
+    """Seconds a consumer lets outcomes gather between small reads (0: never)."""
+    return _seconds(app, "ordered_consumer_linger", DEFAULT_CONSUMER_LINGER)
 
 
 def hedge_factor(app: Celery, hedge: object = None) -> float | None:

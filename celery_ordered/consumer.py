@@ -50,6 +50,10 @@ from .steps import OnWait, Pause, Step, run
 #: How many ready outcomes a consumer reads from Redis in one round trip.
 DEFAULT_PREFETCH = 256
 
+#: A read that finds fewer outcomes than this may make the next read linger
+#: (see ``ordered_consumer_linger`` and ``ConsumerCore._lingering``).
+LINGER_BATCH = 16
+
 #: Seconds a consumer's lease lasts after its last round trip to Redis, unless
 #: the app sets ``ordered_consumer_lease``: a successor waits this long after
 #: a consumer crashed before it takes over (or at once with ``takeover=True``).
@@ -105,6 +109,7 @@ class ConsumerCore:
         window: int,
         redis_errors: RedisErrors,
         reclaim_every: Callable[[], float],
+        linger: float = 0.0,
     ) -> None:
         self.name = name
         self.protocol = protocol
@@ -148,6 +153,14 @@ class ConsumerCore:
         self._acquiring = False
         #: The most outcomes ever seen waiting out of order by this consumer.
         self.peak_out_of_order = 0
+        #: Seconds outcomes may gather between small reads (see :meth:`_lingering`).
+        self.linger = linger
+        # When the last read that found only a few outcomes was made (None: the
+        # last read found none, or a batch); when the last read that found any
+        # was made, and the rate outcomes came at lately (per second).
+        self._small_read_at: float | None = None
+        self._last_read_at: float | None = None
+        self._rate = 0.0
 
     def settings(self) -> dict[str, Any]:
         """The keyword arguments that build a consumer like this one, as it stands.
@@ -167,6 +180,7 @@ class ConsumerCore:
             "window": self.window_seen,
             "redis_errors": self.redis_errors,
             "reclaim_every": self._reclaim_every,
+            "linger": self.linger,
         }
 
     # -- what it knows -------------------------------------------------------
@@ -257,10 +271,44 @@ class ConsumerCore:
 
     # -- reading from Redis --------------------------------------------------
 
+    def _lingering(self, deadline: float | None) -> float:
+        """Seconds to let outcomes gather before the next read (0: read now).
+
+        When outcomes arrive about as fast as they are handed out, reading
+        each one as it comes costs a round trip or two per outcome (the read,
+        then a wait for the next). So after a read that found only a few
+        (fewer than :data:`LINGER_BATCH`), while numbers are in flight and
+        outcomes have lately come fast enough that ``linger`` seconds bring
+        at least two, the next read comes after the time that brings about
+        :data:`LINGER_BATCH` at that rate, at most ``linger`` seconds after
+        the last read, and carries several at once. Never past the caller's
+        ``timeout``; a slow stream (a put, then a get, say) never lingers.
+        """
+        if not self.linger or self._small_read_at is None:
+            return 0.0
+        if self._claimed_seen <= self._read or self._rate * self.linger < 2:
+            return 0.0
+        until = self._small_read_at + min(self.linger, LINGER_BATCH / self._rate)
+        if deadline is not None:
+            until = min(until, deadline)
+        return max(0.0, until - time.monotonic())
+
+    def _note_read(self, found: int) -> None:
+        """Note a read that found ``found`` outcomes: the recent rate, and when to linger."""
+        now = time.monotonic()
+        if self._last_read_at is not None and now > self._last_read_at:
+            rate = found / (now - self._last_read_at)
+            self._rate = rate if self._rate == 0 else 0.7 * self._rate + 0.3 * rate
+        self._last_read_at = now
+        self._small_read_at = now if found < LINGER_BATCH else None
+
     def fetch_op(self, timeout: float | None) -> Step[None]:
         """Fill the buffer: wait (within ``timeout``) for the next outcome."""
         deadline = None if timeout is None else time.monotonic() + timeout
         told_waiting = False
+        pause = self._lingering(deadline)
+        if pause > 0:
+            yield Pause(pause)
         with self.redis_errors():
             while True:
                 try:
@@ -286,12 +334,14 @@ class ConsumerCore:
                     yield Pause(min(held.remaining + 0.005, remaining, WAIT_SLICE))
                     continue
                 if batch.members:
+                    self._note_read(len(batch.members))
                     self._buffer.extend(batch.members)
                     self._read = batch.start + len(batch.members)
                     waiting = batch.stored - (batch.start - batch.next) - len(batch.members)
                     self.peak_out_of_order = max(self.peak_out_of_order, waiting)
                     return
                 self._read = batch.start
+                self._small_read_at = None
                 if batch.closed_at is not None and batch.start >= batch.closed_at:
                     if batch.error:
                         raise self._producer_failed(batch.error, batch.closed_at)

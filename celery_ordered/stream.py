@@ -28,6 +28,7 @@ from .config import (
     DEFAULT_MAX_REDISPATCHES,
     DEFAULT_OVERTAKEN_AFTER,
     accepted_content,
+    consumer_linger,
     default_window,
     durability,
     hedge_factor,
@@ -378,6 +379,7 @@ class OrderedResultStream:
             redis_errors=self._redis_errors,
             on_wait=self._watcher.on_wait,
             reclaim_every=self._watcher.slice,
+            linger=consumer_linger(self.app),
         )
         self._producer.free_space = self._consumer.acknowledge_if_idle
 

@@ -567,6 +567,7 @@ def test_a_hedging_stream_sends_one_backup_of_a_straggler_and_keeps_the_first_ou
     [
         ("ordered_overtaken_after", 0, "ordered_overtaken_after must be a finite number"),
         ("ordered_stall_warning", "30", "ordered_stall_warning must be a finite number"),
+        ("ordered_consumer_linger", -0.01, "ordered_consumer_linger must be a finite number"),
         ("ordered_hedge", "yes", "app.conf.ordered_hedge must be False, True"),
         ("ordered_hedge", 1, "app.conf.ordered_hedge must be False, True"),
     ],

@@ -219,9 +219,9 @@ def test_scripts_run_inside_a_pipeline(redis_client, name, flush_first):
     )
     k = StreamKeys(name)
     claim_keys = [k.seq, k.next, k.window, k.closed, k.space, k.pending, k.deadlines, k.producers,
-                  k.created]  # fmt: skip
+                  k.created, k.results, k.adapt]  # fmt: skip
     publish_keys = [k.seq, k.next, k.results, k.ready, k.closed, k.done, k.pending, k.deadlines,
-                    k.created]  # fmt: skip
+                    k.created, k.window, k.space, k.adapt]  # fmt: skip
     redis_client.set(k.created, "inc-1")  # the stream's incarnation, as window.lua writes it
     if flush_first:
         redis_client.script_flush()

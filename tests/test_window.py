@@ -60,13 +60,15 @@ def two_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_default_window_grows_when_the_consumer_waits_with_it_full(
     app: Any, make_stream: Any, gate_of: Any, redis_client: redis.Redis
 ) -> None:
-    # Given a stream with the default window, full behind a head task still running
+    # Given a stream with the default window, full of tasks still running
     floor = default_window(app)
     assert floor == 20
     stream = make_stream()
     assert stream.stats().window == floor
     assert stream.stats().window_why == f"starts at {floor} and adapts up to 1024"
-    key = _fill_behind_a_gated_head(stream, gate_of, floor)
+    gates = [gate_of(stream, i) for i in range(floor)]
+    with pytest.raises(StreamFull):
+        stream.put("no room", timeout=0)
 
     # When the consumer asks for the head and finds it missing
     with pytest.raises(StreamEmpty):
@@ -80,16 +82,16 @@ def test_the_default_window_grows_when_the_consumer_waits_with_it_full(
     )
     inspected = run_ordered("inspect", stream.name)
     assert f"window        {2 * floor} (grew to {2 * floor}: " in inspected.output
-    # And producers may put that much more, and no more
-    for i in range(floor, 2 * floor):
-        stream.put(i, timeout=0)
+    # And producers may put that much more, and no more, while those tasks run
+    gates += [gate_of(stream, i) for i in range(floor, 2 * floor)]
     with pytest.raises(StreamFull):
         stream.put("no room", timeout=0)
 
-    # When every place holds an outcome waiting for the consumer (the head arrives)
-    redis_client.rpush(key, 1)
-    wait_until(lambda: stream.stats().blocker is None, "the head's outcome")
-    assert stream.get(timeout=30) == "head"
+    # When every place holds an outcome waiting for the consumer (all the tasks finish)
+    for key in gates:
+        redis_client.rpush(key, 1)
+    wait_until(lambda: stream.stats().buffered == 2 * floor, "every outcome")
+    assert stream.get(timeout=30) == 0
 
     # Then the window shrank by a quarter: the consumer, not the window, is the limit
     stats_after = stream.stats()
@@ -101,6 +103,34 @@ def test_the_default_window_grows_when_the_consumer_waits_with_it_full(
     # And nothing was lost or reordered on the way
     stream.close()
     assert list(stream) == list(range(1, 2 * floor))
+
+
+@pytest.mark.usefixtures("two_cpus")
+def test_the_default_window_grows_when_a_producer_finds_it_full_behind_a_missing_head(
+    make_stream: Any, gate_of: Any, redis_client: redis.Redis
+) -> None:
+    # Given a stream with the default window: its head still running, and every
+    # other place holding an outcome that finished behind it
+    stream = make_stream()
+    floor = stream.window
+    key = gate_of(stream, "head")
+    for i in range(1, floor):
+        stream.put(i, timeout=0)
+
+    # When its producer puts one more (the workers that finished could run it)
+    stream.put("one more", timeout=0)
+
+    # Then that put went through at once: the window doubled, and says why
+    stats = stream.stats()
+    assert stats.window == 2 * floor
+    assert stats.window_why == (
+        f"grew to {2 * floor}: number 0 held the window full with {floor - 1} outcomes "
+        "waiting behind it"
+    )
+    # And once the head finishes, everything comes out in order
+    redis_client.rpush(key, 1)
+    stream.close()
+    assert list(stream) == ["head", *range(1, floor), "one more"]
 
 
 def test_a_window_the_user_sets_stays_fixed(make_stream: Any, gate_of: Any) -> None:

@@ -442,7 +442,7 @@ class Protocol:
             first, count = yield Script(
                 "claim",
                 [k.seq, k.next, k.window, k.closed, k.space, k.pending, k.deadlines, k.producers,
-                 k.created],
+                 k.created, k.results, k.adapt],
                 [
                     len(records), default_window, int((lost_after or 0) * 1000), self.ttl_ms,
                     producer, claim_id, self.incarnation, *records,
@@ -513,7 +513,7 @@ class Protocol:
         stored = yield Script(
             "publish",
             [k.seq, k.next, k.results, k.ready, k.closed, k.done, k.pending, k.deadlines,
-             k.created],
+             k.created, k.window, k.space, k.adapt],
             [seq, member, self.ttl_ms, self.incarnation if incarnation is None else incarnation],
         )  # fmt: skip
         return int(stored)

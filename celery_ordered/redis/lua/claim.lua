@@ -11,6 +11,8 @@
 -- KEYS[7]  deadlines  zset    numbers scored by when they count as lost (ms)
 -- KEYS[8]  producers  hash    producer id -> "<claim id>:<first>:<count>" of its last claim
 -- KEYS[9]  created    string  the stream's incarnation id, written when it was created
+-- KEYS[10] results    zset    outcomes scored by their number
+-- KEYS[11] adapt      hash    'floor', 'ceiling', 'why' of an adaptive window (absent: fixed)
 -- ARGV[1]  wanted     how many numbers the caller would like (>= 1)
 -- ARGV[2]  default    window to store when KEYS[3] is absent
 -- ARGV[3]  lost_after ms after which an unfilled number counts as lost (0: never)
@@ -49,6 +51,23 @@ if window == 0 then
   redis.call('SET', KEYS[3], window)
 end
 local room = window - (seq - nxt)
+-- Head-of-line blocking: the window is full, its first number is missing, and
+-- at least half of it holds outcomes that finished behind that number. The
+-- workers that ran them may sit idle while this producer would wait (nothing
+-- wakes a consumer waiting for the head): an adaptive window grows here, by the
+-- same doubling as the consumer's (pop.lua), and this claim goes on.
+if room <= 0 and redis.call('EXISTS', KEYS[11]) == 1 then
+  local stored = redis.call('ZCARD', KEYS[10])
+  local ceiling = tonumber(redis.call('HGET', KEYS[11], 'ceiling'))
+  if stored * 2 >= window and window < ceiling
+     and #redis.call('ZRANGEBYSCORE', KEYS[10], nxt, nxt, 'LIMIT', 0, 1) == 0 then
+    local grown = math.min(ceiling, window * 2)
+    redis.call('SET', KEYS[3], grown, 'KEEPTTL')
+    redis.call('HSET', KEYS[11], 'why', 'grew to ' .. grown .. ': number ' .. nxt ..
+               ' held the window full with ' .. stored .. ' outcomes waiting behind it')
+    room = room + grown - window
+  end
+end
 if room <= 0 then
   return {seq, 0}
 end

@@ -10,6 +10,9 @@
 --                             fields), until filled
 -- KEYS[8]  deadlines  zset    numbers scored by when they count as lost
 -- KEYS[9]  created    string  the stream's incarnation id
+-- KEYS[10] window     string  the cap on claims ahead of the consumer's cursor
+-- KEYS[11] space      list    wake token for blocked producers
+-- KEYS[12] adapt      hash    present while the window adapts (see claim.lua)
 -- ARGV[1]  number     the sequence number this outcome fills
 -- ARGV[2]  member     the encoded outcome ("<number>:<status>:<type>:<encoding>:<body>")
 -- ARGV[3]  ttl        ms the stream's keys live after their last use (0: forever)
@@ -24,7 +27,8 @@
 -- and the consumer's pops do, once per block). Only a key it creates (the
 -- results set after the consumer emptied it, a wake token) gets `ttl` here.
 local n = tonumber(ARGV[1])
-local seq, nxt, closed, created = unpack(redis.call('MGET', KEYS[1], KEYS[2], KEYS[5], KEYS[9]))
+local seq, nxt, closed, created, window =
+  unpack(redis.call('MGET', KEYS[1], KEYS[2], KEYS[5], KEYS[9], KEYS[10]))
 if n >= tonumber(seq or '0') then
   return -1
 end
@@ -50,5 +54,12 @@ if n == nxt then
 end
 if closed and nxt + stored >= tonumber(closed) then
   wake(KEYS[6], ARGV[3])
+end
+-- Half a full window now waits behind a missing head: a producer blocked on
+-- the window may grow it (claim.lua). Said once, as the count crosses half.
+window = tonumber(window or '0')
+if n > nxt and stored == math.ceil(window / 2) and tonumber(seq) - nxt >= window
+   and redis.call('EXISTS', KEYS[12]) == 1 then
+  wake(KEYS[11], ARGV[3])
 end
 return 1
