@@ -19,8 +19,9 @@ with plain Celery, and the table shows medians with their ranges:
 - ``map(chunksize=100)``, in items per second.
 
 For each stream row it prints the round trips per task to the stream's
-Redis from the producer and the consumer (scripts other than ``publish``,
-and blocking waits), the worker's ``publish`` calls per task, the commands
+Redis from the producer and the consumer (every command a client sent, as
+``MONITOR`` sees them, but the workers' ``publish``, ``lease`` and
+``timing``), the worker's ``publish`` calls per task, the commands
 the scripts run inside Redis per task (``PEXPIRE`` and ``GET`` shown apart),
 and Redis's time per task (commandstats: top-level commands, the scripts'
 inner work included; and Redis's own CPU from ``INFO cpu``).
@@ -71,6 +72,9 @@ TOP_LEVEL = {
     "evalsha", "eval", "blpop", "brpoplpush", "script|load", "script", "del", "ping",
     "client|setinfo", "client", "hello", "select", "exists", "scan", "info",
 }  # fmt: skip
+
+#: What the workers send to the stream Redis (the rest is the producer's and the consumer's).
+WORKER_SIDE = frozenset({"publish", "lease", "timing"})
 
 #: Fleet row: thread slots, task seconds, tasks.
 FLEET_SLOTS = 64
@@ -128,12 +132,19 @@ class RedisMeter:
 
 
 class MonitorCounter:
-    """Counts EVALSHA calls per script, and blocking waits, from the stream Redis's ``MONITOR``.
+    """Counts the round trips to the stream Redis, by script, from its ``MONITOR``.
 
-    commandstats counts EVALSHA as one command whichever script it runs;
-    MONITOR sees each call with its SHA. It costs Redis some time, which
-    the ``usec`` figures include for every row alike.
+    commandstats counts EVALSHA as one command whichever script it runs, and
+    cannot tell a command a client sent from one a script ran; MONITOR sees
+    each command with its client ("lua" inside a script) and each script
+    call with its SHA. Every command a client sent is counted: EVALSHA under
+    its script's name, anything else under its own (BLPOP: the blocking
+    waits). It costs Redis some time, which the ``usec`` figures include for
+    every row alike.
     """
+
+    #: What the meter itself sends (to read its figures, and to stop MONITOR).
+    OWN = frozenset({"INFO", "CONFIG", "PING", "MONITOR"})
 
     def __init__(self, client: redis.Redis, names: dict[str, str]) -> None:
         self.counts: dict[str, int] = {}
@@ -147,17 +158,18 @@ class MonitorCounter:
     def _read(self) -> None:
         try:
             for command in self._connection.listen():
-                parts = command["command"].split()
-                if parts and parts[0].upper() == "EVALSHA" and len(parts) > 1:
-                    sha = parts[1].strip('"')
-                    name = self.names.get(sha, sha[:8])
-                    self.counts[name] = self.counts.get(name, 0) + 1
-                elif parts and parts[0].strip('"').upper() in ("BLPOP", "BRPOPLPUSH"):
-                    # The blocking waits, as the other round trips are named by script.
-                    name = parts[0].strip('"').upper()
-                    self.counts[name] = self.counts.get(name, 0) + 1
                 if self._stop.is_set():
                     return
+                parts = command["command"].split()
+                if command.get("client_type") == "lua" or not parts:
+                    continue
+                name = parts[0].strip('"').upper()
+                if name == "EVALSHA" and len(parts) > 1:
+                    sha = parts[1].strip('"')
+                    name = self.names.get(sha, sha[:8])
+                elif name in self.OWN:
+                    continue
+                self.counts[name] = self.counts.get(name, 0) + 1
         except (redis.ConnectionError, ValueError, OSError):
             return
 
@@ -285,11 +297,13 @@ def render(results: dict[str, Any]) -> str:
         costs = row.get("costs") or [{}]
         c = {k: statistics.median(x[k] for x in costs) for k in costs[0] if k != "by_script"}
         if row.get("by_script"):
-            # Round trips of the producer and the consumer: every top-level
-            # command but the worker's publishes (each one EVALSHA).
+            # Round trips of the producer and the consumer: every command a
+            # client sent (MONITOR) but the workers' (publish, and the
+            # heartbeat's lease and timing calls).
             publish = row["by_script"].get("publish", 0.0)
+            ours = sum(v for k, v in row["by_script"].items() if k not in WORKER_SIDE)
             cells += [
-                f"{c['top_level'] - publish:.2f}",
+                f"{ours:.2f}",
                 f"{publish:.2f}",
                 f"{c['inner']:.1f} ({c['pexpire']:.1f}, {c['get']:.1f})",
                 f"{c['usec']:.0f}; {c['cpu_usec']:.0f}",
@@ -305,7 +319,7 @@ def render(results: dict[str, Any]) -> str:
         if row.get("by_script"):
             scripts = row["by_script"]
             listed = ", ".join(f"{name} {calls:.2f}" for name, calls in sorted(scripts.items()))
-            lines.append(f"\n{way}: script calls per task: {listed}")
+            lines.append(f"\n{way}: round trips per task, by script or command: {listed}")
     fleet = results.get("fleet")
     if fleet:
         lines.append(
@@ -313,7 +327,8 @@ def render(results: dict[str, Any]) -> str:
             f"default window (now {fleet['window']}: {fleet['why']}): "
             f"{fleet['rate']:,.0f} tasks/s of {fleet['capacity']:,.0f} ({fleet['share']:.0%}); "
             f"plain Celery on the same worker {fleet['plain']:,.0f} tasks/s "
-            f"({fleet['plain'] / fleet['capacity']:.0%})"
+            f"({fleet['plain'] / fleet['capacity']:.0%}); the stream at "
+            f"{fleet['rate'] / fleet['plain']:.0%} of plain Celery"
         )
     return "\n".join(lines)
 

@@ -363,11 +363,19 @@ def _latency_summary(samples: list[float], total: int) -> dict[str, Any]:
     return summary
 
 
-def latency_stream(ctx: Context, n: int) -> dict[str, Any]:
-    """Time from a task's end to the consumer's get, for outcomes the consumer awaited."""
+def latency_stream(ctx: Context, n: int, *, linger: float | None = None) -> dict[str, Any]:
+    """Time from a task's end to the consumer's get, for outcomes the consumer awaited.
+
+    ``linger``: the consumer's ``ordered_consumer_linger`` (None: the default).
+    """
     from celery_ordered import StreamExhausted
 
-    stream = ctx.stream("latency")
+    saved = ctx.app.conf.get("ordered_consumer_linger")
+    ctx.app.conf.ordered_consumer_linger = linger
+    try:
+        stream = ctx.stream("latency")
+    finally:
+        ctx.app.conf.ordered_consumer_linger = saved
     samples: list[float] = []
     got = 0
     try:
@@ -606,6 +614,7 @@ def render(results: dict[str, Any]) -> str:
     ]
     for label, row in (
         (f"celery-ordered, put thread + iterate (w={WINDOW})", results["latency"]["stream"]),
+        ("   the same, ordered_consumer_linger=0", results["latency"]["stream_no_linger"]),
         (f"celery, r.get() in order, {PROCESSES} in flight", results["latency"]["asyncresult"]),
     ):
         if row["samples"]:
@@ -736,6 +745,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["throughput"] = bench_throughput(ctx, args.tasks, args.repeats)
             results["latency"] = {
                 "stream": latency_stream(ctx, args.tasks),
+                "stream_no_linger": latency_stream(ctx, args.tasks, linger=0),
                 "asyncresult": latency_asyncresult(ctx, args.tasks),
             }
             progress("latency done")

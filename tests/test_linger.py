@@ -1,0 +1,80 @@
+"""The consumer's linger: after a small read of outcomes that trickle in fast,
+the next read waits for a batch to gather, within the caller's timeout.
+
+Each case puts a real stream's consumer in the state a read leaves behind
+(how many outcomes it found, how fast they came lately, how many numbers are
+in flight beyond it) and asks how long its next read would wait: the policy
+that docs/how-it-works.md describes under "Round trips", decided without
+timing anything.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from celery_ordered.config import DEFAULT_CONSUMER_LINGER
+from celery_ordered.consumer import LINGER_BATCH
+
+
+def _after_a_read(stream: Any, *, found: int, rate: float, in_flight: int) -> Any:
+    """The stream's consumer as a read of ``found`` outcomes, just now, leaves it."""
+    consumer = stream.consumer
+    consumer._read = 100
+    consumer._claimed_seen = 100 + in_flight
+    consumer._rate = rate
+    consumer._small_read_at = time.monotonic() if found < LINGER_BATCH else None
+    return consumer
+
+
+def test_a_small_read_of_fast_outcomes_waits_for_a_batch_to_gather(make_stream: Any) -> None:
+    # Given outcomes coming at 1,600 a second: a batch gathers in 10 ms
+    consumer = _after_a_read(make_stream(), found=2, rate=1600.0, in_flight=50)
+    # Then the next read waits about that long
+    assert 0.005 < consumer._lingering(None) <= LINGER_BATCH / 1600.0
+
+
+def test_the_wait_is_never_longer_than_the_linger(make_stream: Any) -> None:
+    # Given outcomes coming at 400 a second: a batch would take 40 ms
+    consumer = _after_a_read(make_stream(), found=3, rate=400.0, in_flight=50)
+    # Then the next read waits the linger at most (20 ms by default)
+    assert consumer.linger == DEFAULT_CONSUMER_LINGER
+    assert DEFAULT_CONSUMER_LINGER / 2 < consumer._lingering(None) <= DEFAULT_CONSUMER_LINGER
+
+
+def test_a_wait_never_outlasts_the_callers_timeout(make_stream: Any) -> None:
+    consumer = _after_a_read(make_stream(), found=1, rate=400.0, in_flight=50)
+    deadline = time.monotonic() + 0.002
+    assert consumer._lingering(deadline) <= 0.002
+    assert consumer._lingering(time.monotonic()) == 0.0  # get(timeout=0)
+
+
+@pytest.mark.parametrize(
+    ("found", "rate", "in_flight", "why"),
+    [
+        (LINGER_BATCH, 5000.0, 500, "the last read found a batch already"),
+        (1, 5000.0, 0, "no number is in flight beyond what was read"),
+        (1, 50.0, 50, "outcomes come slower than two per linger (a put, then a get)"),
+        (1, 0.0, 50, "no rate is known yet (the first reads)"),
+    ],
+)
+def test_the_next_read_is_at_once_when(
+    make_stream: Any, found: int, rate: float, in_flight: int, why: str
+) -> None:
+    consumer = _after_a_read(make_stream(), found=found, rate=rate, in_flight=in_flight)
+    assert consumer._lingering(None) == 0.0, why
+
+
+def test_the_app_setting_sets_the_linger_and_zero_turns_it_off(app: Any, make_stream: Any) -> None:
+    saved = app.conf.get("ordered_consumer_linger")
+    try:
+        app.conf.ordered_consumer_linger = 0.05
+        assert make_stream().consumer.linger == 0.05
+        app.conf.ordered_consumer_linger = 0
+        consumer = _after_a_read(make_stream(), found=1, rate=5000.0, in_flight=50)
+        assert consumer.linger == 0
+        assert consumer._lingering(None) == 0.0
+    finally:
+        app.conf.ordered_consumer_linger = saved
