@@ -32,7 +32,7 @@ from celery_ordered import (
 from celery_ordered.errors import ConsumerFenced, ProducerFailed, StreamDeleted
 from celery_ordered.redis.keys import StreamKeys
 from celery_ordered.redis.protocol import Protocol
-from tests.apps.tasks import echo
+from tests.apps.tasks import echo, gate
 from tests.apps.topologyapp import topology_app
 from tests.support import ROOT
 
@@ -199,6 +199,34 @@ def test_every_key_of_a_finished_stream_carries_the_ttl(make_stream, redis_clien
     assert StreamKeys(stream.name).done.encode() in keys
     ttls = {key.decode(): redis_client.pttl(key) for key in keys}
     assert all(ttl > 0 for ttl in ttls.values()), ttls
+
+
+@pytest.mark.usefixtures("worker")
+def test_frequent_puts_renew_the_expiry_once_in_a_while_and_new_keys_get_it_at_once(
+    make_stream, redis_client, redis_url
+):
+    # Given a stream whose producer has just claimed (which renewed every key),
+    # and whose records of claimed numbers are gone (every number filled)
+    stream = make_stream(window=100)
+    stream.put("first")
+    k = StreamKeys(stream.name)
+    redis_client.pexpire(k.window, 60_000)
+    assert redis_client.exists(k.pending) == 0
+    gate_key = f"co-test-gate:{uuid.uuid4().hex}"
+    try:
+        # When it puts a task again within the renewal interval
+        stream.put(gate, redis_url, gate_key, "second")
+        # Then that claim renewed nothing: the window keeps its shorter life
+        assert 0 < redis_client.pttl(k.window) <= 60_000
+        # And the key it created, the task's record, lives the stream's TTL too
+        assert redis_client.exists(k.pending) == 1
+        keys = redis_client.scan_iter(f"co:{{{stream.name}}}:*")
+        ttls = {key.decode(): redis_client.pttl(key) for key in keys}
+        assert all(ttl > 0 for ttl in ttls.values()), ttls
+    finally:
+        redis_client.rpush(gate_key, 1)
+        redis_client.expire(gate_key, 10)
+    assert [stream.get(timeout=30) for _ in range(2)] == ["first", "second"]
 
 
 def test_attaching_only_to_look_does_not_keep_an_abandoned_stream_alive(
@@ -386,7 +414,7 @@ FAILING_PRODUCER = textwrap.dedent(
     import sys
     from celery_ordered import OrderedResultStream
     from tests.apps.celeryapp import app
-    from tests.apps.tasks import echo
+    from tests.apps.tasks import echo, gate
 
     def rows():
         yield 1

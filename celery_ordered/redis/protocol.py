@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 WAIT_SLICE = 2.0
 
 #: Seconds between the renewals of a stream's expiry by one handle's frequent
-#: scripts (the consumer's ``pop``): see :meth:`Protocol._renewal`.
+#: scripts (the consumer's ``pop``, the producer's ``claim``): see :meth:`Protocol._renewal`.
 RENEW_EVERY = 60.0
 
 #: The scripts, one per operation: ``lua/<name>.lua``.
@@ -260,25 +260,28 @@ class Protocol:
         self.wait_slice = WAIT_SLICE
         if socket_timeout:
             self.wait_slice = min(WAIT_SLICE, max(0.05, float(socket_timeout) / 2))
-        self._renewed_at = -math.inf
+        # When each script this handle runs often last renewed its keys' expiry.
+        self._renewed_at: dict[str, float] = {}
         # Each producer's last claim id and the end of its numbers: a later
         # claim that starts below it means Redis lost writes (see claim()).
         self._claimed_to: dict[str, tuple[str, int]] = {}
 
-    def _renewal(self, *, force: bool = False) -> int:
-        """The ``ttl`` argument of a script this handle runs many times a second.
+    def _renewal(self, script: str, *, force: bool = False) -> int:
+        """The ``ttl`` argument of ``script``, which this handle runs many times a second.
 
         ``ttl_ms`` (renew the expiry of every key the script touches) on the
-        first call and then at most every :data:`RENEW_EVERY` (or a tenth of
-        the TTL), or when ``force``; ``-ttl_ms`` in between: the script renews
-        nothing, and gives an expiry only to a key it creates. A busy stream
-        then pays for its keys' expiry once a minute, not on every call.
+        script's first call and then at most every :data:`RENEW_EVERY` (or a
+        tenth of the TTL), or when ``force``; ``-ttl_ms`` in between: the
+        script renews nothing, and gives an expiry only to a key it creates.
+        A busy stream then pays for its keys' expiry once a minute, not on
+        every call. Each script keeps its own schedule: each renews its keys.
         """
         if not self.ttl_ms:
             return 0
         now = time.monotonic()
-        if force or now - self._renewed_at >= min(RENEW_EVERY, self.ttl_ms / 10_000):
-            self._renewed_at = now
+        last = self._renewed_at.get(script, -math.inf)
+        if force or now - last >= min(RENEW_EVERY, self.ttl_ms / 10_000):
+            self._renewed_at[script] = now
             return self.ttl_ms
         return -self.ttl_ms
 
@@ -444,7 +447,8 @@ class Protocol:
                 [k.seq, k.next, k.window, k.closed, k.space, k.pending, k.deadlines, k.producers,
                  k.created, k.results, k.adapt],
                 [
-                    len(records), default_window, int((lost_after or 0) * 1000), self.ttl_ms,
+                    len(records), default_window, int((lost_after or 0) * 1000),
+                    self._renewal("claim"),
                     producer, claim_id, self.incarnation, *records,
                 ],
             )  # fmt: skip
@@ -552,7 +556,7 @@ class Protocol:
                 "pop",
                 [k.next, k.results, k.closed, k.space, k.ready, k.window, k.seq, k.created,
                  k.consumer, k.error, k.adapt],
-                [ack, start, limit, self._renewal(force=epoch == 0), self.incarnation,
+                [ack, start, limit, self._renewal("pop", force=epoch == 0), self.incarnation,
                  owner, epoch, max(1, int(lease * 1000)), mode],
             )  # fmt: skip
         except redis.ResponseError as exc:

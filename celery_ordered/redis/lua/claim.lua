@@ -16,7 +16,8 @@
 -- ARGV[1]  wanted     how many numbers the caller would like (>= 1)
 -- ARGV[2]  default    window to store when KEYS[3] is absent
 -- ARGV[3]  lost_after ms after which an unfilled number counts as lost (0: never)
--- ARGV[4]  ttl        ms every key of the stream lives after its last use (0: forever)
+-- ARGV[4]  ttl        ms every key of the stream lives after its last use (0: forever);
+--                     negative: renew no key, give -ttl ms to a key this call creates
 -- ARGV[5]  producer   id of the calling producer (one per process, thread and stream)
 -- ARGV[6]  claim id   unique per call: a retry of this call (its reply lost to a
 --                     connection error) returns the same numbers, never new ones
@@ -43,12 +44,14 @@ end
 if redis.call('EXISTS', KEYS[4]) == 1 then
   return {-1, 0}
 end
-local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
+local seq_was = redis.call('GET', KEYS[1])
+local seq = tonumber(seq_was or '0')
 local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
 local window = tonumber(redis.call('GET', KEYS[3]) or '0')
 if window == 0 then
   window = tonumber(ARGV[2])
   redis.call('SET', KEYS[3], window)
+  expire_new(ARGV[4], KEYS[3])
 end
 local room = window - (seq - nxt)
 -- Head-of-line blocking: the window is full, its first number is missing, and
@@ -72,8 +75,16 @@ if room <= 0 then
   return {seq, 0}
 end
 local count = math.min(tonumber(ARGV[1]), room)
-redis.call('SET', KEYS[1], seq + count)
+redis.call('SET', KEYS[1], seq + count, 'KEEPTTL')
+if not seq_was then
+  expire_new(ARGV[4], KEYS[1])
+end
 local lost_after = tonumber(ARGV[3])
+-- Between renewals (a negative ttl) only a key this call creates gets an expiry.
+local renewing = tonumber(ARGV[4]) >= 0
+local new_pending = not renewing and redis.call('EXISTS', KEYS[6]) == 0
+local new_deadlines = not renewing and lost_after > 0 and redis.call('EXISTS', KEYS[7]) == 0
+local new_producers = not renewing and redis.call('EXISTS', KEYS[8]) == 0
 local now = now_ms()
 local due = now + lost_after
 -- One HSET and one ZADD for a block of numbers (each redis.call costs more than
@@ -95,6 +106,9 @@ for from = 0, count - 1, 1000 do
 end
 -- A retry of this very call (its reply lost) gets the same numbers back.
 redis.call('HSET', KEYS[8], ARGV[5], ARGV[6] .. ':' .. seq .. ':' .. count)
+if new_pending then expire_new(ARGV[4], KEYS[6]) end
+if new_deadlines then expire_new(ARGV[4], KEYS[7]) end
+if new_producers then expire_new(ARGV[4], KEYS[8]) end
 if room > count then
   -- Room is left: pass the wake-up on to any other blocked producer.
   wake(KEYS[5], ARGV[4])
