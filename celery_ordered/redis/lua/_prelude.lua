@@ -43,3 +43,9 @@ local function refresh(ttl, ...)
   end
 end
 
+-- Resize an adaptive window to `size`, keeping the key's expiry, and say why in
+-- the window's `adapt` hash: the one way claim and pop resize it.
+local function resize_window(window_key, adapt_key, size, why)
+  redis.call('SET', window_key, size, 'KEEPTTL')
+  redis.call('HSET', adapt_key, 'why', why)
+end

@@ -65,9 +65,8 @@ if room <= 0 and redis.call('EXISTS', KEYS[11]) == 1 then
   if stored * 2 >= window and window < ceiling
      and #redis.call('ZRANGEBYSCORE', KEYS[10], nxt, nxt, 'LIMIT', 0, 1) == 0 then
     local grown = math.min(ceiling, window * 2)
-    redis.call('SET', KEYS[3], grown, 'KEEPTTL')
-    redis.call('HSET', KEYS[11], 'why', 'grew to ' .. grown .. ': number ' .. nxt ..
-               ' held the window full with ' .. stored .. ' outcomes waiting behind it')
+    resize_window(KEYS[3], KEYS[11], grown, 'grew to ' .. grown .. ': number ' .. nxt ..
+                  ' held the window full with ' .. stored .. ' outcomes waiting behind it')
     room = room + grown - window
   end
 end

@@ -119,8 +119,7 @@ if tonumber(ARGV[3]) > 0 and window > 0 and redis.call('EXISTS', KEYS[11]) == 1 
     why = 'shrank to ' .. resized .. ': ' .. stored .. ' outcomes waited for the consumer'
   end
   if resized then
-    redis.call('SET', KEYS[6], resized, 'KEEPTTL')
-    redis.call('HSET', KEYS[11], 'why', why)
+    resize_window(KEYS[6], KEYS[11], resized, why)
     reply[5] = resized
     if resized > window then
       wake(KEYS[4], ARGV[4])  -- blocked producers: there is room now
