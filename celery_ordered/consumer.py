@@ -155,11 +155,10 @@ class ConsumerCore:
         self.peak_out_of_order = 0
         #: Seconds outcomes may gather between small reads (see :meth:`_lingering`).
         self.linger = linger
-        # When the last read that found only a few outcomes was made (None: the
-        # last read found none, or a batch); when the last read that found any
-        # was made, and the rate outcomes came at lately (per second).
-        self._small_read_at: float | None = None
+        # When the last read that found outcomes was made, how many the last read
+        # found (0: none), and the rate outcomes came at lately (per second).
         self._last_read_at: float | None = None
+        self._last_found = 0
         self._rate = 0.0
 
     def settings(self) -> dict[str, Any]:
@@ -284,11 +283,13 @@ class ConsumerCore:
         the last read, and carries several at once. Never past the caller's
         ``timeout``; a slow stream (a put, then a get, say) never lingers.
         """
-        if not self.linger or self._small_read_at is None:
+        if not self.linger or self._last_read_at is None:
+            return 0.0
+        if not 0 < self._last_found < LINGER_BATCH:
             return 0.0
         if self._claimed_seen <= self._read or self._rate * self.linger < 2:
             return 0.0
-        until = self._small_read_at + min(self.linger, LINGER_BATCH / self._rate)
+        until = self._last_read_at + min(self.linger, LINGER_BATCH / self._rate)
         if deadline is not None:
             until = min(until, deadline)
         return max(0.0, until - time.monotonic())
@@ -300,7 +301,7 @@ class ConsumerCore:
             rate = found / (now - self._last_read_at)
             self._rate = rate if self._rate == 0 else 0.7 * self._rate + 0.3 * rate
         self._last_read_at = now
-        self._small_read_at = now if found < LINGER_BATCH else None
+        self._last_found = found
 
     def fetch_op(self, timeout: float | None) -> Step[None]:
         """Fill the buffer: wait (within ``timeout``) for the next outcome."""
@@ -341,7 +342,7 @@ class ConsumerCore:
                     self.peak_out_of_order = max(self.peak_out_of_order, waiting)
                     return
                 self._read = batch.start
-                self._small_read_at = None
+                self._last_found = 0
                 if batch.closed_at is not None and batch.start >= batch.closed_at:
                     if batch.error:
                         raise self._producer_failed(batch.error, batch.closed_at)

@@ -25,7 +25,8 @@ def _after_a_read(stream: Any, *, found: int, rate: float, in_flight: int) -> An
     consumer._read = 100
     consumer._claimed_seen = 100 + in_flight
     consumer._rate = rate
-    consumer._small_read_at = time.monotonic() if found < LINGER_BATCH else None
+    consumer._last_read_at = time.monotonic()
+    consumer._last_found = found
     return consumer
 
 
