@@ -38,7 +38,9 @@ from .stream import OrderedResultStream
 from .task import (
     CALL_TASK_NAME,
     TASK_TARGET_PREFIX,
+    ChunkOutcomes,
     OrderedTask,
+    chunk_argsrepr,
     resolve_function,
 )
 
@@ -55,7 +57,7 @@ PUT_OWN_KEYWORDS = frozenset({"self", "task", "timeout"})
 
 
 @shared_task(name=CHUNK_TASK_NAME, base=OrderedTask, bind=True)
-def run_chunk(self: OrderedTask, target: str, calls: list[list[Any]]) -> list[Any]:
+def run_chunk(self: OrderedTask, target: str, calls: list[list[Any]]) -> ChunkOutcomes:
     """Run ``target(*args)`` for each ``args`` of ``calls``, in order, on one worker.
 
     ``target`` is ``"task:NAME"`` (a registered task, called directly) or a
@@ -66,7 +68,7 @@ def run_chunk(self: OrderedTask, target: str, calls: list[list[Any]]) -> list[An
         function: Callable[..., Any] = self.app.tasks[target[len(TASK_TARGET_PREFIX) :]]
     else:
         function = resolve_function(self.app, target)
-    return [function(*args) for args in calls]
+    return ChunkOutcomes([function(*args) for args in calls])
 
 
 class _Shared:
@@ -373,7 +375,10 @@ class OrderedExecutor(Executor):
         if chunksize > 1:
             target = self._shared.stream.producer.chunk_target(fn)
             chunks = _batched(items, chunksize)
-            items = ((run_chunk, target, chunk) for chunk in chunks)
+            items = (
+                (run_chunk.s(target, chunk).set(argsrepr=chunk_argsrepr(target, len(chunk))),)
+                for chunk in chunks
+            )
         else:
             items = ((fn, *args) for args in items)
         self._check_open()

@@ -163,10 +163,10 @@ def start_worker(app: Any) -> Iterator[Callable[..., Worker]]:
     """Start extra workers on a queue of their own; stopped after the test."""
     started: list[Worker] = []
 
-    def start(concurrency: int = 2, queue: str | None = None) -> Worker:
+    def start(concurrency: int = 2, queue: str | None = None, **options: Any) -> Worker:
         queue = queue or f"{app.conf.task_default_queue}-{uuid.uuid4().hex[:6]}"
         name = f"extra-{uuid.uuid4().hex[:6]}@%h"
-        proc = Worker(queue=queue, concurrency=concurrency, hostname=name)
+        proc = Worker(queue=queue, concurrency=concurrency, hostname=name, **options)
         started.append(proc)
         proc.wait_ready(app)
         return proc

@@ -10,6 +10,7 @@ import pytest
 from celery_ordered import UnsendableError
 from tests.apps.tasks import CustomError, echo, inverse_or_fail
 from tests.support.streams import outcomes
+from tests.support.waiting import wait_until
 
 
 @pytest.mark.parametrize("chunksize", [1, 7, 50])
@@ -45,6 +46,46 @@ def test_chunked_map_over_an_endless_generator_keeps_the_window(
     # The window counts chunks: at most 3 are ahead of the consumer.
     assert stats.claimed - stats.delivered <= 3
     assert not stats.closed
+
+
+def test_a_chunk_shows_its_size_not_its_items_in_messages_and_worker_logs(
+    app: Any, start_worker: Any, make_stream: Any
+) -> None:
+    # Given a worker that logs each task's return value (INFO), and a hook on
+    # the messages this process sends, as a monitor such as Flower sees them
+    from celery import signals
+
+    worker = start_worker(concurrency=1, loglevel="INFO")
+    sent: list[str] = []
+
+    def seen_sent(headers: dict[str, Any] | None = None, **_: Any) -> None:
+        if headers and headers.get("task") == "celery_ordered.chunk":
+            sent.append(headers["argsrepr"])
+
+    signals.before_task_publish.connect(seen_sent, weak=False)
+    try:
+        # When a map sends 25 items in chunks of 10
+        stream = make_stream(window=4, task_options={"queue": worker.queue})
+        assert list(stream.map(echo, range(25), chunksize=10)) == list(range(25))
+    finally:
+        signals.before_task_publish.disconnect(seen_sent)
+    # Then each chunk's message and log line give its size: a chunk's items
+    # are not walked to build a text of them (that cost more than the chunk's work)
+    assert sent == [f"('task:{echo.name}', <{n} items>)" for n in (10, 10, 5)]
+    # (a worker logs a task's success just after it published the outcome)
+    log = wait_until(
+        lambda: (text := worker.output()).count(" outcomes>") >= 3 and text,
+        "the worker's three success lines",
+    )
+    assert [
+        line.rsplit(": ", 1)[1]
+        for line in log.splitlines()
+        if "celery_ordered.chunk[" in line and "succeeded in" in line
+    ] == [
+        "<10 outcomes>",
+        "<10 outcomes>",
+        "<5 outcomes>",
+    ]
 
 
 def test_map_refuses_what_workers_cannot_run(make_stream: Any) -> None:
