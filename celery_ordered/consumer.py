@@ -276,18 +276,21 @@ class ConsumerCore:
         When outcomes arrive about as fast as they are handed out, reading
         each one as it comes costs a round trip or two per outcome (the read,
         then a wait for the next). So after a read that found only a few
-        (fewer than :data:`LINGER_BATCH`), while numbers are in flight and
-        outcomes have lately come fast enough that ``linger`` seconds bring
-        at least two, the next read comes after the time that brings about
-        :data:`LINGER_BATCH` at that rate, at most ``linger`` seconds after
-        the last read, and carries several at once. Never past the caller's
-        ``timeout``; a slow stream (a put, then a get, say) never lingers.
+        (fewer than :data:`LINGER_BATCH`), while at least that many numbers
+        are in flight and outcomes have lately come fast enough that
+        ``linger`` seconds bring at least two, the next read comes after the
+        time that brings about :data:`LINGER_BATCH` at that rate, at most
+        ``linger`` seconds after the last read, and carries several at once.
+        Never past the caller's ``timeout``; a slow stream (a put, then a
+        get, say) never lingers, and nor does a read that no batch could
+        follow: the last outcomes of a closed stream, or a small window's,
+        come as soon as they are published.
         """
         if not self.linger or self._last_read_at is None:
             return 0.0
         if not 0 < self._last_found < LINGER_BATCH:
             return 0.0
-        if self._claimed_seen <= self._read or self._rate * self.linger < 2:
+        if self._claimed_seen - self._read < LINGER_BATCH or self._rate * self.linger < 2:
             return 0.0
         until = self._last_read_at + min(self.linger, LINGER_BATCH / self._rate)
         if deadline is not None:

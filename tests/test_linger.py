@@ -57,6 +57,13 @@ def test_a_wait_never_outlasts_the_callers_timeout(make_stream: Any) -> None:
     [
         (LINGER_BATCH, 5000.0, 500, "the last read found a batch already"),
         (1, 5000.0, 0, "no number is in flight beyond what was read"),
+        (
+            1,
+            5000.0,
+            LINGER_BATCH - 1,
+            "fewer numbers are in flight than a batch (the end of a closed stream, a small "
+            "window): the outcomes to come are read as they come",
+        ),
         (1, 50.0, 50, "outcomes come slower than two per linger (a put, then a get)"),
         (1, 0.0, 50, "no rate is known yet (the first reads)"),
     ],
