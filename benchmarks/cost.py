@@ -250,9 +250,10 @@ def fleet_row(broker_redis_url: str, queue: str) -> dict[str, Any]:
             ctx.app, ctx.name("fleet"), task_options={"queue": queue}
         )  # no window=: the default
         try:
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), _group_cpu(worker.proc.pid)
             values = list(stream.map(ctx.tasks.ordered_sleep, [FLEET_TASK_SECONDS] * FLEET_TASKS))
             elapsed = time.perf_counter() - began
+            stream_cpu = (_group_cpu(worker.proc.pid) - cpu) * 1e6 / FLEET_TASKS
             stats = stream.stats()
         finally:
             stream.delete()
@@ -260,18 +261,20 @@ def fleet_row(broker_redis_url: str, queue: str) -> dict[str, Any]:
             raise BenchError("the fleet row lost outcomes")
         # Plain Celery on the same worker: the same tasks, sent as fast as it can.
         counter, done = ctx.name("fleet-counter"), ctx.name("fleet-done")
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), _group_cpu(worker.proc.pid)
         for _ in range(FLEET_TASKS):
             ctx.tasks.sleep_count.apply_async(
                 (counter, done, FLEET_TASKS, FLEET_TASK_SECONDS), ignore_result=True
             )
         ctx.blpop(done)
         plain = FLEET_TASKS / (time.perf_counter() - began)
+        plain_cpu = (_group_cpu(worker.proc.pid) - cpu) * 1e6 / FLEET_TASKS
         ctx.redis.delete(counter, done)
         capacity = FLEET_SLOTS / FLEET_TASK_SECONDS
         rate = FLEET_TASKS / elapsed
         return {"rate": rate, "capacity": capacity, "share": rate / capacity,
-                "window": stats.window, "why": stats.window_why, "plain": plain}  # fmt: skip
+                "window": stats.window, "why": stats.window_why, "plain": plain,
+                "worker_cpu_usec": stream_cpu, "plain_worker_cpu_usec": plain_cpu}  # fmt: skip
     finally:
         worker.stop()
 
@@ -328,7 +331,10 @@ def render(results: dict[str, Any]) -> str:
             f"{fleet['rate']:,.0f} tasks/s of {fleet['capacity']:,.0f} ({fleet['share']:.0%}); "
             f"plain Celery on the same worker {fleet['plain']:,.0f} tasks/s "
             f"({fleet['plain'] / fleet['capacity']:.0%}); the stream at "
-            f"{fleet['rate'] / fleet['plain']:.0%} of plain Celery"
+            f"{fleet['rate'] / fleet['plain']:.0%} of plain Celery; the worker process's CPU "
+            f"per task {fleet['worker_cpu_usec']:,.0f} us with the stream, "
+            f"{fleet['plain_worker_cpu_usec']:,.0f} us plain (one process: its 64 threads "
+            "share one interpreter lock)"
         )
     return "\n".join(lines)
 
