@@ -39,8 +39,7 @@ from .task import (
     CALL_TASK_NAME,
     TASK_TARGET_PREFIX,
     ChunkOutcomes,
-    OrderedTask,
-    chunk_argsrepr,
+    ChunkTask,
     resolve_function,
 )
 
@@ -56,8 +55,8 @@ SHUTDOWN_MESSAGE = "cannot schedule new futures after shutdown"
 PUT_OWN_KEYWORDS = frozenset({"self", "task", "timeout"})
 
 
-@shared_task(name=CHUNK_TASK_NAME, base=OrderedTask, bind=True)
-def run_chunk(self: OrderedTask, target: str, calls: list[list[Any]]) -> ChunkOutcomes:
+@shared_task(name=CHUNK_TASK_NAME, base=ChunkTask, bind=True)
+def run_chunk(self: ChunkTask, target: str, calls: list[list[Any]]) -> ChunkOutcomes:
     """Run ``target(*args)`` for each ``args`` of ``calls``, in order, on one worker.
 
     ``target`` is ``"task:NAME"`` (a registered task, called directly) or a
@@ -375,10 +374,7 @@ class OrderedExecutor(Executor):
         if chunksize > 1:
             target = self._shared.stream.producer.chunk_target(fn)
             chunks = _batched(items, chunksize)
-            items = (
-                (run_chunk.s(target, chunk).set(argsrepr=chunk_argsrepr(target, len(chunk))),)
-                for chunk in chunks
-            )
+            items = ((run_chunk, target, chunk) for chunk in chunks)
         else:
             items = ((fn, *args) for args in items)
         self._check_open()

@@ -38,7 +38,7 @@ from . import checks, codec
 from .errors import OrderedStreamError, StreamEmpty, StreamFull
 from .producer import Prepared
 from .stream import OrderedResultStream
-from .task import CHUNK_TASK_NAME, chunk_argsrepr
+from .task import CHUNK_TASK_NAME
 
 
 class _InputFailed:
@@ -318,11 +318,10 @@ class ChunkedMap:
                 failure = exc
             if chunk:
                 self.sizes.append(len(chunk))
-                argsrepr = chunk_argsrepr(self.target, len(chunk))
                 if self.star:
-                    yield self.chunk_task.s(self.target, chunk, star=True).set(argsrepr=argsrepr)
+                    yield self.chunk_task.s(self.target, chunk, star=True)
                 else:
-                    yield self.chunk_task.s(self.target, chunk).set(argsrepr=argsrepr)
+                    yield self.chunk_task.s(self.target, chunk)
             if failure is not None:
                 self.sizes.append(1)
                 raise failure

@@ -76,24 +76,12 @@ class ChunkOutcomes(UserList[Any]):
     """What a chunk task returns: its outcomes, one per item, as a list.
 
     It compares and indexes as the list it wraps (``.data``), which is what
-    goes into the stream. Only its ``repr`` differs: a count, not the items.
-    Celery's worker takes the ``repr`` of every return value for its logs
-    and events, walking the whole value, and for a chunk of 100 items that
-    walk cost more worker time than the chunk's own work.
+    goes into the stream. Only its ``repr`` differs: a count, not the items
+    (see :class:`ChunkTask`).
     """
 
     def __repr__(self) -> str:
         return f"<{len(self.data)} outcomes>"
-
-
-def chunk_argsrepr(target: str, count: int) -> str:
-    """The ``argsrepr`` a chunk's message carries: its target and item count.
-
-    Celery otherwise takes the ``repr`` of the arguments of every message it
-    sends, for its logs and monitors; for a chunk, that is every item, at a
-    cost near a third of the producer's time per item.
-    """
-    return f"({target!r}, <{count} items>)"
 
 
 class OrderedTask(Task):
@@ -151,8 +139,6 @@ class OrderedTask(Task):
         """Publish the return value when the task came from a stream."""
         target = self._stream_target()
         if target is not None:
-            if isinstance(retval, ChunkOutcomes):
-                retval = retval.data
             self._publish(target, codec.RESULT, retval)
             self._note_runtime(target)
         super().on_success(retval, task_id, args, kwargs)
@@ -169,6 +155,32 @@ class OrderedTask(Task):
             self._publish(target, codec.ERROR, payload)
             self._note_runtime(target)
         super().on_failure(exc, task_id, args, kwargs, einfo)
+
+
+class ChunkTask(OrderedTask):
+    """Base of the tasks that run a chunk of items: ``(target, items, ...)``.
+
+    ``map(..., chunksize=N)`` and ``OrderedExecutor.map(..., chunksize=N)``
+    send one per N items. Celery takes the ``repr`` of every message's
+    arguments (on the producer) and of every return value (on the worker)
+    for its logs and monitors; for a chunk, each walked every item and cost
+    more than the chunk's own work. So a chunk's message carries the
+    ``argsrepr`` ``('<target>', <N items>)``, and the task returns
+    :class:`ChunkOutcomes`, whose ``repr`` is ``<N outcomes>``: its list
+    is what goes into the stream.
+    """
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        """Send the chunk, its ``argsrepr`` its target and item count (unless given)."""
+        if args is not None and len(args) >= 2 and "argsrepr" not in options:
+            options["argsrepr"] = f"({args[0]!r}, <{len(args[1])} items>)"
+        return super().apply_async(args, kwargs, **options)
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        """Publish the outcomes' list (see :meth:`OrderedTask.on_success`)."""
+        if isinstance(retval, ChunkOutcomes):
+            retval = retval.data
+        super().on_success(retval, task_id, args, kwargs)
 
 
 #: The settings a worker's publish depends on (see :func:`_publishing`).
@@ -387,8 +399,8 @@ def call(self: OrderedTask, reference: str, args: list[Any], kwargs: dict[str, A
     return resolve_function(self.app, reference)(*args, **kwargs)
 
 
-@shared_task(name=CHUNK_TASK_NAME, base=OrderedTask, bind=True)
-def chunk(self: OrderedTask, target: str, items: list[Any], star: bool = False) -> ChunkOutcomes:
+@shared_task(name=CHUNK_TASK_NAME, base=ChunkTask, bind=True)
+def chunk(self: ChunkTask, target: str, items: list[Any], star: bool = False) -> ChunkOutcomes:
     """Run ``target`` on each item; one ``["r", value]`` or ``["e", error]`` per item.
 
     ``target`` is ``"task:NAME"`` (a registered task, called directly, not
