@@ -313,10 +313,13 @@ class ConsumerCore:
         pause = self._lingering(deadline)
         if pause > 0:
             yield Pause(pause)
+        # Whether this consumer waited for outcomes before the read (it lingered,
+        # or found its head missing and waited): an adaptive window may grow then.
+        waited = pause > 0
         with self.redis_errors():
             while True:
                 try:
-                    batch = yield from self.pop_op(self.prefetch)
+                    batch = yield from self.pop_op(self.prefetch, waited=waited)
                 except LeaseHeld as held:
                     # Another consumer holds the stream: wait as its standby.
                     remaining = WAIT_SLICE if deadline is None else deadline - time.monotonic()
@@ -366,15 +369,18 @@ class ConsumerCore:
                         seq=batch.start,
                     )
                 wait = min(remaining, self._reclaim_every())
+                waited = True
                 if not (yield from self.protocol.wait_op("ready", wait)):
                     yield OnWait(batch.start)
 
-    def pop_op(self, limit: int, mode: str = "") -> Step[Batch]:
+    def pop_op(self, limit: int, mode: str = "", *, waited: bool = False) -> Step[Batch]:
         """Acknowledge what was handed out; read up to ``limit`` more.
 
         Takes the consumer lease first if this handle holds none (raising
         :class:`~celery_ordered.redis.protocol.LeaseHeld` while another consumer
         holds it), and renews it otherwise; ``mode="free"`` releases it.
+        ``waited``: this consumer waited for outcomes before this read (see
+        :meth:`celery_ordered.redis.protocol.Protocol.pop_op`).
         """
         if self._fenced is not None:
             raise ConsumerFenced(str(self._fenced), stream=self.name)
@@ -392,6 +398,7 @@ class ConsumerCore:
                     epoch=self._epoch,
                     lease=self.lease,
                     mode=mode,
+                    waited=waited,
                 )
         except ConsumerFenced as exc:
             self._fenced = exc
@@ -542,6 +549,17 @@ class Consumer(ConsumerCore):
                     run(self.fetch_op(timeout=0), self._perform)
                 except (StreamExhausted, StreamEmpty, ProducerFailed):
                     return
+
+    def read_now(self) -> None:
+        """Read what has arrived into this handle's buffer, without waiting (one read).
+
+        Also acknowledges what was handed out. For :meth:`OrderedResultStream.map`,
+        which is its own producer: a read that finds the head missing with the
+        window full grows an adaptive window, and the map can fill the room
+        before it waits (see :class:`~celery_ordered.maps.OrderedMap`).
+        """
+        with self._lock, contextlib.suppress(StreamEmpty, StreamExhausted, ProducerFailed):
+            run(self.fetch_op(timeout=0), self._perform)
 
     def acknowledge(self) -> None:
         """Tell Redis what was handed out (renewing the lease); nothing if not consuming."""

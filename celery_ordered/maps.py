@@ -208,6 +208,24 @@ class OrderedMap:
             if claim.count < len(run):
                 return  # the window filled up
 
+    def _grow_before_waiting(self, deadline: float | None) -> None:
+        """With the window full and nothing read, read once before waiting; fill what grew.
+
+        A read that finds the head missing with the window full is what grows
+        an adaptive window (docs/how-it-works.md). This iterator is the
+        stream's producer too: if it went straight into a wait for the head,
+        the room that read made would stay unused until the head arrived, and
+        a wide fleet would start at the floor's few tasks for a whole task's
+        run. At most one read more per window filled.
+        """
+        consumer = self.stream.consumer
+        window = consumer.window_seen
+        if consumer.buffered or self.pending < window or (self.items is None and not self.backlog):
+            return
+        consumer.read_now()
+        if consumer.window_seen > window:
+            self._fill(deadline)
+
     def _close_stream(self) -> None:
         """Close the stream once: with the input's error if it failed."""
         if not self.closed:
@@ -244,6 +262,7 @@ class OrderedMap:
             raise StopIteration
         slot = self.slots[0]
         if slot is None:
+            self._grow_before_waiting(deadline)
             handed_out = self.stream.consumer.handed_out
             try:
                 value = self.stream.get(timeout=_remaining(deadline))

@@ -8,6 +8,7 @@ Real Redis and real workers; each step is driven by what the stream holds
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from typing import Any
 
@@ -50,6 +51,15 @@ def _fill_behind_a_gated_head(stream: Any, gate_of: Any, window: int) -> str:
     return key
 
 
+def _assert_doubled_by_the_consumer(stream: Any, floor: int, *, waiting_for: int) -> None:
+    """The window is twice ``floor``, grown by a consumer that waited for ``waiting_for``."""
+    stats = stream.stats()
+    assert stats.window == 2 * floor
+    assert stats.window_why == (
+        f"grew to {2 * floor}: the consumer waited for number {waiting_for} with the window full"
+    )
+
+
 @pytest.fixture
 def two_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     """The default window's floor is 10 x the CPU count: make it 20 on any machine."""
@@ -75,11 +85,7 @@ def test_the_default_window_grows_when_the_consumer_waits_with_it_full(
         stream.get(timeout=0.1)
 
     # Then the window doubled once, and says why, in stats() and in `ordered inspect`
-    stats = stream.stats()
-    assert stats.window == 2 * floor
-    assert stats.window_why == (
-        f"grew to {2 * floor}: the consumer waited for number 0 with the window full"
-    )
+    _assert_doubled_by_the_consumer(stream, floor, waiting_for=0)
     inspected = run_ordered("inspect", stream.name)
     assert f"window        {2 * floor} (grew to {2 * floor}: " in inspected.output
     # And producers may put that much more, and no more, while those tasks run
@@ -103,6 +109,69 @@ def test_the_default_window_grows_when_the_consumer_waits_with_it_full(
     # And nothing was lost or reordered on the way
     stream.close()
     assert list(stream) == list(range(1, 2 * floor))
+
+
+@pytest.mark.usefixtures("two_cpus")
+def test_the_window_grows_when_the_consumer_waits_right_after_handing_out_outcomes(
+    make_stream: Any, gate_of: Any, redis_client: redis.Redis
+) -> None:
+    # Given a default window full: half of it outcomes ready (markers), half
+    # tasks still running
+    stream = make_stream()
+    floor = stream.window
+    half = floor // 2
+    for i in range(half):
+        stream.put(i, timeout=0)
+    gates = [gate_of(stream, f"task {i}") for i in range(half, floor)]
+    with pytest.raises(StreamFull):
+        stream.put("no room", timeout=0)
+
+    # When the consumer hands out the ready half, then asks for the next one
+    # (the read that acknowledges the half it handed out finds the head missing)
+    assert [stream.get(timeout=5) for _ in range(half)] == list(range(half))
+    with pytest.raises(StreamEmpty):
+        stream.get(timeout=0.1)
+
+    # Then the window doubled: it was full until that very read, so it held work
+    # back, even though the read itself freed half of it
+    _assert_doubled_by_the_consumer(stream, floor, waiting_for=half)
+    # And everything still comes out in order
+    for key in gates:
+        redis_client.rpush(key, 1)
+    stream.close()
+    assert list(stream) == [f"task {i}" for i in range(half, floor)]
+
+
+@pytest.mark.usefixtures("two_cpus")
+def test_map_fills_the_room_its_first_wait_makes_before_waiting(
+    make_stream: Any, redis_url: str, redis_client: redis.Redis
+) -> None:
+    # Given map() over more tasks than the default window, every task held
+    # running until the test opens its gate
+    stream = make_stream()
+    floor = stream.window
+    keys = [f"co-test-gate:{uuid.uuid4().hex}" for _ in range(3 * floor)]
+    results: list[Any] = []
+    try:
+        items = stream.starmap(gate, [(redis_url, key, i) for i, key in enumerate(keys)])
+        reader = threading.Thread(target=lambda: results.extend(items), daemon=True)
+
+        # When it sends the first window and waits for the first outcome
+        reader.start()
+
+        # Then its read before that wait, finding the head missing with the
+        # window full, doubled the window, and it sent that much more first:
+        # a wide fleet gets twice the floor's tasks from the start (the wait
+        # itself may grow the window again, for the next fill)
+        wait_until(lambda: stream.stats().claimed == 2 * floor, "twice the floor claimed")
+        assert stream.stats().window >= 2 * floor
+    finally:
+        for key in keys:
+            redis_client.rpush(key, 1)
+            redis_client.expire(key, 10)
+    # And once the tasks finish, every result comes out, in order
+    reader.join(timeout=60)
+    assert results == list(range(3 * floor))
 
 
 @pytest.mark.usefixtures("two_cpus")

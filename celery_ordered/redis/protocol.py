@@ -534,6 +534,7 @@ class Protocol:
         epoch: int = 0,
         lease: float = 30.0,
         mode: str = "",
+        waited: bool = False,
     ) -> Step[Batch]:
         """Acknowledge below ``ack`` and read the gapless run from ``start``.
 
@@ -542,6 +543,9 @@ class Protocol:
         rival holds a live one, unless ``mode`` is ``"take"``); another epoch
         raises :class:`~celery_ordered.ConsumerFenced`. ``lease`` (seconds)
         is renewed by every call; ``mode="free"`` releases it after this call.
+        ``waited`` tells that the caller waited for outcomes before this call
+        (it lingered, or waited on ``ready``): an adaptive window full before
+        this call's acknowledgement then grows, even if the head is there.
 
         Acknowledging numbers that were never claimed means the stream's state
         went back in time: :class:`~celery_ordered.StreamStateLost`, instead
@@ -557,7 +561,7 @@ class Protocol:
                 [k.next, k.results, k.closed, k.space, k.ready, k.window, k.seq, k.created,
                  k.consumer, k.error, k.adapt],
                 [ack, start, limit, self._renewal("pop", force=epoch == 0), self.incarnation,
-                 owner, epoch, max(1, int(lease * 1000)), mode],
+                 owner, epoch, max(1, int(lease * 1000)), mode, 1 if waited else 0],
             )  # fmt: skip
         except redis.ResponseError as exc:
             word, _, rest = str(exc).partition(" ")

@@ -25,6 +25,8 @@
 -- ARGV[8]  lease     ms the lease lasts from now
 -- ARGV[9]  mode      '': nothing more; 'take': acquire even while another consumer's
 --                    lease is live (fencing it); 'free': release the lease after this call
+-- ARGV[10] waited    '1' if the caller waited for outcomes before this call (it lingered,
+--                    or waited on KEYS[5]): see the adaptive window below
 --
 -- Returns {next, closed (-1 if open), stored, from, window, epoch, claimed, error,
 --          member1, member2, ...}:
@@ -69,6 +71,8 @@ if ARGV[9] == 'free' then
 else
   redis.call('HSET', KEYS[9], 'until', now + tonumber(ARGV[8]))
 end
+-- What the window held before this call's acknowledgement (see the adaptive window below).
+local held = claimed - nxt
 if ack > nxt then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ack)
   redis.call('SET', KEYS[1], ack, 'KEEPTTL')
@@ -102,15 +106,20 @@ for i = 1, #found, 2 do
   expected = expected + 1
 end
 -- An adaptive window (see docs/how-it-works.md), like TCP's congestion window:
--- it doubles when the consumer, asking for outcomes, finds its head missing
--- while the window is full (the window, not the consumer, holds work back:
--- the workers may sit idle), and shrinks by a quarter when every place is
--- taken by an outcome waiting for the consumer (the consumer is the limit).
+-- it doubles when the consumer, asking for outcomes, finds its head missing or
+-- had to wait for it (ARGV[10]), while the window is full (the window, not the
+-- consumer, holds work back: the workers may sit idle), and shrinks by a
+-- quarter when every place is taken by an outcome waiting for the consumer
+-- (the consumer is the limit). Full means full as this call found it, before
+-- its own acknowledgement: a consumer acknowledges in batches and as it is
+-- about to wait, so the places it frees in this very call would otherwise
+-- always hide a full window.
 if tonumber(ARGV[3]) > 0 and window > 0 and redis.call('EXISTS', KEYS[11]) == 1 then
   local floor, ceiling = unpack(redis.call('HMGET', KEYS[11], 'floor', 'ceiling'))
   floor, ceiling = tonumber(floor), tonumber(ceiling)
   local resized, why = nil, nil
-  if expected == from and closed < 0 and claimed - nxt >= window and window < ceiling then
+  if (expected == from or (ARGV[10] == '1' and stored < window)) and closed < 0
+     and held * 2 > window and window < ceiling then
     resized = math.min(ceiling, window * 2)
     why = 'grew to ' .. resized .. ': the consumer waited for number ' .. from ..
           ' with the window full'
