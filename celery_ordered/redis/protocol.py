@@ -544,8 +544,9 @@ class Protocol:
         raises :class:`~celery_ordered.ConsumerFenced`. ``lease`` (seconds)
         is renewed by every call; ``mode="free"`` releases it after this call.
         ``waited`` tells that the caller waited for outcomes before this call
-        (it lingered, or waited on ``ready``): an adaptive window full before
-        this call's acknowledgement then grows, even if the head is there.
+        (it lingered, or waited on ``ready``): an adaptive window more than
+        half in use before this call's acknowledgement then grows, even if
+        the head is there (see ``pop.lua``).
 
         Acknowledging numbers that were never claimed means the stream's state
         went back in time: :class:`~celery_ordered.StreamStateLost`, instead

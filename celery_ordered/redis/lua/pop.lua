@@ -110,10 +110,11 @@ end
 -- had to wait for it (ARGV[10]), while the window is full (the window, not the
 -- consumer, holds work back: the workers may sit idle), and shrinks by a
 -- quarter when every place is taken by an outcome waiting for the consumer
--- (the consumer is the limit). Full means full as this call found it, before
--- its own acknowledgement: a consumer acknowledges in batches and as it is
--- about to wait, so the places it frees in this very call would otherwise
--- always hide a full window.
+-- (the consumer is the limit). Full here means more than half in use, as this
+-- call found it before its own acknowledgement: a consumer acknowledges in
+-- batches and as it is about to wait, so the places it frees in this very call
+-- would otherwise always hide a full window, and map() claims only once half
+-- the window is free, so it never takes the last places.
 if tonumber(ARGV[3]) > 0 and window > 0 and redis.call('EXISTS', KEYS[11]) == 1 then
   local floor, ceiling = unpack(redis.call('HMGET', KEYS[11], 'floor', 'ceiling'))
   floor, ceiling = tonumber(floor), tonumber(ceiling)
