@@ -66,6 +66,7 @@ from benchmarks.harness import (  # noqa: E402
     version,
 )
 from benchmarks.run import Context, celery_ceiling, stream_map, stream_thread  # noqa: E402
+from tests.support.processes import group_cpu  # noqa: E402
 
 #: Commands a client sends itself; everything else in commandstats ran inside a
 #: script (``EXISTS`` among them: the scripts check keys with it, the rows' clients
@@ -194,22 +195,6 @@ def chunked_map(ctx: Context, n: int) -> float:
     return elapsed
 
 
-def _group_cpu(pgid: int) -> float:
-    """CPU seconds (user and system) used so far by the live processes of group ``pgid``."""
-    ticks = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            text = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2 :].split()
-        if int(fields[2]) == pgid:  # pgrp
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 def _measure(
     ctx: Context,
     meter: RedisMeter,
@@ -222,11 +207,11 @@ def _measure(
     process (producer and consumer) and of the worker (its main and pool processes)."""
     meter.reset(by_script=by_script)
     worker = ctx.worker.proc.pid
-    mine, theirs = time.process_time(), _group_cpu(worker)
+    mine, theirs = time.process_time(), group_cpu(worker)
     elapsed = row(ctx, n)
     costs = meter.read(n)
     costs["producer_cpu_usec"] = (time.process_time() - mine) * 1e6 / n
-    costs["worker_cpu_usec"] = (_group_cpu(worker) - theirs) * 1e6 / n
+    costs["worker_cpu_usec"] = (group_cpu(worker) - theirs) * 1e6 / n
     return n / elapsed, costs
 
 
@@ -238,10 +223,10 @@ def _fleet_stream(ctx: Context, pid: int, n: int, window: int | None) -> tuple[f
         ctx.app, ctx.name("fleet"), window=window, task_options={"queue": ctx.queue}
     )
     try:
-        began, cpu = time.perf_counter(), _group_cpu(pid)
+        began, cpu = time.perf_counter(), group_cpu(pid)
         values = list(stream.map(ctx.tasks.ordered_sleep, [FLEET_TASK_SECONDS] * n))
         elapsed = time.perf_counter() - began
-        worker_cpu = (_group_cpu(pid) - cpu) * 1e6 / n
+        worker_cpu = (group_cpu(pid) - cpu) * 1e6 / n
         stats = stream.stats()
     finally:
         stream.delete()
@@ -253,14 +238,14 @@ def _fleet_stream(ctx: Context, pid: int, n: int, window: int | None) -> tuple[f
 def _fleet_plain(ctx: Context, pid: int, n: int) -> tuple[float, float]:
     """Plain Celery: ``n`` fleet tasks sent as fast as it can: (seconds, worker CPU us per task)."""
     counter, done = ctx.name("fleet-counter"), ctx.name("fleet-done")
-    began, cpu = time.perf_counter(), _group_cpu(pid)
+    began, cpu = time.perf_counter(), group_cpu(pid)
     for _ in range(n):
         ctx.tasks.sleep_count.apply_async(
             (counter, done, n, FLEET_TASK_SECONDS), ignore_result=True
         )
     ctx.blpop(done)
     elapsed = time.perf_counter() - began
-    worker_cpu = (_group_cpu(pid) - cpu) * 1e6 / n
+    worker_cpu = (group_cpu(pid) - cpu) * 1e6 / n
     ctx.redis.delete(counter, done)
     return elapsed, worker_cpu
 

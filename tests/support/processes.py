@@ -41,15 +41,32 @@ REDIS_DIR_GLOB = os.path.join(tempfile.gettempdir(), "celery-ordered-redis-*")
 PYMP_DIR_GLOB = os.path.join(tempfile.gettempdir(), "pymp-*")
 
 
-def _stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, pgrp) of ``pid``, or None when there is no such process."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), or None."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return None
     # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
-    fields = text[text.rindex(")") + 2 :].split()
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, pgrp) of ``pid``, or None when there is no such process."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
     return fields[0], int(fields[1]), int(fields[2])
+
+
+def group_cpu(pgid: int) -> float:
+    """CPU seconds (user and system) used so far by the live processes of group ``pgid``."""
+    ticks = 0
+    for pid in _all_pids():
+        fields = _stat_fields(pid)
+        if fields is not None and int(fields[2]) == pgid:
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _all_pids() -> Iterator[int]:
