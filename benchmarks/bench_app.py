@@ -54,12 +54,29 @@ def _client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url)
 
 
-@app.task(ignore_result=True)
-def count(counter_key: str, done_key: str, total: int) -> None:
-    """INCR a counter; the task that brings it to ``total`` pushes to ``done_key``."""
+def _count(counter_key: str, done_key: str, total: int) -> None:
     client = _client(REDIS_URL)
     if client.incr(counter_key) == total:
         client.rpush(done_key, 1)
+
+
+@app.task(ignore_result=True)
+def count(counter_key: str, done_key: str, total: int) -> None:
+    """INCR a counter; the task that brings it to ``total`` pushes to ``done_key``."""
+    _count(counter_key, done_key, total)
+
+
+@app.task(ignore_result=True, acks_late=True)
+def count_late(counter_key: str, done_key: str, total: int) -> None:
+    """:func:`count`, its message acknowledged after it ran, as an ordered task's is."""
+    _count(counter_key, done_key, total)
+
+
+@ordered_task(ignore_result=True)
+def ordered_count(counter_key: str, done_key: str, total: int) -> int:
+    """:func:`count` as an ordered task; returns ``total``."""
+    _count(counter_key, done_key, total)
+    return total
 
 
 @app.task(ignore_result=True)
