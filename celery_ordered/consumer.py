@@ -543,23 +543,24 @@ class Consumer(ConsumerCore):
         For owners of a private Redis (:mod:`celery_ordered.compat`) about to
         stop it: what was read stays deliverable by :meth:`get`.
         """
-        with self._lock:
-            while True:
-                try:
-                    run(self.fetch_op(timeout=0), self._perform)
-                except (StreamExhausted, StreamEmpty, ProducerFailed):
-                    return
+        while self.read_now():
+            pass
 
-    def read_now(self) -> None:
+    def read_now(self) -> bool:
         """Read what has arrived into this handle's buffer, without waiting (one read).
 
-        Also acknowledges what was handed out. For :meth:`OrderedResultStream.map`,
-        which is its own producer: a read that finds the head missing with the
-        window full grows an adaptive window, and the map can fill the room
-        before it waits (see :class:`~celery_ordered.maps.OrderedMap`).
+        True if it read outcomes. Also acknowledges what was handed out. For
+        :meth:`prefetch_all`, and for :meth:`OrderedResultStream.map`, which is
+        its own producer: a read that finds the head missing with the window
+        full grows an adaptive window, and the map can fill the room before it
+        waits (see :class:`~celery_ordered.maps.OrderedMap`).
         """
-        with self._lock, contextlib.suppress(StreamEmpty, StreamExhausted, ProducerFailed):
-            run(self.fetch_op(timeout=0), self._perform)
+        with self._lock:
+            try:
+                run(self.fetch_op(timeout=0), self._perform)
+            except (StreamExhausted, StreamEmpty, ProducerFailed):
+                return False
+            return True
 
     def acknowledge(self) -> None:
         """Tell Redis what was handed out (renewing the lease); nothing if not consuming."""
