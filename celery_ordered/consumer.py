@@ -281,17 +281,26 @@ class ConsumerCore:
         ``linger`` seconds bring at least two, the next read comes after the
         time that brings about :data:`LINGER_BATCH` at that rate, at most
         ``linger`` seconds after the last read, and carries several at once.
+        Fewer numbers in flight do not stop it while the producers may claim
+        a batch's worth meanwhile (the stream is open and the window has room
+        for one): a producer thread that puts as fast as the workers run
+        keeps only a few numbers ahead of its consumer, and its outcomes
+        would otherwise be read one round trip (and a wait) at a time.
         Never past the caller's ``timeout``; a slow stream (a put, then a
         get, say) never lingers, and nor does a read that no batch could
-        follow: the last outcomes of a closed stream, or a small window's,
+        follow: the last outcomes of a closed stream, or a full window's,
         come as soon as they are published.
         """
         if not self.linger or self._last_read_at is None:
             return 0.0
-        if not 0 < self._last_found < LINGER_BATCH:
+        if not 0 < self._last_found < LINGER_BATCH or self._rate * self.linger < 2:
             return 0.0
-        if self._claimed_seen - self._read < LINGER_BATCH or self._rate * self.linger < 2:
-            return 0.0
+        if self._claimed_seen - self._read < LINGER_BATCH:
+            # Redis's cursor is where this consumer last acknowledged: the
+            # producers may claim up to the window beyond it meanwhile.
+            room = self.window_seen - (self._claimed_seen - max(self._acked, 0))
+            if self._closed_at is not None or room < LINGER_BATCH:
+                return 0.0
         until = self._last_read_at + min(self.linger, LINGER_BATCH / self._rate)
         if deadline is not None:
             until = min(until, deadline)

@@ -19,11 +19,27 @@ from celery_ordered.config import DEFAULT_CONSUMER_LINGER
 from celery_ordered.consumer import LINGER_BATCH
 
 
-def _after_a_read(stream: Any, *, found: int, rate: float, in_flight: int) -> Any:
-    """The stream's consumer as a read of ``found`` outcomes, just now, leaves it."""
+def _after_a_read(
+    stream: Any,
+    *,
+    found: int,
+    rate: float,
+    in_flight: int,
+    window: int = 64,
+    closed: bool = False,
+) -> Any:
+    """The stream's consumer as a read of ``found`` outcomes, just now, leaves it.
+
+    It has acknowledged everything before the read (Redis's cursor is where
+    the read began), the window is ``window``, and ``closed`` tells whether
+    the read found the stream closed after the numbers in flight.
+    """
     consumer = stream.consumer
+    consumer._acked = 100 - found
     consumer._read = 100
     consumer._claimed_seen = 100 + in_flight
+    consumer.window_seen = window
+    consumer._closed_at = 100 + in_flight if closed else None
     consumer._rate = rate
     consumer._last_read_at = time.monotonic()
     consumer._last_found = found
@@ -61,8 +77,8 @@ def test_a_wait_never_outlasts_the_callers_timeout(make_stream: Any) -> None:
             1,
             5000.0,
             LINGER_BATCH - 1,
-            "fewer numbers are in flight than a batch (the end of a closed stream, a small "
-            "window): the outcomes to come are read as they come",
+            "fewer numbers are in flight than a batch and the window has no room for one: "
+            "the outcomes to come are read as they come",
         ),
         (1, 50.0, 50, "outcomes come slower than two per linger (a put, then a get)"),
         (1, 0.0, 50, "no rate is known yet (the first reads)"),
@@ -71,8 +87,30 @@ def test_a_wait_never_outlasts_the_callers_timeout(make_stream: Any) -> None:
 def test_the_next_read_is_at_once_when(
     make_stream: Any, found: int, rate: float, in_flight: int, why: str
 ) -> None:
-    consumer = _after_a_read(make_stream(), found=found, rate=rate, in_flight=in_flight)
+    consumer = _after_a_read(
+        make_stream(), found=found, rate=rate, in_flight=in_flight, window=LINGER_BATCH
+    )
     assert consumer._lingering(None) == 0.0, why
+
+
+def test_few_numbers_in_flight_still_linger_while_the_window_has_room_for_a_batch(
+    make_stream: Any,
+) -> None:
+    # Given a producer thread putting as fast as the workers run: only two
+    # numbers in flight beyond the read, outcomes coming at 1,600 a second,
+    # and room in the window for more than a batch of claims meanwhile
+    consumer = _after_a_read(make_stream(), found=1, rate=1600.0, in_flight=2, window=64)
+    # Then the next read waits for a batch to gather, as with many in flight
+    assert 0.005 < consumer._lingering(None) <= LINGER_BATCH / 1600.0
+
+
+def test_the_last_numbers_of_a_closed_stream_are_read_as_they_come(make_stream: Any) -> None:
+    # Given the same reads, but the stream was closed after the two in flight
+    consumer = _after_a_read(
+        make_stream(), found=1, rate=1600.0, in_flight=2, window=64, closed=True
+    )
+    # Then no batch can follow them: the next read is at once
+    assert consumer._lingering(None) == 0.0
 
 
 def test_the_app_setting_sets_the_linger_and_zero_turns_it_off(app: Any, make_stream: Any) -> None:
