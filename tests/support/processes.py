@@ -69,6 +69,14 @@ def group_cpu(pgid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user and system) used so far by process ``pid`` alone (0.0 if gone)."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _all_pids() -> Iterator[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
