@@ -9,10 +9,18 @@ Redis share two cores, where a busy machine also bills Redis for the time it
 waited for a core. This script measures the scripts alone: one process drives
 a stream as ``map`` does (a claim per half window, a publish per task, the
 consumer's pops), on a private ``redis-server`` that nothing else uses, and
-reads ``INFO commandstats`` around each call: the microseconds Redis spent
-per task in each script (its inner commands included), and the tasks per
-second one Redis core could serve at that cost. It is the arithmetic of
-``docs/deploying.md``.
+reads ``INFO commandstats`` around each script's calls for a block (the
+claim, the block's publishes, the pop): the microseconds Redis spent per
+task in each script (its inner commands included), and the tasks per second
+one Redis core could serve at that cost. It is the arithmetic of
+``docs/deploying.md``. (Reading INFO around every single call, as this
+script once did, billed each call for the caches that INFO's own work had
+just evicted: a busy Redis runs scripts back to back.)
+
+The last row is the floor under any script on this machine: a script that
+only returns, called with the keys and arguments of a publish, measured the
+same way. It is what one call costs before its first command, whatever the
+script does.
 """
 
 from __future__ import annotations
@@ -52,13 +60,16 @@ def measure(client: redis.Redis, tasks: int, window: int) -> dict[str, float]:
     client.config_resetstat()
     last = _evalsha_usec(client)
 
-    def account(script: str) -> None:
+    def account(script: str, count: int = 1) -> None:
         nonlocal last
         now = _evalsha_usec(client)
         spent[script] += now - last
-        calls[script] += 1
+        calls[script] += count
         last = _evalsha_usec(client)  # INFO itself is not an EVALSHA
 
+    # A script that only returns, with a publish's keys and arguments: the floor.
+    floor = client.register_script("return 1")
+    floor_keys = [f"{{{proto.keys.name}}}:floor:{i}" for i in range(12)]
     while delivered < tasks:
         block = min(window // 2 or 1, tasks - delivered)
         claim = proto.claim(
@@ -67,16 +78,20 @@ def measure(client: redis.Redis, tasks: int, window: int) -> dict[str, float]:
         account("claim")
         for n in range(claim.first, claim.first + claim.count):
             proto.publish(n, OUTCOME % n)
-            account("publish")
+        account("publish", claim.count)
         batch = proto.pop(
             delivered if epoch else -1, delivered, 256, owner=owner, epoch=epoch, lease=30
         )
         account("pop")
+        for n in range(claim.first, claim.first + claim.count):
+            floor(keys=floor_keys, args=[n, OUTCOME % n, 86_400_000, "0" * 32])
+        account("floor", claim.count)
         epoch = batch.epoch
         delivered += len(batch.members)
     proto.delete()
     usec = {script: total / tasks for script, total in spent.items()}
-    usec["calls per task"] = sum(calls.values()) / tasks
+    usec["calls per task"] = (sum(calls.values()) - calls["floor"]) / tasks
+    usec["floor per call"] = spent["floor"] / calls["floor"]
     return usec
 
 
@@ -94,7 +109,7 @@ def main() -> None:
         client.close()
     finally:
         server.stop()
-    total = sum(v for k, v in usec.items() if k != "calls per task")
+    total = sum(usec.get(script, 0.0) for script in ("claim", "publish", "pop"))
     print(
         f"redis-server {version}, {args.tasks:,} tasks, window {args.window} "
         "(claims per half window, as map does)\n"
@@ -104,6 +119,8 @@ def main() -> None:
     for script in ("claim", "publish", "pop"):
         print(f"| {script} | {usec.get(script, 0.0):.2f} |")
     print(f"| all | {total:.2f} |")
+    print(f"| floor: a script that only returns, with a publish's keys and arguments, "
+          f"per call | {usec['floor per call']:.2f} |")  # fmt: skip
     print(
         f"\nOne Redis core at this cost: about {1e6 / total:,.0f} stream tasks/s "
         f"({usec['calls per task']:.2f} script calls per task)."
