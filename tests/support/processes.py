@@ -59,22 +59,25 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
     return fields[0], int(fields[1]), int(fields[2])
 
 
+def _cpu_ticks(fields: list[str]) -> int:
+    """User and system CPU, in clock ticks, from a process's :func:`_stat_fields`."""
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
 def group_cpu(pgid: int) -> float:
     """CPU seconds (user and system) used so far by the live processes of group ``pgid``."""
     ticks = 0
     for pid in _all_pids():
         fields = _stat_fields(pid)
         if fields is not None and int(fields[2]) == pgid:
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+            ticks += _cpu_ticks(fields)
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def process_cpu(pid: int) -> float:
     """CPU seconds (user and system) used so far by process ``pid`` alone (0.0 if gone)."""
     fields = _stat_fields(pid)
-    if fields is None:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0 if fields is None else _cpu_ticks(fields) / os.sysconf("SC_CLK_TCK")
 
 
 def _all_pids() -> Iterator[int]:
