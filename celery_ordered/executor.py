@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any
 
@@ -37,10 +37,9 @@ from .errors import StreamClosedError, StreamExhausted
 from .stream import OrderedResultStream
 from .task import (
     CALL_TASK_NAME,
-    TASK_TARGET_PREFIX,
     ChunkOutcomes,
     ChunkTask,
-    resolve_function,
+    chunk_target,
 )
 
 logger = logging.getLogger(__name__)
@@ -63,11 +62,8 @@ def run_chunk(self: ChunkTask, target: str, calls: list[list[Any]]) -> ChunkOutc
     plain function reference. As in ``ProcessPoolExecutor``, the first
     exception fails the whole chunk.
     """
-    if target.startswith(TASK_TARGET_PREFIX):
-        function: Callable[..., Any] = self.app.tasks[target[len(TASK_TARGET_PREFIX) :]]
-    else:
-        function = resolve_function(self.app, target)
-    return ChunkOutcomes([function(*args) for args in calls])
+    with chunk_target(self.app, target) as function:
+        return ChunkOutcomes([function(*args) for args in calls])
 
 
 class _Shared:

@@ -23,7 +23,15 @@ import redis
 
 from celery_ordered import OrderedResultStream, UnsendableError
 from celery_ordered.executor import OrderedExecutor
-from tests.apps.tasks import CustomError, echo, fail, gate, keywords, sleep_echo
+from tests.apps.tasks import (
+    CustomError,
+    echo,
+    fail,
+    gate,
+    keywords,
+    request_seen,
+    sleep_echo,
+)
 from tests.support.waiting import wait_until
 
 #: Seconds a test waits for any one result.
@@ -112,6 +120,12 @@ def test_map(make_executor: Any, chunksize: int) -> None:
     assert list(executor.map(power, range(10), range(10), chunksize=chunksize)) == list(
         map(pow, range(10), range(10))
     )
+
+
+def test_map_in_chunks_runs_a_task_as_a_direct_call_of_it_would(make_executor: Any) -> None:
+    executor = make_executor(window=4)
+    seen = list(executor.map(request_seen, range(5), chunksize=2))
+    assert seen == [[i, [i], True, True, None] for i in range(5)]
 
 
 @pytest.mark.parametrize("chunksize", [1, 2])

@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 
 from celery_ordered import UnsendableError
-from tests.apps.tasks import CustomError, echo, inverse_or_fail
+from tests.apps.tasks import (
+    CustomError,
+    check_positive,
+    echo,
+    inverse_or_fail,
+    request_seen,
+    tagged_echo,
+)
 from tests.support.streams import outcomes
 from tests.support.waiting import wait_until
 
@@ -33,6 +40,33 @@ def test_a_failing_item_fails_only_its_own_place(
     assert "no inverse of 0" in str(error)
     assert "inverse_or_fail" in error.stack_trace
     assert error.stream == stream.name
+
+
+def test_a_chunk_runs_a_task_as_a_direct_call_of_it_would(worker: Any, make_stream: Any) -> None:
+    # Given a bound task that reports its request, mapped in chunks of 3
+    stream = make_stream(window=4)
+    seen = list(stream.map(request_seen, range(5), chunksize=3))
+    # Then each item saw what a direct call shows a task: its own arguments,
+    # called directly, itself as Celery's current task, no task id
+    assert seen == [[i, [i], True, True, None] for i in range(5)]
+
+
+def test_a_chunk_calls_a_task_whose_class_has_its_own_call_through_it_for_each_item(
+    worker: Any, make_stream: Any
+) -> None:
+    stream = make_stream(window=4)
+    assert list(stream.map(tagged_echo, range(5), chunksize=3)) == [["tagged", i] for i in range(5)]
+
+
+def test_a_task_failing_on_one_item_of_a_chunk_fails_only_that_item(
+    worker: Any, make_stream: Any
+) -> None:
+    stream = make_stream(window=4)
+    seen = outcomes(stream.map(check_positive, [1, -2, 3, -4], chunksize=4))
+    assert [type(x) for x in seen] == [int, ValueError, int, ValueError]
+    assert seen[0::2] == [1, 3]
+    assert "-2 is negative" in str(seen[1])
+    assert "check_positive" in seen[1].stack_trace
 
 
 def test_chunked_map_over_an_endless_generator_keeps_the_window(

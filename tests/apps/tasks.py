@@ -10,7 +10,7 @@ from typing import Any
 import redis
 from celery import shared_task
 
-from celery_ordered import ordered_task
+from celery_ordered import OrderedTask, ordered_task
 
 
 @functools.cache
@@ -171,3 +171,34 @@ import celery_ordered.executor  # noqa: E402,F401
 def keywords(**kwargs: Any) -> Any:
     """Return the keyword arguments it got (``timeout`` included)."""
     return kwargs
+
+
+@ordered_task(bind=True)
+def request_seen(self: Any, value: Any) -> list[Any]:
+    """What the task saw of its call, with ``value``.
+
+    ``[value, its request's args, called directly?, is it Celery's current
+    task?, its request's id]``.
+    """
+    from celery import current_task
+
+    return [
+        value,
+        list(self.request.args or ()),
+        bool(self.request.called_directly),
+        current_task is not None and current_task.name == self.name,
+        self.request.id,
+    ]
+
+
+class Tagging(OrderedTask):
+    """A base with its own ``__call__``, as apps that open a context around each call have."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return ["tagged", super().__call__(*args, **kwargs)]
+
+
+@ordered_task(base=Tagging)
+def tagged_echo(value: Any) -> Any:
+    """Return ``value`` (its base tags each call's return value)."""
+    return value
