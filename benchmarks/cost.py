@@ -66,7 +66,7 @@ from benchmarks.harness import (  # noqa: E402
     version,
 )
 from benchmarks.run import Context, celery_ceiling, stream_map, stream_thread  # noqa: E402
-from tests.support.processes import group_cpu  # noqa: E402
+from tests.support.processes import group_cpu, process_cpu  # noqa: E402
 
 #: Commands a client sends itself; everything else in commandstats ran inside a
 #: script (``EXISTS`` among them: the scripts check keys with it, the rows' clients
@@ -206,12 +206,16 @@ def _measure(
     """A row's rate, and per task: the stream Redis's work, and the CPU of this
     process (producer and consumer) and of the worker (its main and pool processes)."""
     meter.reset(by_script=by_script)
+    ctx.producer_cpu.clear()
     worker = ctx.worker.proc.pid
-    mine, theirs = time.process_time(), group_cpu(worker)
+    mine, theirs, main = time.process_time(), group_cpu(worker), process_cpu(worker)
     elapsed = row(ctx, n)
     costs = meter.read(n)
     costs["producer_cpu_usec"] = (time.process_time() - mine) * 1e6 / n
     costs["worker_cpu_usec"] = (group_cpu(worker) - theirs) * 1e6 / n
+    costs["worker_main_cpu_usec"] = (process_cpu(worker) - main) * 1e6 / n
+    if ctx.producer_cpu:  # the row puts from a thread of its own
+        costs["producer_thread_cpu_usec"] = sum(ctx.producer_cpu) * 1e6 / n
     return n / elapsed, costs
 
 
@@ -294,7 +298,7 @@ def render(results: dict[str, Any]) -> str:
         "| way | tasks/s (median) | range | vs plain Celery | round trips/task "
         "(producer+consumer) | publish/task | script calls inside Redis/task "
         "(PEXPIRE, GET) | Redis usec/task (commandstats; cpu) | CPU usec/task: "
-        "producer+consumer, worker |",
+        "producer+consumer (producer thread), worker (main process) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     plain = statistics.median(results["rows"]["plain Celery"]["rates"])
@@ -320,7 +324,12 @@ def render(results: dict[str, Any]) -> str:
         else:  # plain Celery: the streams' Redis does nothing
             cells += ["", "", "", ""]
         if "producer_cpu_usec" in c:
-            cells.append(f"{c['producer_cpu_usec']:,.0f}, {c['worker_cpu_usec']:,.0f}")
+            thread = c.get("producer_thread_cpu_usec")
+            cells.append(
+                f"{c['producer_cpu_usec']:,.0f}"
+                + ("" if thread is None else f" ({thread:,.0f})")
+                + f", {c['worker_cpu_usec']:,.0f} ({c['worker_main_cpu_usec']:,.0f})"
+            )
         else:
             cells.append("")
         lines.append("| " + " | ".join(cells) + " |")

@@ -77,6 +77,8 @@ class Context:
         self.queue = queue
         self.worker = worker
         self.run_id = run_id
+        #: CPU seconds of the producer threads of the rows that put from one.
+        self.producer_cpu: list[float] = []
         self._names = 0
         self._tasks = 0
 
@@ -180,11 +182,17 @@ def celery_group_join(ctx: Context, n: int) -> float:
 
 
 @contextlib.contextmanager
-def producing(stream: Any, task: Any, args: list[Any]) -> Iterator[list[BaseException]]:
-    """A producer thread putting ``task(arg)`` for each arg, then closing the stream."""
+def producing(
+    stream: Any, task: Any, args: list[Any], cpu: list[float] | None = None
+) -> Iterator[list[BaseException]]:
+    """A producer thread putting ``task(arg)`` for each arg, then closing the stream.
+
+    With ``cpu``, the thread appends to it the CPU seconds it used.
+    """
     errors: list[BaseException] = []
 
     def produce() -> None:
+        began = time.thread_time()
         try:
             for arg in args:
                 stream.put(task, arg)
@@ -192,6 +200,8 @@ def producing(stream: Any, task: Any, args: list[Any]) -> Iterator[list[BaseExce
             errors.append(exc)
         finally:
             stream.close()
+            if cpu is not None:
+                cpu.append(time.thread_time() - began)
 
     thread = threading.Thread(target=produce, name="bench-producer", daemon=True)
     thread.start()
@@ -223,7 +233,7 @@ def stream_thread(ctx: Context, n: int) -> float:
     try:
         values: list[int] = []
         began = time.perf_counter()
-        with producing(stream, ctx.tasks.ordered_noop, list(range(n))):
+        with producing(stream, ctx.tasks.ordered_noop, list(range(n)), ctx.producer_cpu):
             consume(stream, lambda _, value: values.append(value))
         elapsed = time.perf_counter() - began
     finally:
