@@ -407,10 +407,11 @@ def chunk_target(app: Any, target: str) -> Iterator[Callable[..., Any]]:
     work, and more than the rest of a chunk's cost per item. So for a task
     that keeps Celery's ``__call__``, the chunk does once what that call
     does each time (the task becomes Celery's current task, with a request
-    of its own), then for each item sets the request's ``args`` and calls
-    the task's ``run``: the task sees what a direct call shows it. A task
-    whose class defines its own ``__call__`` (to open an application
-    context, say) is called through it for every item.
+    of its own), then for each item resets that request to what a new one
+    holds, with the item's ``args``, and calls the task's ``run``: the task
+    sees what a direct call shows it, and nothing an earlier item left on
+    its request. A task whose class defines its own ``__call__`` (to open an
+    application context, say) is called through it for every item.
     """
     if not target.startswith(TASK_TARGET_PREFIX):
         yield resolve_function(app, target)
@@ -422,10 +423,12 @@ def chunk_target(app: Any, target: str) -> Iterator[Callable[..., Any]]:
     # As Task.__call__ does (celery.app.task), once for the whole chunk.
     _task_stack.push(task)
     task.push_request(args=(), kwargs={})
-    request, run = task.request, task.run
+    state, run = task.request.__dict__, task.run
+    fresh = dict(state)  # what a new request context holds
 
     def call(*args: Any) -> Any:
-        request.args = args
+        state.clear()
+        state.update(fresh, args=args, kwargs={})
         return run(*args)
 
     try:

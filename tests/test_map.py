@@ -13,6 +13,7 @@ from tests.apps.tasks import (
     check_positive,
     echo,
     inverse_or_fail,
+    mark_request,
     request_seen,
     tagged_echo,
 )
@@ -49,6 +50,13 @@ def test_a_chunk_runs_a_task_as_a_direct_call_of_it_would(worker: Any, make_stre
     # Then each item saw what a direct call shows a task: its own arguments,
     # called directly, itself as Celery's current task, no task id
     assert seen == [[i, [i], True, True, None] for i in range(5)]
+
+
+def test_an_item_of_a_chunk_sees_nothing_an_earlier_item_left_on_its_request(
+    worker: Any, make_stream: Any
+) -> None:
+    stream = make_stream(window=4)
+    assert list(stream.map(mark_request, range(4), chunksize=4)) == [False] * 4
 
 
 def test_a_chunk_calls_a_task_whose_class_has_its_own_call_through_it_for_each_item(

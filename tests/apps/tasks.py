@@ -191,6 +191,14 @@ def request_seen(self: Any, value: Any) -> list[Any]:
     ]
 
 
+@ordered_task(bind=True)
+def mark_request(self: Any, value: Any) -> bool:
+    """Whether this call's request already had the mark a call leaves on it."""
+    marked = bool(getattr(self.request, "co_test_mark", False))
+    self.request.co_test_mark = True
+    return marked
+
+
 class Tagging(OrderedTask):
     """A base with its own ``__call__``, as apps that open a context around each call have."""
 
