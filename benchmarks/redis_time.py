@@ -21,15 +21,30 @@ The last row is the floor under any script on this machine: a script that
 only returns, called with the keys and arguments of a publish, measured the
 same way. It is what one call costs before its first command, whatever the
 script does.
+
+commandstats counts only the time a command runs, not the reading, parsing
+and writing around it, nor the system calls of Redis's event loop, which a
+node pays for every call whatever the call does. So a second table drives
+the node as a fleet does: ``--clients`` processes (8 by default) each run a
+stream of their own at once, one round trip per call as a worker makes it,
+and ``INFO cpu`` says what Redis's process spent in all, per task. Beside it,
+the same clients make one ``INCR`` per task: the cost of the smallest
+possible write per task (a plain Celery task's result, say), the floor of
+any design in which each task's outcome reaches Redis by a call of its own.
+On a machine with fewer cores than clients, Redis shares them, so the share
+of a core it was busy is printed too.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
+import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make `celery_ordered` importable
@@ -95,10 +110,90 @@ def measure(client: redis.Redis, tasks: int, window: int) -> dict[str, float]:
     return usec
 
 
+def _drive_stream(url: str, tasks: int, window: int, start: Any) -> None:
+    """One client of :func:`busy`: a stream driven as ``map`` and its workers drive it."""
+    client = redis.Redis.from_url(url)
+    proto = Protocol(client, f"bench-{uuid.uuid4().hex[:8]}", ttl=86400)
+    proto.open(uuid.uuid4().hex, create=True, window=window)
+    start.wait()
+    delivered, epoch = 0, 0
+    while delivered < tasks:
+        block = min(window // 2 or 1, tasks - delivered)
+        claim = proto.claim(
+            [RECORD] * block, window, producer="p", claim_id=uuid.uuid4().hex, lost_after=3600
+        )
+        for n in range(claim.first, claim.first + claim.count):
+            proto.publish(n, OUTCOME % n)  # one round trip each, as each worker's
+        batch = proto.pop(
+            delivered if epoch else -1, delivered, 256, owner="bench", epoch=epoch, lease=30
+        )
+        epoch = batch.epoch
+        delivered += len(batch.members)
+    proto.delete()
+    client.close()
+
+
+def _drive_incr(url: str, tasks: int, window: int, start: Any) -> None:
+    """One client of :func:`busy`'s baseline: one ``INCR`` per task, one round trip each."""
+    client = redis.Redis.from_url(url)
+    key = f"bench-{uuid.uuid4().hex[:8]}"
+    start.wait()
+    for _ in range(tasks):
+        client.incr(key)
+    client.delete(key)
+    client.close()
+
+
+def busy(url: str, drive: Any, clients: int, tasks: int, window: int) -> dict[str, float]:
+    """Redis's own CPU per task while ``clients`` processes each ``drive`` ``tasks`` at once."""
+    client = redis.Redis.from_url(url)
+    start = multiprocessing.Event()
+    procs = [
+        multiprocessing.Process(target=drive, args=(url, tasks, window, start))
+        for _ in range(clients)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        time.sleep(0.5)  # the clients connect and open their streams before the clock starts
+        client.config_resetstat()
+        before = client.info("cpu")
+        began = time.perf_counter()
+        start.set()
+        for proc in procs:
+            proc.join()
+            if proc.exitcode != 0:
+                raise SystemExit(f"a client of the busy run failed (exit code {proc.exitcode})")
+        elapsed = time.perf_counter() - began
+        after = client.info("cpu")
+        stats = client.info("commandstats")
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    used = sum(after[k] - before[k] for k in ("used_cpu_user", "used_cpu_sys"))
+    total = clients * tasks
+    inside = sum(
+        value["usec"]
+        for key, value in stats.items()
+        if key not in ("cmdstat_config|resetstat", "cmdstat_info")
+    )
+    client.close()
+    return {
+        "cpu": used * 1e6 / total,
+        "commandstats": inside / total,
+        "busy": used / elapsed,
+        "rate": total / elapsed,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=8, help="processes of the busy run")
+    parser.add_argument("--busy-tasks", type=int, default=4000, help="tasks per busy client")
     args = parser.parse_args()
     server = RedisServer().start()
     try:
@@ -107,6 +202,10 @@ def main() -> None:
         measure(client, 2_000, args.window)  # warm up: scripts loaded, memory touched
         usec = measure(client, args.tasks, args.window)
         client.close()
+        loads = {
+            "stream": busy(server.url, _drive_stream, args.clients, args.busy_tasks, args.window),
+            "incr": busy(server.url, _drive_incr, args.clients, args.busy_tasks, args.window),
+        }
     finally:
         server.stop()
     total = sum(usec.get(script, 0.0) for script in ("claim", "publish", "pop"))
@@ -123,8 +222,24 @@ def main() -> None:
           f"per call | {usec['floor per call']:.2f} |")  # fmt: skip
     print(
         f"\nOne Redis core at this cost: about {1e6 / total:,.0f} stream tasks/s "
-        f"({usec['calls per task']:.2f} script calls per task)."
+        f"({usec['calls per task']:.2f} script calls per task), counting only the "
+        "time the scripts run."
     )
+    stream, incr = loads["stream"], loads["incr"]
+    print(
+        f"\nA busy node: {args.clients} clients at once, {args.busy_tasks:,} tasks each, "
+        "one round trip per call\n"
+    )
+    print("| per task | stream (claim, publish, pop) | one INCR (the floor) |")
+    print("| --- | --- | --- |")
+    print(f"| Redis CPU, usec (INFO cpu: commands, parsing, system calls) "
+          f"| {stream['cpu']:.1f} | {incr['cpu']:.1f} |")  # fmt: skip
+    print(f"| commandstats, usec (the commands alone) "
+          f"| {stream['commandstats']:.1f} | {incr['commandstats']:.2f} |")  # fmt: skip
+    print(f"| tasks/s reached ({stream['busy']:.0%} and {incr['busy']:.0%} of a core busy) "
+          f"| {stream['rate']:,.0f} | {incr['rate']:,.0f} |")  # fmt: skip
+    print(f"| tasks/s one Redis core serves at this CPU "
+          f"| {1e6 / stream['cpu']:,.0f} | {1e6 / incr['cpu']:,.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
