@@ -485,8 +485,10 @@ def uneven_durations() -> list[float]:
     ]
 
 
-def uneven_stream(ctx: Context, durations: list[float]) -> tuple[float, float]:
-    stream = ctx.stream("uneven", window=None)  # what a user gets by default
+def _uneven_on_stream(ctx: Context, durations: list[float], *, by_map: bool) -> tuple[float, float]:
+    """A stream with the default window, which is what a user gets: ``put`` from
+    a producer thread, or ``map`` (claims and sends in blocks)."""
+    stream = ctx.stream("uneven-map" if by_map else "uneven", window=None)
     first: list[float] = []
     try:
         began = time.perf_counter()
@@ -495,14 +497,29 @@ def uneven_stream(ctx: Context, durations: list[float]) -> tuple[float, float]:
             if index == 0:
                 first.append(time.perf_counter() - began)
 
-        with producing(stream, ctx.tasks.ordered_sleep, durations):
-            got = consume(stream, on_value)
+        if by_map:
+            got = 0
+            for got, value in enumerate(
+                stream.map(ctx.tasks.ordered_sleep, durations, timeout=TIMEOUT), 1
+            ):
+                on_value(got - 1, value)
+        else:
+            with producing(stream, ctx.tasks.ordered_sleep, durations):
+                got = consume(stream, on_value)
         total = time.perf_counter() - began
     finally:
         stream.delete()
     if got != len(durations):
         raise BenchError(f"the uneven stream gave {got} outcomes")
     return first[0], total
+
+
+def uneven_stream(ctx: Context, durations: list[float]) -> tuple[float, float]:
+    return _uneven_on_stream(ctx, durations, by_map=False)
+
+
+def uneven_stream_map(ctx: Context, durations: list[float]) -> tuple[float, float]:
+    return _uneven_on_stream(ctx, durations, by_map=True)
 
 
 def uneven_group(ctx: Context, durations: list[float]) -> tuple[float, float]:
@@ -546,6 +563,7 @@ def uneven_mp(ctx: Context, durations: list[float]) -> tuple[float, float]:
 
 UNEVEN: list[tuple[str, str, Callable[[Context, list[float]], tuple[float, float]]]] = [
     ("stream", "celery-ordered, put thread + iterate (default window)", uneven_stream),
+    ("stream_map", "celery-ordered, stream.map (default window)", uneven_stream_map),
     ("group_get", "celery, group().get()", uneven_group),
     ("asyncresult", "celery, [r.get() for r in results]", uneven_asyncresult),
     ("mp_imap_1", "multiprocessing Pool(2).imap, chunksize=1", uneven_mp),
