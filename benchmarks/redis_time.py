@@ -110,11 +110,12 @@ def measure(client: redis.Redis, tasks: int, window: int) -> dict[str, float]:
     return usec
 
 
-def _drive_stream(url: str, tasks: int, window: int, start: Any) -> None:
+def _drive_stream(url: str, tasks: int, window: int, ready: Any, start: Any) -> None:
     """One client of :func:`busy`: a stream driven as ``map`` and its workers drive it."""
     client = redis.Redis.from_url(url)
     proto = Protocol(client, f"bench-{uuid.uuid4().hex[:8]}", ttl=86400)
     proto.open(uuid.uuid4().hex, create=True, window=window)
+    ready.wait()
     start.wait()
     delivered, epoch = 0, 0
     while delivered < tasks:
@@ -133,10 +134,12 @@ def _drive_stream(url: str, tasks: int, window: int, start: Any) -> None:
     client.close()
 
 
-def _drive_incr(url: str, tasks: int, window: int, start: Any) -> None:
+def _drive_incr(url: str, tasks: int, window: int, ready: Any, start: Any) -> None:
     """One client of :func:`busy`'s baseline: one ``INCR`` per task, one round trip each."""
     client = redis.Redis.from_url(url)
     key = f"bench-{uuid.uuid4().hex[:8]}"
+    client.ping()  # connected before the clock starts, as a stream's client is
+    ready.wait()
     start.wait()
     for _ in range(tasks):
         client.incr(key)
@@ -147,15 +150,16 @@ def _drive_incr(url: str, tasks: int, window: int, start: Any) -> None:
 def busy(url: str, drive: Any, clients: int, tasks: int, window: int) -> dict[str, float]:
     """Redis's own CPU per task while ``clients`` processes each ``drive`` ``tasks`` at once."""
     client = redis.Redis.from_url(url)
-    start = multiprocessing.Event()
+    # Every client has connected (and opened its stream) before the clock starts.
+    ready, start = multiprocessing.Barrier(clients + 1), multiprocessing.Event()
     procs = [
-        multiprocessing.Process(target=drive, args=(url, tasks, window, start))
+        multiprocessing.Process(target=drive, args=(url, tasks, window, ready, start))
         for _ in range(clients)
     ]
     for proc in procs:
         proc.start()
     try:
-        time.sleep(0.5)  # the clients connect and open their streams before the clock starts
+        ready.wait(timeout=60)
         client.config_resetstat()
         before = client.info("cpu")
         began = time.perf_counter()
