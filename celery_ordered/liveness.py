@@ -289,6 +289,9 @@ class Heartbeat:
                 break
             except RuntimeError:
                 continue
+        else:
+            # Not "holds nothing": that would give back every number it holds.
+            raise RuntimeError("the worker's state changed under every read; this beat is skipped")
         now = time.time()
         held: dict[tuple[str, str], dict[int, Entry]] = {}
         for request in requests:
@@ -372,6 +375,7 @@ class Heartbeat:
                 # Deleted, or not in this Redis (the producer uses another one):
                 # nothing to renew; the task's own publish says so.
                 self._held.pop(key, None)
+                self._failing.discard(key)
                 continue
             except Exception as exc:
                 with self._lock:  # its receptions go with the next beat
@@ -540,6 +544,13 @@ def note_runtime(app: Celery, stream: str, incarnation: str, seconds: float) -> 
         _runtimes.sent[key] = _runtimes.sent.get(key, 0) + len(batch)
         if len(_runtimes.sent) > 1000:  # forget long-gone streams
             _runtimes.sent.clear()
+        if len(_runtimes.waiting) > 1000:
+            # Samples of streams that ran no task since (done, deleted) would
+            # wait for a next one for ever, in a worker that runs for months.
+            stale = [k for k, since in _runtimes.oldest.items() if now - since > RUNTIME_FLUSH]
+            for gone in stale:
+                _runtimes.oldest.pop(gone, None)
+                _runtimes.waiting.pop(gone, None)
     try:
         Protocol(redis_client(app), stream, ttl=stream_ttl(app)).note_runtimes(incarnation, batch)
     except Exception as exc:  # a lost sample only makes hedging wait for more

@@ -18,6 +18,7 @@ import importlib
 import logging
 import time
 import traceback
+import types
 import weakref
 from collections import UserList
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ from typing import Any, TypeVar, overload
 import redis
 from celery import Task, shared_task, signals
 from celery._state import _task_stack
-from celery.exceptions import NotRegistered, Reject
+from celery.exceptions import NotRegistered, Reject, TaskRevokedError
 
 from . import codec, liveness
 from .config import (
@@ -290,6 +291,48 @@ def _publish_unknown_task(
         logger.exception("could not publish the unknown-task error for %s", stream)
 
 
+@signals.task_revoked.connect(weak=False)
+def _publish_revoked_task(
+    sender: Any = None,
+    request: Any = None,
+    terminated: bool = False,
+    expired: bool = False,
+    **_: Any,
+) -> None:
+    """A stream's task expired, was revoked or terminated: fill its place with the error.
+
+    Celery drops such a message without running the task (or kills the run),
+    and sends no outcome: without this the stream would wait for it until its
+    outcome counts as overdue, dispatch it again (to expire again), and only
+    then give up on it.
+    """
+    stream = getattr(request, HEADER_STREAM, None)
+    if stream is None or sender is None:
+        return
+    app = sender.app
+    name = str(getattr(sender, "name", None) or "?")
+    serializer = str(getattr(request, HEADER_SERIALIZER, None) or serializer_for(app))
+    task_id = getattr(request, "id", None)
+    if expired:
+        why = (
+            f"expired before a worker ran it (expires={getattr(request, 'expires', None)}): "
+            "give it a later expiry, or none, for work that may wait in a queue"
+        )
+    elif terminated:
+        why = "was terminated while it ran (revoke(..., terminate=True))"
+    else:
+        why = "was revoked (app.control.revoke) before a worker ran it"
+    error = TaskRevokedError(f"task {name}[{task_id}] {why}")
+    payload = codec.exception_payload(error, "", serializer, name)
+    try:
+        publish_outcome(
+            app, str(stream), int(getattr(request, HEADER_SEQ)), serializer, codec.ERROR, payload,
+            name, incarnation=str(getattr(request, HEADER_INCARNATION, None) or ""),
+        )  # fmt: skip
+    except Exception:  # never break the worker's consumer over this
+        logger.exception("could not publish the revoked-task error for %s", stream)
+
+
 @overload
 def ordered_task(fn: F) -> Any: ...
 
@@ -345,6 +388,15 @@ def function_reference(fn: Callable[..., Any]) -> str:
             "cannot import it. Move it to the top level of a module (pass what it "
             "closed over as arguments), or use ParallelSingleTaskQueue, which shares "
             "one function with local workers by inheritance"
+        )
+    bound_to = getattr(fn, "__self__", None)
+    if bound_to is not None and not isinstance(bound_to, types.ModuleType):
+        # A worker would call the function without the object it is bound to:
+        # its first argument would take the place of ``self``.
+        raise UnsendableError(
+            f"put() got {module}.{name}, a bound method (of a {type(bound_to).__name__}): "
+            "workers get only the function, not the object it is bound to. Put a "
+            "top-level function, and pass what it needs of the object as arguments"
         )
     found: Any = importlib.import_module(module) if module != "__main__" else None
     if found is not None:

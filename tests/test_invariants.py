@@ -17,12 +17,13 @@ import textwrap
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 import redis
 from celery import Signature
-from celery.exceptions import NotRegistered
+from celery.exceptions import NotRegistered, TaskRevokedError
 
 from celery_ordered import DispatchError, ResultLost, StreamEmpty, StreamExhausted
 from celery_ordered.redis.keys import StreamKeys
@@ -225,6 +226,49 @@ def test_signature_of_an_unknown_task_does_not_stall_the_stream(make_stream, app
     assert outcome.seq == 1
     assert stream.get(timeout=30) == "after"
     assert list(stream) == []
+
+
+def assert_revoked_between(stream: Any, before: str, why: str) -> None:
+    """The stream gives ``before``, Celery's TaskRevokedError saying ``why`` at 1, "after"."""
+    assert stream.get(timeout=30) == before
+    outcome = next_outcome(stream, timeout=30)
+    assert isinstance(outcome, TaskRevokedError)
+    assert outcome.seq == 1
+    assert why in str(outcome)
+    assert stream.get(timeout=30) == "after"
+    assert list(stream) == []
+
+
+def test_a_task_that_expired_before_a_worker_ran_it_fills_its_place_at_once(make_stream):
+    stream = make_stream(window=4)
+    stream.put(echo, "before")
+    stream.put(echo.s("too late").set(expires=datetime.now(timezone.utc) - timedelta(seconds=5)))
+    stream.put(echo, "after")
+    stream.close()
+
+    # Its number is filled with Celery's own error as soon as a worker drops
+    # the message, not once it counts as lost (dispatched again, to expire again)
+    assert_revoked_between(stream, "before", "expired before a worker ran it")
+
+
+def test_a_revoked_task_fills_its_place_with_the_error(
+    start_worker, make_stream, app, redis_client, redis_url, gate_key
+):
+    # Given a worker with one process, busy with a gated task, and a task
+    # waiting behind it that the user revokes
+    solo = start_worker(concurrency=1)
+    stream = make_stream(window=4, task_options={"queue": solo.queue})
+    stream.put(gate, redis_url, gate_key, "held")
+    revoked = f"revoked-{uuid.uuid4().hex}"
+    stream.put(echo.s("revoked").set(task_id=revoked))
+    stream.put(echo, "after")
+    stream.close()
+    answers = app.control.revoke(revoked, destination=[solo.node], reply=True, timeout=30)
+    assert answers, "the worker did not answer the revoke"
+    redis_client.rpush(gate_key, 1)
+
+    # Then the revoked task's place holds Celery's error, and the stream goes on
+    assert_revoked_between(stream, "held", "was revoked")
 
 
 def test_task_whose_worker_process_dies_still_fills_its_number(

@@ -27,6 +27,8 @@ LUA = resources.files("celery_ordered.redis").joinpath("lua")
 
 #: ``-- KEYS[3]  window ...``: a key's place and its name (the last part of the key).
 KEY_LINE = re.compile(r"^-- KEYS\[(\d+)\]\s+(\w+)", re.M)
+# "-- KEYS[12..] ...": a renewing call passes the stream's other keys after the named ones.
+REST_LINE = re.compile(r"^-- KEYS\[(\d+)\.\.\]", re.M)
 #: ``-- ARGV[2]  default ...``, or ``-- ARGV[8..7+wanted]`` for a variable tail.
 ARGV_LINE = re.compile(r"^-- ARGV\[(\d+)(?:\.\.(\d+)\+(\w+))?\]", re.M)
 
@@ -122,13 +124,19 @@ def test_each_header_names_the_keys_protocol_passes_in_order(recorded: Recording
             f"{script}.lua: its header numbers its KEYS {[i for i, _ in places]}"
         )
         named = [part for _, part in places]
+        rest = [int(i) for i in REST_LINE.findall(header(script))]
+        assert rest in ([], [len(named) + 1]), f"{script}.lua: its KEYS[n..] line says {rest}"
         prefix = f"co:{{{recorded.keys.name}}}:"
+        others = [key.removeprefix(prefix) for key in recorded.keys.all()]
+        others = [key for key in others if key not in named]
         for name, keys, _, _ in recorded.calls:
             if name != script:
                 continue
             passed = [key.removeprefix(prefix) for key in keys]
-            assert passed == named, (
-                f"{script}.lua's header names KEYS {named}; protocol.py passes {passed}"
+            assert passed in ([named, named + others] if rest else [named]), (
+                f"{script}.lua's header names KEYS {named}"
+                + (" (then the stream's other keys)" if rest else "")
+                + f"; protocol.py passes {passed}"
             )
 
 

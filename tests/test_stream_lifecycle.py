@@ -35,6 +35,7 @@ from celery_ordered.redis.protocol import Protocol
 from tests.apps.tasks import echo, gate
 from tests.apps.topologyapp import topology_app
 from tests.support import ROOT
+from tests.support.waiting import wait_until
 
 # How long a wait that must end "at once" may take: one blocking slice of 2 s
 # plus a wide margin for a loaded CI machine, far below the get() timeouts.
@@ -105,6 +106,65 @@ def test_a_stream_created_again_under_its_name_refuses_the_old_handles(make_stre
         old.get(timeout=5)
     new.close()
     assert list(new) == ["new"]
+
+
+def test_an_old_handle_neither_reclaims_nor_hedges_in_a_stream_created_again(redis_client):
+    # Given a stream deleted and created again under its name, its number 0
+    # overdue at once, and a handle still open on the first incarnation
+    name = f"test-{uuid.uuid4().hex}"
+    record = b'qcelery:T:application/json:utf-8:{"task": "t", "args": [], "kwargs": {}}'
+    old = Protocol(redis_client, name, ttl=60)
+    old.open(uuid.uuid4().hex, create=True, window=8)
+    try:
+        old.delete()
+        new = Protocol(redis_client, name, ttl=60)
+        new.open(uuid.uuid4().hex, create=True, window=8)
+        new.claim([record], 8, producer="p", claim_id="c", lost_after=0.001)
+        assert new.note_runtimes(new.incarnation, [0.01, 0.02]) == 2
+        state = {key: redis_client.dump(key) for key in new.keys.all()}
+        # When the old handle reclaims lost work, or checks for a straggler to back up
+        # Then it is told the stream was deleted, and writes nothing into the new one
+        # (it would have re-sent the number, its copy refused by the new incarnation,
+        # and put the new consumer's own reclaim of it off by an hour)
+        with pytest.raises(StreamDeleted):
+            old.reclaim(0.001, 3)
+        with pytest.raises(StreamDeleted):
+            old.hedge(0, 1.0, 3600.0, 2)
+        assert {key: redis_client.dump(key) for key in new.keys.all()} == state
+        # And the new incarnation's own handle reclaims its overdue number
+        overdue = wait_until(lambda: new.reclaim(0.001, 3), "number 0 overdue", AT_ONCE)
+        assert [item.seq for item in overdue] == [0]
+    finally:
+        redis_client.delete(*StreamKeys(name).all())
+
+
+def test_a_stream_fed_by_many_short_lived_producers_forgets_their_old_claims(redis_client):
+    # Given a long-lived stream fed by a new handle per request: one producer
+    # id each, 1,500 of them, whose last claims were made over ten minutes ago
+    name = f"test-{uuid.uuid4().hex}"
+    proto = Protocol(redis_client, name, ttl=60)
+    proto.open(uuid.uuid4().hex, create=True, window=8)
+    marker = b'0:M:application/json:utf-8:"m"'
+    k = proto.keys
+    try:
+        old_ms = int(redis_client.time()[0]) * 1000 - 11 * 60_000
+        redis_client.hset(
+            k.producers, mapping={f"gone-{i}": f"c{i}:{i}:1:{old_ms}" for i in range(1500)}
+        )
+        recent = [f"recent-{i}" for i in range(3)]
+        for producer in recent:
+            proto.claim([marker], 8, producer=producer, claim_id="c", lost_after=60)
+        # When one more producer claims
+        proto.claim([marker], 8, producer="latest", claim_id="c", lost_after=60)
+        # Then only the recent producers' claims are kept: a retry of any of them
+        # still gets its numbers back
+        assert sorted(redis_client.hkeys(k.producers)) == sorted(
+            p.encode() for p in [*recent, "latest"]
+        )
+        again = proto.claim([marker], 8, producer="recent-0", claim_id="c", lost_after=60)
+        assert (again.first, again.count) == (0, 1)
+    finally:
+        redis_client.delete(*StreamKeys(name).all())
 
 
 # -- wipes (issue 11 items 9 and 10) -----------------------------------------------
@@ -245,6 +305,66 @@ def test_attaching_only_to_look_does_not_keep_an_abandoned_stream_alive(
     # Then no key got a longer life
     ttls = {key.decode(): redis_client.pttl(key) for key in keys}
     assert all(0 < ttl <= 60_000 for ttl in ttls.values()), ttls
+
+
+def _age(redis_client: redis.Redis, name: str, ms: int) -> list[bytes]:
+    """Give every key of stream ``name`` ``ms`` to live (as if unused that long); its keys."""
+    keys = sorted(redis_client.scan_iter(f"co:{{{name}}}:*"))
+    for key in keys:
+        redis_client.pexpire(key, ms)
+    return keys
+
+
+@pytest.mark.parametrize("waiter", ["get", "join"])
+def test_waiting_on_a_queued_task_keeps_every_key_of_the_stream_alive(
+    waiter, make_stream, redis_client, app
+):
+    # Given a closed stream whose task waits in a queue no worker serves, its
+    # keys a minute from expiring (it waited that long)
+    stream = make_stream(window=4)
+    stream.put(echo.s("late").set(queue=f"nobody-{uuid.uuid4().hex[:6]}"))
+    stream.close()
+    keys = _age(redis_client, stream.name, 60_000)
+    k = StreamKeys(stream.name)
+    assert {k.pending.encode(), k.deadlines.encode()} <= set(keys)
+    # When another handle waits for it: a consumer's get(), or join()
+    handle = OrderedResultStream(app, stream.name, create=False)
+    if waiter == "get":
+        with pytest.raises(StreamEmpty):
+            handle.get(timeout=0.5)
+    else:
+        handle.join(timeout=0.5)
+    # Then every key lives the stream's TTL again (but a wake token the wait
+    # took), the task's record and its deadline included: a task that runs
+    # later still finds its number waiting (a record that expired made its
+    # outcome look like a duplicate, dropped, and left nothing to dispatch
+    # again: a stall no timeout ended)
+    ttls = {key.decode(): redis_client.pttl(key) for key in keys if key != k.ready.encode()}
+    assert {k.pending, k.deadlines} <= set(ttls)
+    assert all(ttl > 60_000 for ttl in ttls.values()), ttls
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_running_tasks_heartbeat_keeps_every_key_of_the_stream_alive(
+    make_stream, redis_client, redis_url, gate_key
+):
+    # Given a closed stream whose task runs on a worker, held there (a gate)
+    stream = make_stream(window=4)
+    stream.put(gate, redis_url, gate_key, "ran")
+    stream.close()
+    wait_until(lambda: stream.stats().blocker_state == "started", "the worker holds the task")
+    # When its keys come a minute from expiring, while nothing but the
+    # worker's heartbeat uses the stream (the producer only joins)
+    keys = _age(redis_client, stream.name, 60_000)
+    k = StreamKeys(stream.name)
+    # Then the worker's next heartbeat gives every key the stream's TTL again,
+    # its number and incarnation included: the outcome finds the stream
+    wait_until(lambda: redis_client.pttl(k.created) > 60_000, "a heartbeat renewing the stream", 30)
+    ttls = {key.decode(): redis_client.pttl(key) for key in keys}
+    assert all(ttl > 60_000 for ttl in ttls.values()), ttls
+    redis_client.rpush(gate_key, 1)
+    stream.join(timeout=60)
+    assert list(stream) == ["ran"]
 
 
 # -- one consumer at a time (issue 11 item 13) -----------------------------------------

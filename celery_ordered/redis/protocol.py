@@ -285,6 +285,20 @@ class Protocol:
             return self.ttl_ms
         return -self.ttl_ms
 
+    def _and_the_rest(self, keys: list[str], ttl: int) -> list[str]:
+        """``keys``, then every other key of the stream when ``ttl`` renews (> 0).
+
+        A script that renews gives every key it is passed ``ttl`` ms
+        (``refresh(ttl, unpack(KEYS))``), so a renewing call renews the whole
+        stream, not only the keys it uses: no key of a stream in use expires
+        before the others. (A ``pending`` hash that expired while its numbers
+        waited in a queue, say, made their outcomes look like duplicates, and
+        left nothing to dispatch again: a stall nothing could end.)
+        """
+        if ttl <= 0:
+            return keys
+        return keys + [key for key in self.keys.all() if key not in keys]
+
     # -- running scripts -------------------------------------------------------
 
     def _call(self, name: str, keys: list[str], args: list[Any], *, durable: bool = True) -> Any:
@@ -441,14 +455,17 @@ class Protocol:
         An operation (:mod:`celery_ordered.steps`); :meth:`claim` runs it, blocking.
         """
         k = self.keys
+        ttl = self._renewal("claim")
         try:
             first, count = yield Script(
                 "claim",
-                [k.seq, k.next, k.window, k.closed, k.space, k.pending, k.deadlines, k.producers,
-                 k.created, k.results, k.adapt],
+                self._and_the_rest(
+                    [k.seq, k.next, k.window, k.closed, k.space, k.pending, k.deadlines,
+                     k.producers, k.created, k.results, k.adapt],
+                    ttl,
+                ),
                 [
-                    len(records), default_window, int((lost_after or 0) * 1000),
-                    self._renewal("claim"),
+                    len(records), default_window, int((lost_after or 0) * 1000), ttl,
                     producer, claim_id, self.incarnation, *records,
                 ],
             )  # fmt: skip
@@ -556,13 +573,17 @@ class Protocol:
         An operation (:mod:`celery_ordered.steps`); :meth:`pop` runs it, blocking.
         """
         k = self.keys
+        ttl = self._renewal("pop", force=epoch == 0)
         try:
             reply = yield Script(
                 "pop",
-                [k.next, k.results, k.closed, k.space, k.ready, k.window, k.seq, k.created,
-                 k.consumer, k.error, k.adapt],
-                [ack, start, limit, self._renewal("pop", force=epoch == 0), self.incarnation,
-                 owner, epoch, max(1, int(lease * 1000)), mode, 1 if waited else 0],
+                self._and_the_rest(
+                    [k.next, k.results, k.closed, k.space, k.ready, k.window, k.seq, k.created,
+                     k.consumer, k.error, k.adapt],
+                    ttl,
+                ),
+                [ack, start, limit, ttl, self.incarnation, owner, epoch, max(1, int(lease * 1000)),
+                 mode, 1 if waited else 0],
             )  # fmt: skip
         except redis.ResponseError as exc:
             word, _, rest = str(exc).partition(" ")
@@ -617,7 +638,20 @@ class Protocol:
         try:
             claimed = yield Script(
                 "close",
-                [k.seq, k.next, k.results, k.closed, k.ready, k.done, k.space, k.created, k.error],
+                self._and_the_rest(
+                    [
+                        k.seq,
+                        k.next,
+                        k.results,
+                        k.closed,
+                        k.ready,
+                        k.done,
+                        k.space,
+                        k.created,
+                        k.error,
+                    ],
+                    self.ttl_ms,
+                ),
                 [self.ttl_ms, self.incarnation, error],
             )
         except redis.ResponseError as exc:
@@ -694,16 +728,27 @@ class Protocol:
 
         It writes (moves deadlines on, counts re-dispatches) but does not wait
         for replicas: if a failover takes a reclaim back, the numbers come due
-        again and are reclaimed again.
+        again and are reclaimed again. A handle that opened the stream acts
+        only on the incarnation it opened: another one (the stream was
+        deleted, maybe created again under its name) raises
+        :class:`~celery_ordered.StreamDeleted`, and nothing is written.
         """
         k = self.keys
-        reply = yield Script(
-            "reclaim",
-            [k.next, k.results, k.pending, k.deadlines, k.counters, k.seq, k.lanes],
-            [int(lost_after * 1000), limit, batch, self.ttl_ms, int(overtaken_after * 1000),
-             scan],
-            durable=False,  # it writes, but losing its writes to a failover is harmless
-        )  # fmt: skip
+        renew = self._renewal("reclaim")
+        try:
+            reply = yield Script(
+                "reclaim",
+                self._and_the_rest(
+                    [k.next, k.results, k.pending, k.deadlines, k.counters, k.seq, k.lanes,
+                     k.created],
+                    renew,
+                ),
+                [int(lost_after * 1000), limit, batch, self.ttl_ms, int(overtaken_after * 1000),
+                 scan, self.incarnation, renew],
+                durable=False,  # it writes, but losing its writes to a failover is harmless
+            )  # fmt: skip
+        except redis.ResponseError as exc:
+            raise self._deleted_or(exc, "a reclaim of lost work") from exc
         return [
             Overdue(int(reply[i + 1]), reply[i] == b"lost", reply[i + 2], self._text(reply[i + 3]))
             for i in range(0, len(reply), 4)
@@ -848,7 +893,7 @@ class Protocol:
         ]
         args = [incarnation, self.ttl_ms, max(1, int(lease * 1000)), holder, len(entries),
                 " ".join(str(seq) for seq in released), *entries]  # fmt: skip
-        keys = [k.pending, k.deadlines, k.lanes, k.created, k.seq]
+        keys = self._and_the_rest([k.pending, k.deadlines, k.lanes, k.created, k.seq], self.ttl_ms)
         try:
             return int(self._call("lease", keys, args, durable=False))
         except redis.ResponseError as exc:
@@ -884,15 +929,20 @@ class Protocol:
         (b"" for none): once ``head`` has run ``factor`` times that long (at
         least ``waited`` seconds, the time a consumer has waited for it). At
         most one backup per number. Not waited for by replicas: a failover
-        that loses the mark at worst lets a second backup go.
+        that loses the mark at worst lets a second backup go. Raises
+        :class:`~celery_ordered.StreamDeleted` if the stream is not the
+        incarnation this handle opened.
         """
         k = self.keys
-        typical, record = self._call(
-            "hedge",
-            [k.pending, k.timing, k.counters],
-            [head, factor, max(0, int(waited * 1000)), samples, self.ttl_ms],
-            durable=False,
-        )
+        try:
+            typical, record = self._call(
+                "hedge",
+                [k.pending, k.timing, k.counters, k.created],
+                [head, factor, max(0, int(waited * 1000)), samples, self.ttl_ms, self.incarnation],
+                durable=False,
+            )
+        except redis.ResponseError as exc:
+            raise self._deleted_or(exc, "a backup copy of a slow task") from exc
         return (None if int(typical) < 0 else int(typical) / 1000), bytes(record or b"")
 
 

@@ -9,10 +9,12 @@
 -- KEYS[6]  pending    hash    number -> dispatch record, and 't:<number>' -> when it
 --                             was claimed (ms), until its outcome arrives
 -- KEYS[7]  deadlines  zset    numbers scored by when they count as lost (ms)
--- KEYS[8]  producers  hash    producer id -> "<claim id>:<first>:<count>" of its last claim
+-- KEYS[8]  producers  hash    producer id -> "<claim id>:<first>:<count>:<ms>" of its last
+--                             claim (kept 10 minutes once there are over 1,000)
 -- KEYS[9]  created    string  the stream's incarnation id, written when it was created
 -- KEYS[10] results    zset    outcomes scored by their number
 -- KEYS[11] adapt      hash    'floor', 'ceiling', 'why' of an adaptive window (absent: fixed)
+-- KEYS[12..] the stream's other keys when ARGV[4] renews: a renewing call renews them all
 -- ARGV[1]  wanted     how many numbers the caller would like (>= 1)
 -- ARGV[2]  default    window to store when KEYS[3] is absent
 -- ARGV[3]  lost_after ms after which an unfilled number counts as lost (0: never)
@@ -36,7 +38,7 @@ if redis.call('GET', KEYS[9]) ~= ARGV[7] then
 end
 local prior = redis.call('HGET', KEYS[8], ARGV[5])
 if prior then
-  local id, first, count = string.match(prior, '^([^:]+):(%d+):(%d+)$')
+  local id, first, count = string.match(prior, '^([^:]+):(%d+):(%d+)')
   if id == ARGV[6] then
     return {tonumber(first), tonumber(count)}
   end
@@ -104,7 +106,21 @@ for from = 0, count - 1, 1000 do
   end
 end
 -- A retry of this very call (its reply lost) gets the same numbers back.
-redis.call('HSET', KEYS[8], ARGV[5], ARGV[6] .. ':' .. seq .. ':' .. count)
+redis.call('HSET', KEYS[8], ARGV[5], ARGV[6] .. ':' .. seq .. ':' .. count .. ':' .. now)
+-- A retry comes within seconds of its call: a stream fed by a new handle per request
+-- (one producer id each) keeps only the recent claims, past a thousand producers.
+if redis.call('HLEN', KEYS[8]) > 1000 then
+  local all, old = redis.call('HGETALL', KEYS[8]), {}
+  for i = 1, #all, 2 do
+    local at = tonumber(string.match(all[i + 1], '^[^:]+:%d+:%d+:(%d+)$') or '0')
+    if now - at > 600000 then
+      old[#old + 1] = all[i]
+    end
+  end
+  for from = 1, #old, 1000 do
+    redis.call('HDEL', KEYS[8], unpack(old, from, math.min(#old, from + 999)))
+  end
+end
 if new_pending then expire_new(ARGV[4], KEYS[6]) end
 if new_deadlines then expire_new(ARGV[4], KEYS[7]) end
 if new_producers then expire_new(ARGV[4], KEYS[8]) end

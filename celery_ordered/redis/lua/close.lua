@@ -10,6 +10,7 @@
 -- KEYS[7]  space    list    wake token for blocked producers (they must see the close)
 -- KEYS[8]  created  string  the stream's incarnation id
 -- KEYS[9]  error    string  set here to ARGV[3], if this call closes the stream
+-- KEYS[10..] the stream's other keys when ARGV[1] renews: a renewing call renews them all
 -- ARGV[1]  ttl      ms every key of the stream lives after its last use (0: forever)
 -- ARGV[2]  incarnation the id of KEYS[8] the caller opened the stream with
 -- ARGV[3]  error    the producer's error, encoded ('': a normal end); kept only by

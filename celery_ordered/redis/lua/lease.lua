@@ -9,6 +9,7 @@
 -- KEYS[3]  lanes    hash    lane -> "<highest number received>|<last activity, ms>"
 -- KEYS[4]  created  string  the stream's incarnation id
 -- KEYS[5]  seq      string  next number to claim
+-- KEYS[6..] the stream's other keys, renewed with these (see protocol.py's renewal)
 -- ARGV[1]  incarnation the id of KEYS[4] the numbers were claimed in
 -- ARGV[2]  ttl      ms every key of the stream lives after its last use (0: forever)
 -- ARGV[3]  lease    ms the lease lasts from now
@@ -78,5 +79,5 @@ for n in string.gmatch(ARGV[6], '%d+') do
     end
   end
 end
-refresh(ARGV[2], KEYS[1], KEYS[2], KEYS[3])
+refresh(ARGV[2], unpack(KEYS))
 return waiting

@@ -14,6 +14,7 @@
 -- KEYS[9]  consumer  hash    the consumer lease: 'epoch', 'owner', 'until' (ms)
 -- KEYS[10] error     string  the producer's error, if it closed the stream with one
 -- KEYS[11] adapt     hash    'floor', 'ceiling', 'why' of an adaptive window (absent: fixed)
+-- KEYS[12..] the stream's other keys when ARGV[4] renews: a renewing call renews them all
 -- ARGV[1]  ack       every number below it has been delivered; -1: keep the cursor
 -- ARGV[2]  from      first number to read; -1 (or anything below the cursor): the cursor
 -- ARGV[3]  max       most outcomes to return

@@ -12,6 +12,8 @@
 -- KEYS[5]  counters   hash    'redispatched' and 'lost': counts over the stream's life
 -- KEYS[6]  seq        string  next number to claim
 -- KEYS[7]  lanes      hash    lane -> "<highest number received>|<last activity, ms>"
+-- KEYS[8]  created    string  the stream's incarnation id
+-- KEYS[9..] the stream's other keys, renewed with these when ARGV[8] renews
 -- ARGV[1]  lost_after ms a number no worker holds may wait while its lane shows no progress
 -- ARGV[2]  limit      most re-dispatches of one number before it is given up
 -- ARGV[3]  max        most numbers to act on in this call
@@ -19,6 +21,9 @@
 -- ARGV[5]  overtaken  ms a number no worker received may stay behind a later number of
 --                     its lane that a worker did receive
 -- ARGV[6]  scan       most numbers from the consumer's position checked for overtaking
+-- ARGV[7]  incarnation the id of KEYS[8] the caller opened the stream with ('': not checked)
+-- ARGV[8]  renew      ARGV[4], when this call renews every key given (the caller does
+--                     so once in a while); -ARGV[4] (or 0) when it does not
 --
 -- A number is acted on when
 --   'lapsed'     the worker holding it stopped renewing its lease (it died, froze or
@@ -34,6 +39,11 @@
 -- number with a lost error, through publish) and why is one of the reasons above.
 -- Either way the number counts as queued again from now, behind every number claimed so
 -- far, and its deadline moves on by ARGV[1], so no other caller acts on it meanwhile.
+-- An error reply "DELETED" when KEYS[8] is not ARGV[7]: the stream was deleted (and
+-- maybe created again) since the caller opened it; nothing is written then.
+if ARGV[7] ~= '' and redis.call('GET', KEYS[8]) ~= ARGV[7] then
+  return redis.error_reply('DELETED')
+end
 local now = now_ms()
 local nxt = tonumber(redis.call('GET', KEYS[1]) or '0')
 local claimed = tonumber(redis.call('GET', KEYS[6]) or '0')
@@ -161,4 +171,5 @@ end
 if count > 0 then
   refresh(ARGV[4], KEYS[5])
 end
+refresh(ARGV[8], unpack(KEYS))
 return reply
