@@ -395,26 +395,19 @@ class AsyncOrderedResultStream:
             await self._leave()
             raise
 
-    async def __aiter__(self) -> AsyncIterator[Any]:
+    def __aiter__(self) -> _AsyncOutcomes:
         """The outcomes in order, until the stream is closed and drained.
 
-        A failed task raises out of the loop at its position; ``async for``
-        again goes on after it. Leaving the loop before its end (``break``,
-        an exception in its body, the task cancelled) acknowledges what was
-        handed out and releases the consumer lease, once the iteration is
-        closed (at once with ``contextlib.aclosing``, else when it is
-        collected).
+        A failed task raises out of the loop at its position, and the
+        iteration goes on after it: ``async for`` again, or the next
+        ``anext()`` of an iterator held (``contextlib.aclosing(aiter(stream))``),
+        hands out the next outcome. Leaving the loop before its end
+        (``break``, an exception in its body, the task cancelled)
+        acknowledges what was handed out and releases the consumer lease,
+        once the iteration is closed (at once with ``contextlib.aclosing``,
+        else when it is collected).
         """
-        try:
-            while True:
-                try:
-                    outcome = await self.get()
-                except StreamExhausted:
-                    return
-                yield outcome
-        except GeneratorExit:
-            await self._leave()
-            raise
+        return _AsyncOutcomes(self)
 
     async def _leave(self) -> None:
         """Acknowledge and release the lease: this consumer is going away (cancelled)."""
@@ -567,6 +560,49 @@ class AsyncOrderedResultStream:
         """
         timeout = checks.seconds("timeout", timeout)
         return AsyncOrderedMap(self, task, (iterable, *iterables), timeout)
+
+
+class _AsyncOutcomes:
+    """The async iterator of an :class:`AsyncOrderedResultStream`: ``aiter(stream)``.
+
+    Each ``anext()`` is the stream's next outcome (``get()``), a failed task's
+    exception raised at its position, and the iteration goes on after it. It
+    ends (``StopAsyncIteration``) once the stream is closed and drained.
+    :meth:`aclose` before the end, or collecting it unclosed, acknowledges
+    what the stream handed out and releases its consumer lease.
+    """
+
+    def __init__(self, stream: AsyncOrderedResultStream) -> None:
+        self._stream = stream
+        self._loop = asyncio.get_running_loop()
+        self._done = False
+
+    def __aiter__(self) -> _AsyncOutcomes:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            return await self._stream.get()
+        except StreamExhausted:
+            self._done = True
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        """Leave the stream before its end: acknowledge, release the lease (once)."""
+        if not self._done:
+            self._done = True
+            await self._stream._leave()
+
+    def __del__(self) -> None:
+        # Left unclosed before its end (a break out of ``async for``): leave the
+        # stream on its loop, as the loop closes an async generator it collects.
+        if self._done or self._loop.is_closed():
+            return
+        stream = self._stream
+        with contextlib.suppress(RuntimeError):  # the loop is closing
+            self._loop.call_soon_threadsafe(lambda: stream._keep(stream._leave()))
 
 
 class AsyncOrderedMap:

@@ -3,12 +3,46 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
 from . import __version__
 from .commands import ordered
+from .errors import OrderedStreamError
 from .redis.urls import mask_url
+
+
+def _reason(exc: BaseException) -> str:
+    """``exc`` as one line of a message: its text (no password), or its class's name."""
+    text = " ".join(mask_url(exc).split()).rstrip(".")
+    return text or type(exc).__name__
+
+
+def _check_fleet(app: Any, broker_url: str, redis_url: str) -> None:
+    """Fail at once, in one line, on a Redis or a broker a fleet run could not use.
+
+    Without this, an unreachable Redis took ``ordered_redis_retry_for`` (20 s)
+    and a broker that refused the run surfaced as a traceback at the first put.
+    """
+    import redis
+
+    from .config import redis_client
+
+    try:
+        redis_client(app, redis_url, fail_fast=True).ping()
+    except (OrderedStreamError, redis.RedisError) as exc:
+        raise click.ClickException(
+            f"--redis-url {mask_url(redis_url)!r}: {_reason(exc)}: start that Redis, or fix the URL"
+        ) from None
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=0)
+    except Exception as exc:  # kombu's errors differ by transport (an unknown one is a KeyError)
+        raise click.ClickException(
+            f"--broker-url {mask_url(broker_url)!r}: cannot connect ({_reason(exc)}): start "
+            "the broker, or fix the URL"
+        ) from None
 
 
 @click.group()
@@ -50,8 +84,11 @@ def demo(
     from .demo import app as demo_app
     from .demo import run_demo
 
-    if documents < 1 or batch_size < 1:
-        raise click.BadParameter("--documents and --batch-size must be at least 1")
+    sizes = {"--documents": documents, "--batch-size": batch_size, "--workers": workers,
+             "--window": window}  # fmt: skip
+    for flag, value in sizes.items():
+        if value is not None and value < 1:
+            raise click.BadParameter(f"{flag} must be at least 1, got {value}")
     if broker_url or redis_url:
         if not (broker_url and redis_url):
             raise click.UsageError(
@@ -59,17 +96,21 @@ def demo(
                 "holds the stream may be the broker's)"
             )
         demo_app.conf.update(broker_url=broker_url, ordered_redis_url=redis_url)
+        _check_fleet(demo_app, broker_url, redis_url)
         click.echo(f"Running on the fleet behind {mask_url(broker_url)}")
-        report = run_demo(
-            demo_app,
-            documents=documents,
-            batch_size=batch_size,
-            window=window,
-            seed=seed,
-            workers_label="the fleet's (celery -A celery_ordered.demo worker)",
-            startup=None,
-            quiet_batches=quiet_batches,
-        )
+        try:
+            report = run_demo(
+                demo_app,
+                documents=documents,
+                batch_size=batch_size,
+                window=window,
+                seed=seed,
+                workers_label="the fleet's (celery -A celery_ordered.demo worker)",
+                startup=None,
+                quiet_batches=quiet_batches,
+            )
+        except OrderedStreamError as exc:  # the fleet failed the run: one line, no traceback
+            raise click.ClickException(_reason(exc)) from None
     else:
         from .embedded import local_cluster
 

@@ -29,7 +29,7 @@ from .errors import (
     StreamNotFound,
 )
 from .progress import progress_bar
-from .redis.keys import KEY_PREFIX, name_from_key
+from .redis.keys import KEY_PREFIX, name_from_key, validate_name
 from .redis.urls import mask_url
 from .stream import OrderedResultStream, StreamStats
 
@@ -112,6 +112,20 @@ def _one_line(target: _Target | None, exc: BaseException) -> str:
             f"cannot reach Redis at {where} ({reason}): start it, or point the command "
             f"at the Redis holding the streams with {_FLAG_HINT}"
         )
+    garbled = next((c for c in causes if isinstance(c, redis.exceptions.InvalidResponse)), None)
+    if garbled is not None:
+        return (
+            f"the server at {where} does not answer as Redis does "
+            f"({mask_url(garbled).strip().rstrip('.')}): is it another server's port? Point "
+            f"the command at the Redis holding the streams with {_FLAG_HINT}"
+        )
+    refused_command = next((c for c in causes if isinstance(c, redis.ResponseError)), None)
+    if refused_command is not None:
+        return (
+            f"Redis at {where} refused the command "
+            f"({mask_url(refused_command).strip().rstrip('.')}): check the URL given with "
+            f"{_FLAG_HINT} (its database number, say), or ordered_redis_url"
+        )
     return mask_url(exc)
 
 
@@ -149,6 +163,14 @@ def ordered(ctx: click.Context, redis_url: str | None) -> None:
     ctx.meta["celery_ordered"] = _Target(app, redis_url)
 
 
+def _stream_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A NAME argument, checked as a stream name: a bad one is a usage error, not a traceback."""
+    try:
+        return validate_name(value)
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _target(ctx: click.Context) -> _Target:
     target: _Target = ctx.meta["celery_ordered"]
     return target
@@ -173,7 +195,7 @@ def list_streams(ctx: click.Context) -> None:
 
 
 @ordered.command()
-@click.argument("name")
+@click.argument("name", callback=_stream_name)
 @click.pass_context
 def inspect(ctx: click.Context, name: str) -> None:
     """Show one stream's counters, its head-of-line blocker and what that waits on."""
@@ -202,7 +224,7 @@ def inspect(ctx: click.Context, name: str) -> None:
 
 
 @ordered.command()
-@click.argument("name")
+@click.argument("name", callback=_stream_name)
 @click.option(
     "--interval",
     type=click.FloatRange(min=0, min_open=True),
@@ -280,7 +302,7 @@ def _progress_line(stats: StreamStats) -> str:
 
 
 @ordered.command()
-@click.argument("name")
+@click.argument("name", callback=_stream_name)
 @click.argument("size", type=int)
 @click.pass_context
 def window(ctx: click.Context, name: str, size: int) -> None:
@@ -294,7 +316,7 @@ def window(ctx: click.Context, name: str, size: int) -> None:
 
 
 @ordered.command()
-@click.argument("name")
+@click.argument("name", callback=_stream_name)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
 def purge(ctx: click.Context, name: str, yes: bool) -> None:

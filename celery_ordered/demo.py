@@ -11,6 +11,7 @@ a fleet started with ``celery -A celery_ordered.demo worker``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -22,7 +23,9 @@ from typing import IO, Any
 
 from celery import Celery
 
+from .config import redis_client
 from .progress import ProgressBar
+from .redis.protocol import Protocol
 from .task import ordered_task
 
 #: The app fleet workers run (``celery -A celery_ordered.demo worker``); it
@@ -112,6 +115,8 @@ def run_demo(
     costs = document_costs(documents, seed)
     batches = (documents + batch_size - 1) // batch_size
     producer_error: list[BaseException] = []
+    # Set when the consumer stops early (Ctrl-C, an error): the producer stops too.
+    stopped = threading.Event()
 
     def produce() -> None:
         try:
@@ -122,9 +127,11 @@ def run_demo(
                     count += 1
                 stream.put({"batch": start // batch_size, "documents": count})
         except BaseException as exc:  # reported by the consumer below
-            producer_error.append(exc)
+            if not stopped.is_set():
+                producer_error.append(exc)
         finally:
-            stream.close()
+            if not stopped.is_set():
+                stream.close()
 
     progress = ProgressBar(documents, desc="documents", file=out)
     began = time.monotonic()
@@ -133,6 +140,7 @@ def run_demo(
     expected_doc = 0
     expected_batch = 0
     in_order = True
+    finished = False
     try:
         for outcome in stream:
             if "batch" in outcome:
@@ -148,10 +156,22 @@ def run_demo(
                 progress.update(expected_doc)
         elapsed = time.monotonic() - began
         window_used = stream.stats().window
+        finished = True
     finally:
         progress.close()
-        producer.join()
-        stream.delete()
+        if finished:
+            producer.join()
+            stream.delete()
+        else:
+            # Ctrl-C, or an error: the producer may wait for room in a window
+            # nobody empties now. Deleting the stream under it ends its put
+            # (StreamDeleted), without waiting on a Redis that may have gone
+            # with the Ctrl-C (a private one gets the terminal's signal too):
+            # a client of its own gives up on it in about a second.
+            stopped.set()
+            with contextlib.suppress(Exception):
+                Protocol(redis_client(stream_app, fail_fast=True), stream.name).delete()
+            producer.join(timeout=1)  # a daemon thread: it ends with the process anyway
     if producer_error:
         raise producer_error[0]
     in_order &= expected_doc == documents and expected_batch == batches

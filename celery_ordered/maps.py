@@ -81,6 +81,13 @@ def map_iterator(
         raise TypeError("map() needs at least one iterable of items to call the task on")
     if star and len(iterables) != 1:
         raise TypeError("starmap() takes one iterable of argument tuples")
+    if task is not None and not callable(task):
+        # Refused here, before anything is put or closed: the stream stays usable.
+        raise TypeError(
+            f"map() got {task!r} as its task, which is not callable: pass the task (an "
+            "@ordered_task, a signature or a top-level function) first, then the items "
+            "(a marker goes in alone, with put())"
+        )
     items: Iterator[Any]
     if len(iterables) == 1:
         items = iter(iterables[0])
@@ -143,7 +150,7 @@ class OrderedMap:
                 if self.task is None:  # the items are ready-made signatures
                     prepared = self.stream.producer.prepare(item, (), {})
                 else:
-                    args = tuple(item) if self.star else (item,)
+                    args = _star_args(item) if self.star else (item,)
                     prepared = self.stream.producer.prepare(self.task, args, {})
             except (TypeError, ValueError) as exc:
                 self.backlog.append(exc)  # refused: raised at this item's place
@@ -295,6 +302,17 @@ class OrderedMap:
         was handed out is acknowledged. ``next()`` then raises StopIteration.
         """
         self._finish()
+
+
+def _star_args(item: Any) -> tuple[Any, ...]:
+    """The arguments a starmap item holds; a TypeError that says so if it holds none."""
+    try:
+        return tuple(item)
+    except TypeError:
+        raise TypeError(
+            f"starmap() got the item {item!r}, which is not a tuple of arguments: give "
+            "starmap() tuples (task(*item) per item), or use map() for one argument per item"
+        ) from None
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -10,6 +10,8 @@ is closed. It talks to Redis only through :class:`~celery_ordered.redis.protocol
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import os
 import threading
@@ -57,6 +59,35 @@ logger = logging.getLogger("celery_ordered.stream")
 #: What turns redis-py's errors into :class:`~celery_ordered.RedisUnavailable`
 #: for one stream (the stream's ``_redis_errors``).
 RedisErrors = Callable[[], contextlib.AbstractContextManager[None]]
+
+
+@functools.lru_cache(maxsize=256)
+def _signature(function: Any) -> inspect.Signature | None:
+    """``function``'s signature, once per function (a map checks every item's put)."""
+    try:
+        return inspect.signature(function)
+    except (TypeError, ValueError):  # no signature to check against (some builtins)
+        return None
+
+
+def _check_arguments(
+    function: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Refuse arguments that ``function``'s signature cannot take (before a claim).
+
+    Sent anyway, such a task took a number and then failed at its place (the
+    send raising, or the worker): the error belongs to the put that made it.
+    """
+    signature = _signature(function) if function is not None else None
+    if signature is None:
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise UnsendableError(
+            f"put() of {name}{signature} with these arguments: {exc}. Fix the arguments "
+            "(nothing was claimed or sent)"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -173,6 +204,7 @@ class Producer:
             name, found = self._task_in_app(task)
         else:
             reference = self.function_reference(task)
+            _check_arguments(task, reference.replace(":", "."), args, kwargs)
             name = CALL_TASK_NAME
             found = self.app.tasks[CALL_TASK_NAME]
             args, kwargs = (reference, list(args), kwargs), {}
@@ -182,6 +214,9 @@ class Producer:
                 "its result into the stream: decorate it with @celery_ordered.ordered_task "
                 "(or @app.task(base=celery_ordered.OrderedTask))"
             )
+        if found is not None and found.typing and name != CALL_TASK_NAME:
+            # As Celery's apply_async checks them (task.typing), before the claim.
+            _check_arguments(getattr(found, "__header__", None), name, args, kwargs)
         serializer = options.get("serializer") or getattr(found, "serializer", None)
         serializer = serializer or self.app.conf.task_serializer
         recorded = {

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -269,6 +269,16 @@ class OrderedResultStream:
         consumer_lease: float | None = None,
         hedge: bool | float | None = None,
     ) -> None:
+        if app is not None and not isinstance(app, Celery):
+            raise TypeError(
+                f"OrderedResultStream's first argument is the Celery app, got {app!r}: "
+                "pass the app first, or name the stream with name="
+            )
+        if task_options is not None and not isinstance(task_options, Mapping):
+            raise TypeError(
+                f"task_options must be a dict of apply_async options, such as "
+                f"{{'queue': 'reports'}}, got {task_options!r}"
+            )
         self.app: Celery = app if app is not None else current_app
         self.name = validate_name(name) if name is not None else f"stream-{uuid.uuid4().hex}"
         if client is not None and redis_url is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import queue
 import random
 import threading
@@ -35,7 +36,15 @@ from celery_ordered import (
 )
 from celery_ordered.redis.keys import StreamKeys
 from celery_ordered.redis.urls import socket_url
-from tests.apps.tasks import CustomError, echo, fail, gate, plain_add, sleep_echo
+from tests.apps.tasks import (
+    CustomError,
+    echo,
+    fail,
+    gate,
+    inverse_or_fail,
+    plain_add,
+    sleep_echo,
+)
 from tests.apps.topologyapp import topology_app
 from tests.support.tools import require_tool
 from tests.support.topologies import LocalSentinel, topology_worker
@@ -259,6 +268,44 @@ def test_put_after_close_is_refused(app, names):
         with pytest.raises(StreamClosedError, match="which is closed"):
             await other.put("marker")
         assert await consume(stream) == [1]
+
+    run(main())
+
+
+@pytest.mark.parametrize("held", ["aclosing", "aiter"])
+def test_a_held_iterator_goes_on_after_a_failed_task(app, names, held):
+    # As the threaded iter(stream), and as async for again: an iterator held
+    # across a failed task's exception hands out the outcomes after it.
+    async def main() -> None:
+        stream = AsyncOrderedResultStream(app, names(), window=8)
+        for x in [1, 0, 2, 4]:
+            await stream.put(inverse_or_fail, x)
+        await stream.close()
+        async with contextlib.AsyncExitStack() as stack:
+            outcomes = aiter(stream)
+            if held == "aclosing":
+                outcomes = await stack.enter_async_context(contextlib.aclosing(outcomes))
+            assert await anext(outcomes) == 1.0
+            with pytest.raises(CustomError, match="no inverse of 0"):
+                await anext(outcomes)
+            assert [value async for value in outcomes] == [0.5, 0.25]
+            with pytest.raises(StopAsyncIteration):
+                await anext(outcomes)
+
+    run(main())
+
+
+def test_a_held_iterator_survives_a_timeout_around_it(app, names, redis_url, open_gate):
+    async def main() -> None:
+        stream = AsyncOrderedResultStream(app, names(), window=8)
+        key = open_gate.key()
+        await stream.put(gate, redis_url, key, "held")
+        outcomes = aiter(stream)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await anext(outcomes)
+        open_gate(key)
+        assert await anext(outcomes) == "held"
 
     run(main())
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import os
 import re
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -125,6 +127,24 @@ BAD_PUTS: list[tuple[str, Any, type[BaseException], list[str]]] = [
         ["'builtins'", "ordered_function_modules"],
     ),
     (
+        "too many arguments for a task",
+        lambda: P(echo, 1, 2),
+        UnsendableError,
+        ["tests.apps.tasks.echo(value)", "too many positional arguments", "Fix the arguments"],
+    ),
+    (
+        "unknown keyword argument of a task",
+        lambda: P(echo.s(1), nope=2),
+        UnsendableError,
+        ["tests.apps.tasks.echo(value)", "'nope'"],
+    ),
+    (
+        "missing argument of a function",
+        lambda: P(plain_add),
+        UnsendableError,
+        ["tests.apps.tasks.plain_add(x", "missing a required argument", "Fix the arguments"],
+    ),
+    (
         "marker with arguments",
         lambda: P("marker", 1),
         ValueError,
@@ -183,6 +203,43 @@ def test_static_method_of_a_top_level_class_is_accepted(make_stream):
     stream.put(Holder.static, 7)
     stream.close()
     assert list(stream) == [7]
+
+
+BOUND_IN_MAIN = """
+import os
+from celery import Celery
+from celery_ordered import OrderedResultStream, UnsendableError
+
+class Scaler:
+    def __init__(self, factor):
+        self.factor = factor
+
+    def scale(self, x):
+        return self.factor * x
+
+app = Celery("bound", set_as_current=False)
+app.conf.ordered_redis_url = os.environ["CO_TEST_REDIS_URL"]
+stream = OrderedResultStream(app, window=4)
+try:
+    stream.put(Scaler(10).scale, 3)
+except UnsendableError as exc:
+    print("REFUSED", exc)
+print("CLAIMED", stream.stats().claimed)
+stream.delete()
+"""
+
+
+def test_a_bound_method_of_a_script_is_refused_too(tmp_path):
+    # A worker would call Scaler.scale(3): 3 in the place of self, a wrong
+    # result or a TypeError far from the put that caused it.
+    script = tmp_path / "script.py"
+    script.write_text(BOUND_IN_MAIN)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert "REFUSED put() got __main__.Scaler.scale, a bound method (of a Scaler)" in done.stdout
+    assert "CLAIMED 0" in done.stdout
 
 
 def test_stdlib_allowed_by_the_producer_is_still_refused_by_the_worker(make_stream, app):
@@ -370,6 +427,21 @@ def test_each_numeric_argument_is_checked_at_the_constructor_by_its_own_name(
     with pytest.raises(ValueError, match=rf"^{argument} must be .*got {re.escape(repr(value))}"):
         OrderedResultStream(app, name, window=4, **{argument: value})
     assert list(redis_client.scan_iter(f"co:{{{name}}}:*")) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "words"),
+    [
+        (("my-stream",), {}, ["first argument is the Celery app", "'my-stream'", "name="]),
+        ((), {"task_options": "reports"}, ["task_options must be a dict", "'reports'"]),
+    ],
+    ids=["name-for-app", "task_options-not-a-dict"],
+)
+def test_the_constructor_names_a_misplaced_argument(app, args, kwargs, words):
+    with pytest.raises(TypeError) as info:
+        OrderedResultStream(*(args or (app,)), **kwargs)
+    for word in words:
+        assert word in str(info.value)
 
 
 def test_a_nan_timeout_is_refused_before_redis_and_the_stream_goes_on(make_stream):

@@ -119,6 +119,18 @@ def test_an_unknown_stream_is_a_clear_error(redis_url: str) -> None:
     assert "no stream named" in result.output
 
 
+@pytest.mark.parametrize(
+    "command", [["inspect"], ["watch", "--count", "1"], ["window"], ["purge", "--yes"]]
+)
+@pytest.mark.parametrize("name", ["bad name!", ""])
+def test_a_bad_stream_name_is_a_usage_error_not_a_traceback(command: list[str], name: str) -> None:
+    args = [command[0], name, *command[1:]] + (["4"] if command[0] == "window" else [])
+    result = run_ordered(*args)
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for 'NAME': stream name" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
 def test_the_standalone_command_takes_a_redis_url(blocked_stream: Any, redis_url: str) -> None:
     result = CliRunner().invoke(
         standalone, ["ordered", "--redis-url", redis_url, "inspect", blocked_stream.name]

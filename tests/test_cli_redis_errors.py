@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -70,6 +71,52 @@ def protected_redis() -> Iterator[int]:
         yield port
 
 
+@pytest.fixture
+def not_redis() -> Iterator[int]:
+    """A TCP port where another server (RabbitMQ's greeting) answers, then hangs up."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.sendall(b"AMQP\x00\x00\x09\x01")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+def test_a_port_that_is_not_a_redis_is_one_line_in_about_a_second(not_redis: int) -> None:
+    # The broker's URL given for Redis's, say: the port answers, but not as Redis
+    done, took = cli(
+        "celery_ordered", "ordered", "--redis-url", f"redis://127.0.0.1:{not_redis}/0", "ls"
+    )
+    assert_one_line_error(done, "cannot reach Redis", f"127.0.0.1:{not_redis}", "--redis-url")
+    assert took < FIRST_CONTACT_RETRY_FOR + 4, took
+
+
+def test_a_stream_client_gives_up_on_a_port_that_is_not_a_redis_after_its_retry_time(
+    not_redis: int,
+) -> None:
+    # Its retries once retried the connect inside each retried command, and
+    # the health check inside that: tries multiplied, and it never gave up.
+    began = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        client_for(f"redis://127.0.0.1:{not_redis}/0", 2.5).ping()
+    assert 2.0 <= time.monotonic() - began < 2.5 + 4
+
+
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])
 def test_a_redis_that_refuses_the_connection_is_one_line_in_about_a_second(
     command: tuple[str, ...],
@@ -107,6 +154,17 @@ def test_the_right_password_with_an_unencoded_at_sign_works(protected_redis: int
     done, _ = cli("celery_ordered", "ordered", "--redis-url", url, "ls")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "no streams"
+
+
+def test_a_database_the_redis_does_not_have_is_one_line_naming_the_flag() -> None:
+    port = free_port()
+    with RedisServer(port=port):
+        done, _ = cli(
+            "celery_ordered", "ordered", "--redis-url", f"redis://127.0.0.1:{port}/99", "ls"
+        )
+    assert_one_line_error(
+        done, "refused the command", "DB index is out of range", "--redis-url", "database number"
+    )
 
 
 def test_a_url_that_is_no_redis_url_is_one_line_naming_the_flag() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,38 @@ def test_quiet_batches_prints_only_progress_and_summary():
     assert ORDER_OK in result.output
 
 
+def test_ctrl_c_stops_the_demo_at_once_and_leaves_nothing_behind(tmp_path):
+    # Given the demo running in a terminal of its own (its own process group)
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "celery_ordered", "demo", "--workers", "2"],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:  # mid-run: a batch is done, most are not
+            if BATCH_LINE.search(line):
+                break
+        # When the user presses Ctrl-C (the terminal signals the whole group)
+        os.killpg(demo.pid, signal.SIGINT)
+        # Then it ends at once (its producer no longer waits for room in the
+        # window), and so do its workers and its private Redis
+        output, _ = demo.communicate(timeout=30)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.communicate()
+    assert demo.returncode != 0
+    assert "Traceback" not in output, output
+    with pytest.raises(ProcessLookupError):
+        os.killpg(demo.pid, 0)  # no process of the group is left
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -115,12 +148,34 @@ def test_a_fleet_run_needs_both_urls(args):
     assert "Starting a private Redis" not in result.output
 
 
-@pytest.mark.parametrize("option", ["--documents", "--batch-size"])
-def test_sizes_below_one_are_refused(option):
-    result = CliRunner().invoke(main, ["demo", option, "0"])
+@pytest.mark.parametrize(
+    ("flag", "shown"),
+    [
+        ("--redis-url", "redis://:***@127.0.0.1:1/0"),
+        ("--broker-url", "amqp://guest:***@127.0.0.1:1//"),
+    ],
+)
+def test_a_fleet_it_cannot_reach_is_one_line_without_the_password(flag, shown, redis_url):
+    urls = {"--redis-url": redis_url, "--broker-url": redis_url}
+    urls[flag] = shown.replace("***", "s3cret")
+    result = CliRunner().invoke(main, ["demo", *[x for item in urls.items() for x in item]])
+
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {flag} {shown!r}: "), result.output
+    assert "fix the URL" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert "s3cret" not in result.output
+    assert "Running on the fleet" not in result.output
+
+
+@pytest.mark.parametrize("option", ["--documents", "--batch-size", "--workers", "--window"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_sizes_below_one_are_refused(option, value):
+    result = CliRunner().invoke(main, ["demo", option, value])
 
     assert result.exit_code == 2
-    assert "must be at least 1" in result.output
+    assert f"{option} must be at least 1, got {value}" in result.output
+    assert "Starting a private Redis" not in result.output
 
 
 def test_version():

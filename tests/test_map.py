@@ -141,6 +141,32 @@ def test_map_refuses_what_workers_cannot_run(make_stream: Any) -> None:
     assert stream.stats().claimed == 0
 
 
+@pytest.mark.parametrize("chunksize", [1, 5])
+def test_map_of_a_non_callable_is_refused_at_the_call_and_the_stream_goes_on(
+    worker: Any, make_stream: Any, chunksize: int
+) -> None:
+    stream = make_stream(window=4)
+    stream.put(echo, "before")
+    with pytest.raises(TypeError, match="not callable: pass the task"):
+        stream.map(5, [1, 2], chunksize=chunksize)
+    # Nothing was put or closed: the stream takes more work, and ends normally
+    assert stream.stats().claimed == 1
+    stream.put(echo, "after")
+    stream.close()
+    assert list(stream) == ["before", "after"]
+
+
+def test_a_starmap_item_that_is_not_a_tuple_is_refused_at_its_place(
+    worker: Any, make_stream: Any
+) -> None:
+    stream = make_stream(window=4)
+    seen = outcomes(stream.starmap(echo, [("a",), 7, ("b",)]))
+    assert seen[0] == "a"
+    assert seen[2] == "b"
+    assert isinstance(seen[1], TypeError)
+    assert "starmap() got the item 7, which is not a tuple of arguments" in str(seen[1])
+
+
 def test_module_level_imap_runs_on_a_private_stream_and_removes_it(
     app: Any, worker: Any, redis_client: Any
 ) -> None:

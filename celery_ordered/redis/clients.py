@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import copy
 import os
 import threading
@@ -52,6 +53,12 @@ class _Contact:
 
     def __init__(self) -> None:
         self.answered = False
+
+
+#: How many retried calls the current thread (or asyncio task) is inside: redis-py
+#: retries a command, and inside it the connect, and inside that the health
+#: check, each with the client's policy. Only the outermost call retries.
+_depth: contextvars.ContextVar[int] = contextvars.ContextVar("celery_ordered_retries", default=0)
 
 
 class _Tries:
@@ -102,9 +109,29 @@ class _Policy:
         clone._backoff = copy.deepcopy(self._backoff, memo)
         return clone
 
+    @staticmethod
+    def _failed_once(exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether redis-py's Retry would call its failure handler for ``exc``."""
+        is_retryable = kwargs.get("is_retryable", args[0] if args else None)
+        return not (is_retryable and not is_retryable(exc))
+
+    @staticmethod
+    def _fail_args(
+        exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, ...]:
+        """The failure handler's arguments for a first failure, as redis-py's Retry gives them."""
+        counted = kwargs.get("with_failure_count", args[1] if len(args) > 1 else False)
+        return (exc, 1) if counted else (exc,)
+
     @contextlib.contextmanager
     def _judged(self, tries: _Tries) -> Iterator[None]:
-        """Around one try: what retrying cannot mend becomes a :class:`_Refused`."""
+        """Around one try: what retrying cannot mend becomes a :class:`_Refused`.
+
+        The server counts as having answered once a whole outermost call
+        succeeded: a connect or a write inside it may succeed against a port
+        that is not a Redis (a broker's, say), which then hangs up.
+        """
+        token = _depth.set(_depth.get() + 1)
         try:
             yield
         except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
@@ -118,14 +145,28 @@ class _Policy:
                 if time.monotonic() - tries.began + pause > budget:
                     raise _Refused(exc) from exc
             raise
-        self.contact.answered = True
+        finally:
+            _depth.reset(token)
+        if _depth.get() == 0:
+            self.contact.answered = True
 
 
 class _Retry(_Policy, Retry):
     """The retry policy of a blocking client (see :class:`_Policy`)."""
 
     def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
-        """Call ``do`` with retries, as redis-py's Retry does (see :class:`_Policy`)."""
+        """Call ``do`` with retries, as redis-py's Retry does (see :class:`_Policy`).
+
+        Inside another retried call (a connect inside a command) it tries once:
+        the outer call retries the whole, so the retries do not multiply.
+        """
+        if _depth.get():
+            try:
+                return do()
+            except self._supported_errors as exc:
+                if self._failed_once(exc, args, kwargs):
+                    fail(*self._fail_args(exc, args, kwargs))
+                raise
         tries = _Tries()
 
         def guarded() -> Any:
@@ -140,7 +181,17 @@ class _AsyncRetry(_Policy, redis.asyncio.retry.Retry):
     """The retry policy of an asyncio client (see :class:`_Policy`)."""
 
     async def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
-        """Await ``do`` with retries, as redis-py's Retry does (see :class:`_Policy`)."""
+        """Await ``do`` with retries, as redis-py's Retry does (see :class:`_Policy`).
+
+        Inside another retried call it tries once, as the blocking one does.
+        """
+        if _depth.get():
+            try:
+                return await do()
+            except self._supported_errors as exc:
+                if self._failed_once(exc, args, kwargs):
+                    await fail(*self._fail_args(exc, args, kwargs))
+                raise
         tries = _Tries()
 
         async def guarded() -> Any:
