@@ -20,7 +20,10 @@ just evicted: a busy Redis runs scripts back to back.)
 The last row is the floor under any script on this machine: a script that
 only returns, called with the keys and arguments of a publish, measured the
 same way. It is what one call costs before its first command, whatever the
-script does.
+script does. A second table says where each script's time goes: the
+commands it calls (commandstats counts a script's inner commands too), and
+the rest, which is the call itself, its Lua and the conversion of each inner
+call's arguments and reply.
 
 commandstats counts only the time a command runs, not the reading, parsing
 and writing around it, nor the system calls of Redis's event loop, which a
@@ -60,27 +63,38 @@ RECORD = b'q:T:application/json:utf-8:{"task": "proj.tasks.index", "args": [1234
 OUTCOME = b"%d:R:application/json:utf-8:1234"
 
 
-def _evalsha_usec(client: redis.Redis) -> float:
-    stats = client.info("commandstats").get("cmdstat_evalsha", {})
-    return float(stats.get("usec", 0))
+def _commandstats(client: redis.Redis) -> dict[str, tuple[int, float]]:
+    """Each command's (calls, usec) so far, INFO's own left out."""
+    return {
+        name.removeprefix("cmdstat_"): (int(value["calls"]), float(value["usec"]))
+        for name, value in client.info("commandstats").items()
+        if name != "cmdstat_info"
+    }
 
 
-def measure(client: redis.Redis, tasks: int, window: int) -> dict[str, float]:
-    """Redis usec per task of each script, driving one stream as ``map`` does."""
+def measure(
+    client: redis.Redis, tasks: int, window: int
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Redis usec per task of each script, driving one stream as ``map`` does.
+
+    Also returns, per script, the usec per task of each command it ran inside
+    (``evalsha`` is the whole script, those commands included).
+    """
     proto = Protocol(client, f"bench-{uuid.uuid4().hex[:8]}", ttl=86400)
     proto.open(uuid.uuid4().hex, create=True, window=window)
-    spent: dict[str, float] = defaultdict(float)
+    inner: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     calls: dict[str, int] = defaultdict(int)
     owner, epoch, delivered = "bench", 0, 0
     client.config_resetstat()
-    last = _evalsha_usec(client)
+    last = _commandstats(client)
 
     def account(script: str, count: int = 1) -> None:
         nonlocal last
-        now = _evalsha_usec(client)
-        spent[script] += now - last
+        now = _commandstats(client)
+        for command, (_, usec) in now.items():
+            inner[script][command] += usec - last.get(command, (0, 0.0))[1]
         calls[script] += count
-        last = _evalsha_usec(client)  # INFO itself is not an EVALSHA
+        last = now
 
     # A script that only returns, with a publish's keys and arguments: the floor.
     floor = client.register_script("return 1")
@@ -104,10 +118,15 @@ def measure(client: redis.Redis, tasks: int, window: int) -> dict[str, float]:
         epoch = batch.epoch
         delivered += len(batch.members)
     proto.delete()
-    usec = {script: total / tasks for script, total in spent.items()}
+    usec = {script: commands["evalsha"] / tasks for script, commands in inner.items()}
     usec["calls per task"] = (sum(calls.values()) - calls["floor"]) / tasks
-    usec["floor per call"] = spent["floor"] / calls["floor"]
-    return usec
+    usec["floor per call"] = inner["floor"]["evalsha"] / calls["floor"]
+    breakdown = {
+        script: {command: total / tasks for command, total in commands.items() if total > 0}
+        for script, commands in inner.items()
+        if script != "floor"
+    }
+    return usec, breakdown
 
 
 def _drive_stream(url: str, tasks: int, window: int, ready: Any, start: Any) -> None:
@@ -204,7 +223,7 @@ def main() -> None:
         client = redis.Redis.from_url(server.url)
         version = client.info("server")["redis_version"]
         measure(client, 2_000, args.window)  # warm up: scripts loaded, memory touched
-        usec = measure(client, args.tasks, args.window)
+        usec, breakdown = measure(client, args.tasks, args.window)
         client.close()
         loads = {
             "stream": busy(server.url, _drive_stream, args.clients, args.busy_tasks, args.window),
@@ -229,6 +248,22 @@ def main() -> None:
         f"({usec['calls per task']:.2f} script calls per task), counting only the "
         "time the scripts run."
     )
+    print(
+        "\nWhere each script's time goes, usec per task: the commands it calls, and the "
+        "rest (running its Lua, converting each call's arguments and reply, the call "
+        "itself)\n"
+    )
+    print("| script | its commands | the rest | costliest commands |")
+    print("| --- | --- | --- | --- |")
+    for script in ("claim", "publish", "pop"):
+        commands = {c: u for c, u in breakdown.get(script, {}).items() if c != "evalsha"}
+        costliest = sorted(commands.items(), key=lambda item: -item[1])[:4]
+        inside = sum(commands.values())
+        print(
+            f"| {script} | {inside:.2f} | {usec.get(script, 0.0) - inside:.2f} | "
+            + ", ".join(f"{command.upper()} {spent:.2f}" for command, spent in costliest)
+            + " |"
+        )
     stream, incr = loads["stream"], loads["incr"]
     print(
         f"\nA busy node: {args.clients} clients at once, {args.busy_tasks:,} tasks each, "
