@@ -568,9 +568,16 @@ class _AsyncOutcomes:
     Each ``anext()`` is the stream's next outcome (``get()``), a failed task's
     exception raised at its position, and the iteration goes on after it. It
     ends (``StopAsyncIteration``) once the stream is closed and drained.
-    :meth:`aclose` before the end, or collecting it unclosed, acknowledges
-    what the stream handed out and releases its consumer lease.
+    Closed (:meth:`aclose`) or collected while it holds an outcome it handed
+    out, as an async generator suspended at its ``yield`` would be, it
+    acknowledges what the stream handed out and releases its consumer lease.
+    After a failed task's exception it holds nothing: ``async for`` again
+    goes on from the stream, whose lease stays this consumer's.
     """
+
+    # Defaults that make __del__ safe even if __init__ did not finish.
+    _done = True
+    _holding = False
 
     def __init__(self, stream: AsyncOrderedResultStream) -> None:
         self._stream = stream
@@ -581,24 +588,27 @@ class _AsyncOutcomes:
         return self
 
     async def __anext__(self) -> Any:
+        self._holding = False
         if self._done:
             raise StopAsyncIteration
         try:
-            return await self._stream.get()
+            outcome = await self._stream.get()
         except StreamExhausted:
             self._done = True
             raise StopAsyncIteration from None
+        self._holding = True
+        return outcome
 
     async def aclose(self) -> None:
         """Leave the stream before its end: acknowledge, release the lease (once)."""
-        if not self._done:
-            self._done = True
+        leave, self._holding, self._done = self._holding and not self._done, False, True
+        if leave:
             await self._stream._leave()
 
     def __del__(self) -> None:
-        # Left unclosed before its end (a break out of ``async for``): leave the
-        # stream on its loop, as the loop closes an async generator it collects.
-        if self._done or self._loop.is_closed():
+        # Left unclosed, holding an outcome (a break out of ``async for``): leave
+        # the stream on its loop, as the loop closes an async generator it collects.
+        if not self._holding or self._done or self._loop.is_closed():
             return
         stream = self._stream
         with contextlib.suppress(RuntimeError):  # the loop is closing

@@ -121,11 +121,13 @@ def _one_line(target: _Target | None, exc: BaseException) -> str:
         )
     refused_command = next((c for c in causes if isinstance(c, redis.ResponseError)), None)
     if refused_command is not None:
-        return (
-            f"Redis at {where} refused the command "
-            f"({mask_url(refused_command).strip().rstrip('.')}): check the URL given with "
-            f"{_FLAG_HINT} (its database number, say), or ordered_redis_url"
-        )
+        reason = mask_url(refused_command).strip().rstrip(".")
+        if "DB index" in reason:
+            return (
+                f"Redis at {where} has no such database ({reason}): fix the database "
+                f"number in the URL given with {_FLAG_HINT}, or in ordered_redis_url"
+            )
+        return f"Redis at {where} refused the command ({reason})"
     return mask_url(exc)
 
 

@@ -23,8 +23,9 @@ from typing import IO, Any
 
 from celery import Celery
 
-from .config import redis_client
+from .config import resolve_redis
 from .progress import ProgressBar
+from .redis.clients import client_for
 from .redis.protocol import Protocol
 from .task import ordered_task
 
@@ -92,6 +93,10 @@ class DemoReport:
         yield "  order             " + (
             "every result in submission order: ok" if self.in_order else "OUT OF ORDER"
         )
+
+
+#: Seconds the demo, interrupted, retries deleting its stream (its Redis may be gone).
+INTERRUPTED_RETRY_FOR = 1.0
 
 
 def run_demo(
@@ -167,10 +172,12 @@ def run_demo(
             # nobody empties now. Deleting the stream under it ends its put
             # (StreamDeleted), without waiting on a Redis that may have gone
             # with the Ctrl-C (a private one gets the terminal's signal too):
-            # a client of its own gives up on it in about a second.
+            # a client of its own retries for a second at most.
             stopped.set()
             with contextlib.suppress(Exception):
-                Protocol(redis_client(stream_app, fail_fast=True), stream.name).delete()
+                url, options = resolve_redis(stream_app)
+                client = client_for(url, INTERRUPTED_RETRY_FOR, transport_options=options)
+                Protocol(client, stream.name).delete()
             producer.join(timeout=1)  # a daemon thread: it ends with the process anyway
     if producer_error:
         raise producer_error[0]

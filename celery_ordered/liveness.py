@@ -270,7 +270,7 @@ class Heartbeat:
         except Exception:  # the heartbeat must outlive anything one beat meets
             logger.exception("celery-ordered heartbeat failed; next beat in %gs", self.interval)
 
-    def holding(self) -> dict[tuple[str, str], list[Entry]]:
+    def holding(self) -> dict[tuple[str, str], list[Entry]] | None:
         """What the worker holds now, by stream (see :data:`Entry`).
 
         From ``celery.worker.state``, which the worker's main process keeps
@@ -291,7 +291,7 @@ class Heartbeat:
                 continue
         else:
             # Not "holds nothing": that would give back every number it holds.
-            raise RuntimeError("the worker's state changed under every read; this beat is skipped")
+            return None
         now = time.time()
         held: dict[tuple[str, str], dict[int, Entry]] = {}
         for request in requests:
@@ -348,6 +348,12 @@ class Heartbeat:
         """Renew the leases this worker holds, release what it gave back: a call per stream."""
         self._last = time.monotonic()
         holding = self.holding()
+        if holding is None:
+            logger.warning(
+                "celery-ordered heartbeat: the worker's state changed under every read; "
+                "this beat is skipped, the next one renews the leases"
+            )
+            return
         with self._lock:
             recent, self._recent = self._recent, {}
         if not holding and not self._held and not recent:

@@ -32,6 +32,7 @@ from .errors import DispatchError, ResultLost, StreamClosedError, StreamFull, Un
 from .redis.protocol import WAIT_SLICE, Claim, Overdue, Protocol
 from .task import (
     CALL_TASK_NAME,
+    HEADER_BACKUP,
     HEADER_HEDGE,
     HEADER_INCARNATION,
     HEADER_LANE,
@@ -424,6 +425,7 @@ class Producer:
         lane: str,
         *,
         producer: Any = None,
+        backup: bool = False,
     ) -> None:
         headers = {
             HEADER_STREAM: self.name,
@@ -434,6 +436,8 @@ class Producer:
         }
         if self.hedge:
             headers[HEADER_HEDGE] = 1
+        if backup:
+            headers[HEADER_BACKUP] = 1
         options = dict(options)
         options["headers"] = {**(options.get("headers") or {}), **headers}
         options["ignore_result"] = True
@@ -517,7 +521,9 @@ class Producer:
                        self.name, seq, name, why)  # fmt: skip
         self._send_again(seq, name, dispatch, record)
 
-    def _send_again(self, seq: int, name: str, dispatch: dict[str, Any], record: bytes) -> None:
+    def _send_again(
+        self, seq: int, name: str, dispatch: dict[str, Any], record: bytes, *, backup: bool = False
+    ) -> None:
         """Send the task of ``seq`` again from its record, decoded (a re-dispatch, a backup)."""
         try:
             self._dispatch(
@@ -528,6 +534,7 @@ class Producer:
                 dispatch.get("options") or {},
                 seq,
                 liveness.lane_of_record(record),
+                backup=backup,
             )
         except Exception as exc:  # the broker is down: the number comes due again
             logger.error("stream %s: sending %d again failed: %r", self.name, seq, exc)
@@ -539,7 +546,7 @@ class Producer:
         except Exception as exc:
             logger.error("stream %s: dispatch record of %d is unreadable: %r", self.name, seq, exc)
             return
-        self._send_again(seq, str(dispatch["task"]), dispatch, record)
+        self._send_again(seq, str(dispatch["task"]), dispatch, record, backup=True)
 
     def maybe_reclaim(self) -> None:
         """:meth:`reclaim`, unless this handle did so less than :meth:`reclaim_every` ago."""

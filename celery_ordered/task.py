@@ -55,6 +55,9 @@ HEADER_HEDGE = "co_hedge"
 #: The task's lane (its queue and priority, as its dispatch record starts),
 #: which the worker's heartbeat reports as it receives the task.
 HEADER_LANE = "co_lane"
+#: Present on a hedging stream's backup copy of a task: the first run may still
+#: finish, so the copy's expiry (the task's ``expires``, copied) is not its outcome.
+HEADER_BACKUP = "co_backup"
 
 #: Name of the task that runs plain functions for streams.
 CALL_TASK_NAME = "celery_ordered.call"
@@ -307,7 +310,7 @@ def _publish_revoked_task(
     then give up on it.
     """
     stream = getattr(request, HEADER_STREAM, None)
-    if stream is None or sender is None:
+    if stream is None or sender is None or (expired and getattr(request, HEADER_BACKUP, None)):
         return
     app = sender.app
     name = str(getattr(sender, "name", None) or "?")

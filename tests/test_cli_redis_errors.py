@@ -163,7 +163,7 @@ def test_a_database_the_redis_does_not_have_is_one_line_naming_the_flag() -> Non
             "celery_ordered", "ordered", "--redis-url", f"redis://127.0.0.1:{port}/99", "ls"
         )
     assert_one_line_error(
-        done, "refused the command", "DB index is out of range", "--redis-url", "database number"
+        done, "has no such database", "DB index is out of range", "--redis-url", "database number"
     )
 
 

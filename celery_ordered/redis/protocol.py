@@ -776,7 +776,7 @@ class Protocol:
         k = self.keys
         cap, incarnation = yield Script(
             "window",
-            [k.window, k.space, k.created, k.seq, k.adapt],
+            self._and_the_rest([k.window, k.space, k.created, k.seq, k.adapt], self.ttl_ms),
             [
                 window,
                 int(only_if_unset),
@@ -809,7 +809,7 @@ class Protocol:
         try:
             cap, _ = yield Script(
                 "window",
-                [k.window, k.space, k.created, k.seq, k.adapt],
+                self._and_the_rest([k.window, k.space, k.created, k.seq, k.adapt], self.ttl_ms),
                 [window, int(only_if_unset), self.ttl_ms, self.incarnation, "known", 0],
             )
         except redis.ResponseError as exc:

@@ -10,7 +10,7 @@
 --                             was claimed (ms), until its outcome arrives
 -- KEYS[7]  deadlines  zset    numbers scored by when they count as lost (ms)
 -- KEYS[8]  producers  hash    producer id -> "<claim id>:<first>:<count>:<ms>" of its last
---                             claim (kept 10 minutes once there are over 1,000)
+--                             claim (past 1,000 of them, pruned to the last 10 minutes)
 -- KEYS[9]  created    string  the stream's incarnation id, written when it was created
 -- KEYS[10] results    zset    outcomes scored by their number
 -- KEYS[11] adapt      hash    'floor', 'ceiling', 'why' of an adaptive window (absent: fixed)
@@ -106,19 +106,25 @@ for from = 0, count - 1, 1000 do
   end
 end
 -- A retry of this very call (its reply lost) gets the same numbers back.
-redis.call('HSET', KEYS[8], ARGV[5], ARGV[6] .. ':' .. seq .. ':' .. count .. ':' .. now)
--- A retry comes within seconds of its call: a stream fed by a new handle per request
--- (one producer id each) keeps only the recent claims, past a thousand producers.
-if redis.call('HLEN', KEYS[8]) > 1000 then
-  local all, old = redis.call('HGETALL', KEYS[8]), {}
-  for i = 1, #all, 2 do
-    local at = tonumber(string.match(all[i + 1], '^[^:]+:%d+:%d+:(%d+)$') or '0')
-    if now - at > 600000 then
-      old[#old + 1] = all[i]
+local added = redis.call('HSET', KEYS[8], ARGV[5], ARGV[6] .. ':' .. seq .. ':' .. count .. ':' .. now)
+-- A retry comes within seconds of its call. A stream fed by a new handle per request
+-- (one producer id each) would keep an entry per producer for its whole life: past a
+-- thousand, each new producer removes the entries over ten minutes old among a
+-- hundred sampled (HRANDFIELD, Redis 6.2; an older Redis keeps them all), which
+-- holds the hash near the producers of the last ten minutes at a bounded cost.
+if added == 1 and redis.call('HLEN', KEYS[8]) > 1000 then
+  local ok, sample = pcall(redis.call, 'HRANDFIELD', KEYS[8], 100, 'WITHVALUES')
+  if ok then
+    local old = {}
+    for i = 1, #sample, 2 do
+      local at = tonumber(string.match(sample[i + 1], '^[^:]+:%d+:%d+:(%d+)$') or '0')
+      if now - at > 600000 then
+        old[#old + 1] = sample[i]
+      end
     end
-  end
-  for from = 1, #old, 1000 do
-    redis.call('HDEL', KEYS[8], unpack(old, from, math.min(#old, from + 999)))
+    if #old > 0 then
+      redis.call('HDEL', KEYS[8], unpack(old))
+    end
   end
 end
 if new_pending then expire_new(ARGV[4], KEYS[6]) end

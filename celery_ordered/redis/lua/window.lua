@@ -6,6 +6,7 @@
 -- KEYS[3]  created  string  the stream's incarnation id
 -- KEYS[4]  seq      string  next number to claim (a stream made before incarnation ids has it)
 -- KEYS[5]  adapt    hash    'floor', 'ceiling', 'why' of an adaptive window (absent: fixed)
+-- KEYS[6..] the stream's other keys: a call that writes renews them all with these
 -- ARGV[1]  window   the cap to store; 0: store none
 -- ARGV[2]  only     1: store it only if the stream has no cap yet; 0: replace the cap
 -- ARGV[3]  ttl      ms every key of the stream lives after its last use (0: forever)
