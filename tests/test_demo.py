@@ -109,6 +109,9 @@ def test_ctrl_c_stops_the_demo_at_once_and_leaves_nothing_behind(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # As a terminal starts it: with Ctrl-C's default action, even where this
+        # run inherited SIGINT ignored (a script's background job, as CI's).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert demo.stdout is not None
@@ -125,6 +128,7 @@ def test_ctrl_c_stops_the_demo_at_once_and_leaves_nothing_behind(tmp_path):
             os.killpg(demo.pid, signal.SIGKILL)
             demo.communicate()
     assert demo.returncode != 0
+    assert "Aborted!" in output, output  # click's word for a KeyboardInterrupt
     assert "Traceback" not in output, output
     with pytest.raises(ProcessLookupError):
         os.killpg(demo.pid, 0)  # no process of the group is left
