@@ -343,8 +343,9 @@ class AsyncOrderedResultStream:
             return
         member = prepared.marker.member(seq, codec.MARKER)
         with self._producer.redis_errors():
-            if await self._aprotocol.run(self._protocol.publish_op(seq, member)) < 0:
-                raise self._protocol.deleted("put()")
+            stored = await self._aprotocol.run(self._protocol.publish_op(seq, member))
+            if stored < 0:
+                raise self._protocol.refused(stored, seq, "put()")
 
     def _keep(self, work: Any) -> asyncio.Future[Any]:
         """Run ``work`` as a task this stream holds on to until it is done."""

@@ -115,21 +115,24 @@ def demo(
         from .embedded import local_cluster
 
         click.echo("Starting a private Redis and local Celery workers...")
-        with local_cluster(workers) as cluster:
-            click.echo(
-                f"Ready in {cluster.startup_seconds:.2f} s: {cluster.workers} worker "
-                f"processes, Redis at {cluster.redis.url}"
-            )
-            report = run_demo(
-                cluster.app,
-                documents=documents,
-                batch_size=batch_size,
-                window=window if window is not None else 10 * cluster.workers,
-                seed=seed,
-                workers_label=f"{cluster.workers} local processes (embedded Redis)",
-                startup=cluster.startup_seconds,
-                quiet_batches=quiet_batches,
-            )
+        try:
+            with local_cluster(workers) as cluster:
+                click.echo(
+                    f"Ready in {cluster.startup_seconds:.2f} s: {cluster.workers} worker "
+                    f"processes, Redis at {cluster.redis.url}"
+                )
+                report = run_demo(
+                    cluster.app,
+                    documents=documents,
+                    batch_size=batch_size,
+                    window=window if window is not None else 10 * cluster.workers,
+                    seed=seed,
+                    workers_label=f"{cluster.workers} local processes (embedded Redis)",
+                    startup=cluster.startup_seconds,
+                    quiet_batches=quiet_batches,
+                )
+        except OrderedStreamError as exc:  # it could not start, or its Redis died: one line
+            raise click.ClickException(_reason(exc)) from None
     for line in report.lines():
         click.echo(line)
     if not report.in_order:

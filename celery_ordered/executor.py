@@ -355,13 +355,16 @@ class OrderedExecutor(Executor):
         ``buffersize``, only that many are submitted ahead of the item the
         caller takes, so an endless iterable works. ``timeout`` (seconds)
         counts from the call: a result not there by then raises
-        ``TimeoutError``. A failed item raises at its place and ends the map;
+        ``TimeoutError`` (a negative one, as in the standard library, is
+        already past). A failed item raises at its place and ends the map;
         closing the iterator or an error sends nothing more (what was sent
         runs, and its outcomes are dropped). With ``chunksize > 1``, as in
         ``ProcessPoolExecutor``, that many items travel in one Celery message
         (``fn`` then is a task or a top-level function, not a signature) and
         an exception fails its whole chunk.
         """
+        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout < 0:
+            timeout = 0  # the standard map's: long past, a result not there yet times out
         timeout = checks.seconds("timeout", timeout)
         chunksize = checks.count("chunksize", chunksize)
         buffersize = checks.count("buffersize", buffersize, none=True, type_error=True)

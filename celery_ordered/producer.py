@@ -345,8 +345,9 @@ class Producer:
         """
         if prepared.marker is not None:
             with self.redis_errors():
-                if self.protocol.publish(seq, prepared.marker.member(seq, codec.MARKER)) < 0:
-                    raise self.protocol.deleted("put()")
+                stored = self.protocol.publish(seq, prepared.marker.member(seq, codec.MARKER))
+                if stored < 0:
+                    raise self.protocol.refused(stored, seq, "put()")
             return
         try:
             self._dispatch_prepared(prepared, seq)

@@ -253,6 +253,15 @@ def publish_outcome(
     stored = proto.publish(seq, encoded.member(seq, status), incarnation=incarnation)
     if stored == 0:
         logger.debug("dropped a duplicate or late outcome for %s[%d]", stream, seq)
+    elif stored == -2:
+        logger.warning(
+            "stream %s went back in time: the Redis at %s has not handed out number %d, "
+            "which its producer claimed (a failover to a replica that had not received "
+            "the claim?): outcome dropped",
+            stream,
+            mask_url(resolve_redis(app)[0]),
+            seq,
+        )
     elif stored < 0:
         logger.warning(
             "stream %s has no number %d in the Redis at %s (deleted, or not the Redis its "
@@ -262,6 +271,27 @@ def publish_outcome(
             seq,
             mask_url(resolve_redis(app)[0]),
         )
+
+
+def _fill_from_signal(
+    app: Any, fields: Callable[[str], Any], name: str, error: Exception, what: str
+) -> None:
+    """Fill a stream task's place with ``error``, from a worker signal's handler.
+
+    ``fields`` reads one of the task's stream headers (None when absent):
+    from the message's headers, or from its request's attributes. A signal
+    handler must never break the worker's consumer, so a failed publish is
+    logged, as ``what``, and left at that.
+    """
+    serializer = str(fields(HEADER_SERIALIZER) or serializer_for(app))
+    payload = codec.exception_payload(error, "", serializer, name)
+    try:
+        publish_outcome(
+            app, str(fields(HEADER_STREAM)), int(fields(HEADER_SEQ)), serializer, codec.ERROR,
+            payload, name, incarnation=str(fields(HEADER_INCARNATION) or ""),
+        )  # fmt: skip
+    except Exception:
+        logger.exception("could not publish the %s for %s", what, fields(HEADER_STREAM))
 
 
 @signals.task_unknown.connect(weak=False)
@@ -274,24 +304,14 @@ def _publish_unknown_task(
     wait for it until its outcome counts as overdue.
     """
     headers = getattr(message, "headers", None) or {}
-    stream = headers.get(HEADER_STREAM)
-    if stream is None or sender is None:
+    if headers.get(HEADER_STREAM) is None or sender is None:
         return
-    app = sender.app
-    serializer = str(headers.get(HEADER_SERIALIZER) or serializer_for(app))
     error = NotRegistered(
         f"task {name!r} is not registered on worker {getattr(sender, 'hostname', '?')}: "
         "import its module in the worker's app (include=[...] or imports=[...]), or "
         "route the stream's tasks to workers that have it"
     )
-    payload = codec.exception_payload(error, "", serializer, name)
-    try:
-        publish_outcome(
-            app, str(stream), int(headers[HEADER_SEQ]), serializer, codec.ERROR, payload, name,
-            incarnation=str(headers.get(HEADER_INCARNATION) or ""),
-        )  # fmt: skip
-    except Exception:  # never break the worker's consumer over this
-        logger.exception("could not publish the unknown-task error for %s", stream)
+    _fill_from_signal(sender.app, headers.get, name, error, "unknown-task error")
 
 
 @signals.task_revoked.connect(weak=False)
@@ -309,13 +329,11 @@ def _publish_revoked_task(
     outcome counts as overdue, dispatch it again (to expire again), and only
     then give up on it.
     """
-    stream = getattr(request, HEADER_STREAM, None)
-    if stream is None or sender is None or (expired and getattr(request, HEADER_BACKUP, None)):
+    if getattr(request, HEADER_STREAM, None) is None or sender is None:
         return
-    app = sender.app
+    if expired and getattr(request, HEADER_BACKUP, None):
+        return  # a hedging backup: the first run may still finish
     name = str(getattr(sender, "name", None) or "?")
-    serializer = str(getattr(request, HEADER_SERIALIZER, None) or serializer_for(app))
-    task_id = getattr(request, "id", None)
     if expired:
         why = (
             f"expired before a worker ran it (expires={getattr(request, 'expires', None)}): "
@@ -325,15 +343,10 @@ def _publish_revoked_task(
         why = "was terminated while it ran (revoke(..., terminate=True))"
     else:
         why = "was revoked (app.control.revoke) before a worker ran it"
-    error = TaskRevokedError(f"task {name}[{task_id}] {why}")
-    payload = codec.exception_payload(error, "", serializer, name)
-    try:
-        publish_outcome(
-            app, str(stream), int(getattr(request, HEADER_SEQ)), serializer, codec.ERROR, payload,
-            name, incarnation=str(getattr(request, HEADER_INCARNATION, None) or ""),
-        )  # fmt: skip
-    except Exception:  # never break the worker's consumer over this
-        logger.exception("could not publish the revoked-task error for %s", stream)
+    error = TaskRevokedError(f"task {name}[{getattr(request, 'id', None)}] {why}")
+    _fill_from_signal(
+        sender.app, lambda field: getattr(request, field, None), name, error, "revoked-task error"
+    )
 
 
 @overload

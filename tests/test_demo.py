@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from click.testing import CliRunner
 
 from celery_ordered import RedisServer, __version__
 from celery_ordered.cli import main
+from tests.support.processes import cmdline, descendants
 from tests.support.tools import require_tool
 from tests.support.workers import Worker
 
@@ -99,8 +102,13 @@ def test_quiet_batches_prints_only_progress_and_summary():
     assert ORDER_OK in result.output
 
 
-def test_ctrl_c_stops_the_demo_at_once_and_leaves_nothing_behind(tmp_path):
-    # Given the demo running in a terminal of its own (its own process group)
+@contextlib.contextmanager
+def demo_in_a_terminal(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """The demo started as from a terminal of its own (its own process group),
+    and its output up to its first batch: mid-run, a batch is done, most are not.
+
+    The caller ends it; whatever is left of its group is killed on the way out.
+    """
     demo = subprocess.Popen(
         [sys.executable, "-m", "celery_ordered", "demo", "--workers", "2"],
         cwd=tmp_path,
@@ -115,24 +123,57 @@ def test_ctrl_c_stops_the_demo_at_once_and_leaves_nothing_behind(tmp_path):
     )
     try:
         assert demo.stdout is not None
-        for line in demo.stdout:  # mid-run: a batch is done, most are not
+        lines = []
+        for line in demo.stdout:
+            lines.append(line)
             if BATCH_LINE.search(line):
                 break
+        yield demo, lines
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.communicate()
+
+
+def assert_gone_without_a_trace(demo: subprocess.Popen[str], output: str, tmp_path: Path) -> None:
+    assert "Traceback" not in output, output
+    with pytest.raises(ProcessLookupError):
+        os.killpg(demo.pid, 0)  # no process of the group is left
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_stops_the_demo_at_once_and_leaves_nothing_behind(tmp_path):
+    # Given the demo running in a terminal, mid-run
+    with demo_in_a_terminal(tmp_path) as (demo, _):
         # When the user presses Ctrl-C (the terminal signals the whole group)
         os.killpg(demo.pid, signal.SIGINT)
         # Then it ends at once (its producer no longer waits for room in the
         # window), and so do its workers and its private Redis
         output, _ = demo.communicate(timeout=30)
-    finally:
-        if demo.poll() is None:
-            os.killpg(demo.pid, signal.SIGKILL)
-            demo.communicate()
     assert demo.returncode != 0
     assert "Aborted!" in output, output  # click's word for a KeyboardInterrupt
-    assert "Traceback" not in output, output
-    with pytest.raises(ProcessLookupError):
-        os.killpg(demo.pid, 0)  # no process of the group is left
-    assert list(tmp_path.iterdir()) == []
+    assert_gone_without_a_trace(demo, output, tmp_path)
+
+
+@pytest.mark.slow  # the demo retries its Redis for ordered_redis_retry_for (20 s)
+def test_the_demo_reports_its_private_redis_dying_in_one_line(tmp_path):
+    # Given the demo running on its private Redis, mid-run
+    with demo_in_a_terminal(tmp_path) as (demo, lines):
+        # When that Redis dies
+        servers = [
+            pid
+            for pid in descendants(demo.pid)
+            if os.path.basename(cmdline(pid).split(" ")[0]) == "redis-server"
+        ]
+        assert len(servers) == 1, "".join(lines)
+        os.kill(servers[0], signal.SIGKILL)
+        output, _ = demo.communicate(timeout=120)
+    # Then the demo says so in one line, and leaves nothing behind
+    assert demo.returncode == 1
+    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, output
+    assert "did not answer" in errors[0], output
+    assert_gone_without_a_trace(demo, output, tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -156,6 +156,23 @@ def test_map_timeout(make_executor: Any, redis_url: str, redis_client: Any, gate
     redis_client.rpush(gate_key, 1)  # let the third finish before shutdown waits for it
 
 
+def test_a_negative_map_timeout_has_already_passed_as_in_the_standard_library(
+    make_executor: Any, redis_url: str, redis_client: Any, gate_key: str
+) -> None:
+    # The standard map takes a negative timeout: the first result not there yet times out
+    release = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        standard = pool.map(release.wait, [60], timeout=-1)
+        with pytest.raises(TimeoutError):
+            next(standard)
+        release.set()
+    executor = make_executor()
+    results = executor.map(gate, [redis_url], [gate_key], [0], timeout=-1)
+    with pytest.raises(TimeoutError):
+        next(results)
+    redis_client.rpush(gate_key, 1)  # let the call finish before shutdown waits for it
+
+
 def test_shutdown_race_issue12456(make_executor: Any) -> None:
     executor = make_executor()
     # Work submitted, then a shutdown before any of it is done: no hang.
@@ -386,7 +403,7 @@ def test_bad_input_raises_at_the_call_and_the_executor_goes_on(make_executor: An
     with pytest.raises(ValueError, match="chunksize"):
         executor.map(echo, [1], chunksize=0)
     with pytest.raises(ValueError, match="timeout"):
-        executor.map(echo, [1], timeout=-1)
+        executor.map(echo, [1], timeout="3")
     with pytest.raises(UnsendableError, match="chunksize"):
         executor.map(echo.s(), [1], chunksize=2)
     with pytest.raises(TypeError, match="private"):

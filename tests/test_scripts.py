@@ -80,7 +80,10 @@ def test_publish_first_outcome_wins_and_duplicates_are_dropped(proto, redis_clie
     assert proto.publish(0, member(0, "first")) == 1
     assert proto.publish(0, member(0, "second")) == 0  # duplicate: already filled
     assert redis_client.zcard(proto.keys.results) == 1
-    assert proto.publish(7, member(7, "never claimed")) == -1
+    # A number past every claim: said to be claimed in this incarnation, the
+    # stream's state went back (-2); with no incarnation, it cannot tell (-1)
+    assert proto.publish(7, member(7, "never claimed")) == -2
+    assert proto.publish(7, member(7, "never claimed"), incarnation="") == -1
     assert redis_client.zcard(proto.keys.results) == 1
 
     batch = proto.pop(-1, -1, 10)

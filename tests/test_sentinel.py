@@ -23,10 +23,12 @@ from celery_ordered import (
     ConfigurationError,
     OrderedResultStream,
     RedisUnavailable,
+    StreamDeleted,
     StreamExhausted,
     StreamStateLost,
 )
 from celery_ordered.redis.keys import StreamKeys
+from celery_ordered.redis.protocol import Protocol
 from tests.apps.tasks import CustomError, fail, sleep_echo
 from tests.apps.topologyapp import topology_app
 from tests.support.tools import require_tool
@@ -218,6 +220,37 @@ def test_a_rollback_of_the_streams_state_is_reported_not_reused(
         assert "ordered_wait_replicas" in str(raised.value)
     finally:
         stream.delete()
+
+
+def test_an_outcome_for_a_number_a_rollback_took_back_is_reported_as_one(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    # Given a number claimed, then the stream's Redis put back to before the
+    # claim (a failover to a replica that had not received it)
+    proto = Protocol(redis_client, f"rollback-{uuid.uuid4().hex}", ttl=60)
+    proto.open(uuid.uuid4().hex, create=True, window=10)
+    keys = proto.keys.all()
+    try:
+        snapshot = {key: redis_client.dump(key) for key in keys if redis_client.exists(key)}
+        claim = proto.claim([b"m:marker"], 10, producer="p", claim_id="c", lost_after=60)
+        redis_client.delete(*keys)
+        for key, value in snapshot.items():
+            redis_client.restore(key, 0, value)
+
+        # When its outcome (a marker's, say) is published, it is refused, and
+        # what the producer raises says the state went back: not "deleted"
+        stored = proto.publish(claim.first, b"%d:M:application/json:utf-8:1" % claim.first)
+        error = proto.refused(stored, claim.first, "put()")
+        assert isinstance(error, StreamStateLost)
+        assert not isinstance(error, StreamDeleted)
+        assert "went back in time" in str(error)
+        assert error.seq == claim.first
+        assert redis_client.zcard(proto.keys.results) == 0
+    finally:
+        proto.delete()
+    # A stream deleted under a handle is still told apart from a rollback
+    stored = proto.publish(claim.first, b"%d:M:application/json:utf-8:1" % claim.first)
+    assert isinstance(proto.refused(stored, claim.first, "put()"), StreamDeleted)
 
 
 def test_waiting_for_replicas_that_are_not_there_is_a_clear_error(redis_url: str) -> None:

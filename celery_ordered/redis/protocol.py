@@ -521,12 +521,14 @@ class Protocol:
         return exc
 
     def publish_op(self, seq: int, member: bytes, *, incarnation: str | None = None) -> Step[int]:
-        """Store one outcome; 1 stored, 0 duplicate or late, -1 never claimed.
+        """Store one outcome; 1 stored, 0 duplicate or late, < 0 refused (see :meth:`refused`).
 
+        -1: never claimed in this incarnation of the stream; -2: claimed in
+        it, but the stream's state went back to before that claim.
         ``incarnation`` (default: this handle's, if it opened the stream) is
         the incarnation the number was claimed in: another one (the stream
         was deleted, maybe created again) refuses the outcome. "" skips that
-        check.
+        check (and cannot tell -2 from -1).
 
         An operation (:mod:`celery_ordered.steps`); :meth:`publish` runs it, blocking.
         """
@@ -540,6 +542,15 @@ class Protocol:
         return int(stored)
 
     publish = blocking(publish_op)
+
+    def refused(self, stored: int, seq: int, what: str) -> StreamStateLost:
+        """The error for :meth:`publish`'s refusal ``stored`` (< 0) of number ``seq``."""
+        if stored == -2:
+            return self.went_back(
+                f"number {seq}, claimed by {what}, is beyond every number its Redis has handed out",
+                seq=seq,
+            )
+        return self.deleted(what)
 
     def pop_op(
         self,
@@ -635,23 +646,11 @@ class Protocol:
         An operation (:mod:`celery_ordered.steps`); :meth:`close` runs it, blocking.
         """
         k = self.keys
+        own = [k.seq, k.next, k.results, k.closed, k.ready, k.done, k.space, k.created, k.error]
         try:
             claimed = yield Script(
                 "close",
-                self._and_the_rest(
-                    [
-                        k.seq,
-                        k.next,
-                        k.results,
-                        k.closed,
-                        k.ready,
-                        k.done,
-                        k.space,
-                        k.created,
-                        k.error,
-                    ],
-                    self.ttl_ms,
-                ),
+                self._and_the_rest(own, self.ttl_ms),
                 [self.ttl_ms, self.incarnation, error],
             )
         except redis.ResponseError as exc:

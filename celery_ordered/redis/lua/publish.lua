@@ -20,7 +20,10 @@
 --
 -- Returns 1 when stored, 0 when dropped as a duplicate or as late (already
 -- delivered), -1 when the number was never claimed in this incarnation of the
--- stream (say, the stream was deleted, or deleted and created again).
+-- stream (say, the stream was deleted, or deleted and created again), -2 when
+-- it was claimed in this incarnation (ARGV[4] given and found) yet the stream
+-- has not claimed that far: its state went back in time (a failover to a
+-- replica behind the primary that handed the number out).
 --
 -- It runs once per task, so it does as little as it can: one MGET reads the
 -- four strings it needs, and it renews no key's expiry (the producer's claims
@@ -29,11 +32,11 @@
 local n = tonumber(ARGV[1])
 local seq, nxt, closed, created, window =
   unpack(redis.call('MGET', KEYS[1], KEYS[2], KEYS[5], KEYS[9], KEYS[10]))
-if n >= tonumber(seq or '0') then
-  return -1
-end
 if ARGV[4] ~= '' and created ~= ARGV[4] then
   return -1
+end
+if n >= tonumber(seq or '0') then
+  return ARGV[4] ~= '' and -2 or -1
 end
 -- The first outcome of a number finds its fields in `pending` and removes them:
 -- the number no longer waits for one. A duplicate, or a late outcome (of a
