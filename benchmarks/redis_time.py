@@ -17,10 +17,14 @@ one Redis core could serve at that cost. It is the arithmetic of
 script once did, billed each call for the caches that INFO's own work had
 just evicted: a busy Redis runs scripts back to back.)
 
-The last row is the floor under any script on this machine: a script that
-only returns, called with the keys and arguments of a publish, measured the
-same way. It is what one call costs before its first command, whatever the
-script does. A second table says where each script's time goes: the
+The last rows are floors. First, under any script on this machine: a script
+that only returns, called with the keys and arguments of a publish, measured
+the same way. It is what one call costs before its first command, whatever
+the script does. Then a publish that is not a script: the outcome's ``ZADD``
+and a wake token's ``RPUSH`` in ``MULTI``/``EXEC``, with none of the checks
+the publish script makes (first outcome wins, the incarnation, the number
+claimed): what a publish could cost if those checks moved to the consumer's
+read and to reclaim. A second table says where each script's time goes: the
 commands it calls (commandstats counts a script's inner commands too), and
 the rest, which is the call itself, its Lua and the conversion of each inner
 call's arguments and reply.
@@ -99,6 +103,10 @@ def measure(
     # A script that only returns, with a publish's keys and arguments: the floor.
     floor = client.register_script("return 1")
     floor_keys = [f"{{{proto.keys.name}}}:floor:{i}" for i in range(12)]
+    # A publish of plain commands, no script: the outcome and a wake token, in
+    # MULTI/EXEC (no check at all: what a publish could cost if the checks
+    # moved to the consumer's read and to reclaim).
+    plain_keys = [f"{{{proto.keys.name}}}:plain:results", f"{{{proto.keys.name}}}:plain:ready"]
     while delivered < tasks:
         block = min(window // 2 or 1, tasks - delivered)
         claim = proto.claim(
@@ -115,16 +123,25 @@ def measure(
         for n in range(claim.first, claim.first + claim.count):
             floor(keys=floor_keys, args=[n, OUTCOME % n, 86_400_000, "0" * 32])
         account("floor", claim.count)
+        for n in range(claim.first, claim.first + claim.count):
+            plain = client.pipeline(transaction=True)
+            plain.zadd(plain_keys[0], {OUTCOME % n: n})
+            plain.rpush(plain_keys[1], 1)
+            plain.execute()
+        client.delete(*plain_keys)  # as a consumer's read would empty them
+        account("plain", claim.count)
         epoch = batch.epoch
         delivered += len(batch.members)
     proto.delete()
     usec = {script: commands["evalsha"] / tasks for script, commands in inner.items()}
-    usec["calls per task"] = (sum(calls.values()) - calls["floor"]) / tasks
+    usec["calls per task"] = (sum(calls.values()) - calls["floor"] - calls["plain"]) / tasks
     usec["floor per call"] = inner["floor"]["evalsha"] / calls["floor"]
+    # EXEC's time includes its commands' (counted under their names too).
+    usec["plain per call"] = (inner["plain"]["exec"] + inner["plain"]["multi"]) / calls["plain"]
     breakdown = {
         script: {command: total / tasks for command, total in commands.items() if total > 0}
         for script, commands in inner.items()
-        if script != "floor"
+        if script not in ("floor", "plain")
     }
     return usec, breakdown
 
@@ -243,6 +260,8 @@ def main() -> None:
     print(f"| all | {total:.2f} |")
     print(f"| floor: a script that only returns, with a publish's keys and arguments, "
           f"per call | {usec['floor per call']:.2f} |")  # fmt: skip
+    print(f"| a publish of plain commands, no script (MULTI, ZADD, RPUSH, EXEC; no checks), "
+          f"per call | {usec['plain per call']:.2f} |")  # fmt: skip
     print(
         f"\nOne Redis core at this cost: about {1e6 / total:,.0f} stream tasks/s "
         f"({usec['calls per task']:.2f} script calls per task), counting only the "

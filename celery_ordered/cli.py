@@ -9,13 +9,14 @@ import click
 
 from . import __version__
 from .commands import ordered
+from .config import MAX_WINDOW
 from .errors import OrderedStreamError
-from .redis.urls import mask_url
+from .redis.urls import check_userinfo, mask_url, without_client_reprs
 
 
 def _reason(exc: BaseException) -> str:
     """``exc`` as one line of a message: its text (no password), or its class's name."""
-    text = " ".join(mask_url(exc).split()).rstrip(".")
+    text = " ".join(without_client_reprs(mask_url(exc)).split()).rstrip(".")
     return text or type(exc).__name__
 
 
@@ -35,6 +36,10 @@ def _check_fleet(app: Any, broker_url: str, redis_url: str) -> None:
         raise click.ClickException(
             f"--redis-url {mask_url(redis_url)!r}: {_reason(exc)}: start that Redis, or fix the URL"
         ) from None
+    try:
+        check_userinfo(broker_url, "broker URL")
+    except OrderedStreamError as exc:
+        raise click.BadParameter(str(exc), param_hint="--broker-url") from None
     try:
         with app.connection_for_write() as connection:
             connection.ensure_connection(max_retries=0)
@@ -89,6 +94,8 @@ def demo(
     for flag, value in sizes.items():
         if value is not None and value < 1:
             raise click.BadParameter(f"{flag} must be at least 1, got {value}")
+    if window is not None and window > MAX_WINDOW:
+        raise click.BadParameter(f"--window must be at most {MAX_WINDOW:,}, got {window}")
     if broker_url or redis_url:
         if not (broker_url and redis_url):
             raise click.UsageError(

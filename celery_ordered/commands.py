@@ -30,7 +30,7 @@ from .errors import (
 )
 from .progress import progress_bar
 from .redis.keys import KEY_PREFIX, name_from_key, validate_name
-from .redis.urls import mask_url
+from .redis.urls import mask_url, without_client_reprs
 from .stream import OrderedResultStream, StreamStats
 
 #: How the commands are told which Redis to look in.
@@ -107,7 +107,7 @@ def _one_line(target: _Target | None, exc: BaseException) -> str:
         (c for c in causes if isinstance(c, (redis.ConnectionError, redis.TimeoutError))), None
     )
     if down is not None:
-        reason = mask_url(down).strip().rstrip(".")
+        reason = without_client_reprs(mask_url(down)).strip().rstrip(".")
         return (
             f"cannot reach Redis at {where} ({reason}): start it, or point the command "
             f"at the Redis holding the streams with {_FLAG_HINT}"

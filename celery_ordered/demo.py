@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import random
 import sys
@@ -21,13 +22,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from .config import resolve_redis
 from .progress import ProgressBar
 from .redis.clients import client_for
 from .redis.protocol import Protocol
 from .task import ordered_task
+
+logger = logging.getLogger(__name__)
 
 #: The app fleet workers run (``celery -A celery_ordered.demo worker``); it
 #: reads its broker and Redis from the environment.
@@ -37,6 +40,30 @@ app = Celery(
     set_as_current=False,
 )
 app.conf.ordered_redis_url = os.environ.get("CELERY_ORDERED_REDIS_URL")
+
+#: The environment a fleet worker of :data:`app` reads, as the README sets it.
+FLEET_ENVIRONMENT = ("CELERY_BROKER_URL", "CELERY_ORDERED_REDIS_URL")
+
+
+@signals.worker_init.connect(weak=False)
+def _name_what_the_fleet_worker_lacks(sender: Any = None, **_: Any) -> None:
+    """A fleet worker started without its environment says so, instead of running on defaults.
+
+    Without ``CELERY_BROKER_URL`` it would wait on Celery's default broker
+    (``amqp://localhost``), and without ``CELERY_ORDERED_REDIS_URL`` its
+    outcomes would have no Redis to go to.
+    """
+    if getattr(sender, "app", None) is not app:
+        return
+    missing = [name for name in FLEET_ENVIRONMENT if not os.environ.get(name)]
+    if missing:
+        logger.warning(
+            "celery-ordered demo worker: %s not set; set both as for "
+            "`celery-ordered demo --broker-url URL --redis-url URL`, e.g. "
+            "CELERY_BROKER_URL=redis://host:6379/0 CELERY_ORDERED_REDIS_URL=redis://host:6379/0 "
+            "celery -A celery_ordered.demo worker",
+            " and ".join(missing),
+        )
 
 
 @ordered_task(name="celery_ordered.demo.index_document")

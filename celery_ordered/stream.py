@@ -56,6 +56,7 @@ from .progress import Progress
 from .redis.clients import Client
 from .redis.keys import validate_name
 from .redis.protocol import WAIT_SLICE, NotReplicated, Protocol, RawStats
+from .redis.urls import check_userinfo, without_client_reprs
 
 __all__ = [
     "DEFAULT_CONSUMER_LEASE",
@@ -290,6 +291,9 @@ class OrderedResultStream:
             with self._redis_errors():
                 client = redis_client(self.app, redis_url)
         self.redis = client
+        broker_url = self.app.conf.get("broker_url")
+        if isinstance(broker_url, str):  # kombu would cut such a password, and quote it
+            check_userinfo(broker_url, "broker URL (broker_url)")
         self.serializer = serializer or serializer_for(self.app)
         if self.serializer not in registry._encoders:
             raise ConfigurationError(
@@ -419,7 +423,8 @@ class OrderedResultStream:
             yield
         except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
             raise RedisUnavailable(
-                f"Redis refused the credentials for stream {self.name!r}: {exc}; check the "
+                f"Redis refused the credentials for stream {self.name!r}: "
+                f"{str(exc).strip().rstrip('.')}; check the "
                 "user and password in the Redis URL",
                 stream=self.name,
             ) from exc
@@ -427,7 +432,8 @@ class OrderedResultStream:
             raise RedisUnavailable(str(exc), stream=self.name) from exc
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RedisUnavailable(
-                f"Redis for stream {self.name!r} did not answer: {exc} (retried for "
+                f"Redis for stream {self.name!r} did not answer: "
+                f"{without_client_reprs(str(exc)).strip().rstrip('.')} (retried for "
                 f"{redis_retry_for(self.app):g}s; app setting ordered_redis_retry_for)",
                 stream=self.name,
             ) from exc

@@ -445,7 +445,9 @@ def resolve_function(app: Any, reference: str) -> Callable[..., Any]:
             "app setting ordered_function_modules (or wrap the call in an "
             "@ordered_task task)"
         )
-    found: Any = importlib.import_module(module)
+    # As Celery imports a worker's task modules: from the worker's current
+    # directory too (where `celery -A proj worker` ran), not only sys.path.
+    found: Any = app.loader.import_from_cwd(module)
     for part in name.split("."):
         try:
             found = getattr(found, part)

@@ -13,8 +13,9 @@ server on ``CO_METRICS_PORT`` (``CO_METRICS_ADDR`` picks the address; default
 runs in the worker's main process, beside the pool, and reports every stream
 of the worker's Redis at each scrape. Terminal 2 runs a slow job to watch.
 
-``REDIS_URL`` picks another Redis (default: redis://127.0.0.1:6379/0), and
-``BROKER_URL`` another broker (default: that Redis).
+``REDIS_URL`` picks another Redis (default: redis://127.0.0.1:6379/0),
+``BROKER_URL`` another broker (default: that Redis), and ``QUEUE`` another
+queue than Celery's default (the same in every terminal).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ BROKER_URL = os.environ.get("BROKER_URL", REDIS_URL)
 
 app = Celery("metrics_worker", broker=BROKER_URL)
 app.conf.ordered_redis_url = REDIS_URL
+app.conf.task_default_queue = os.environ.get("QUEUE", "celery")
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +65,8 @@ def stop_metrics(**_: Any) -> None:
         metrics_server.close()
 
 
-@ordered_task
+# Named, so that terminal 2 (this module run as __main__) sends the task the worker knows.
+@ordered_task(name="examples.metrics_worker.process")
 def process(item: int, seconds: float | None = None) -> dict[str, Any]:
     """One item of uneven work (``seconds`` long, else 0.05 to 0.5 s)."""
     if seconds is None:

@@ -172,6 +172,39 @@ def test_a_url_that_is_no_redis_url_is_one_line_naming_the_flag() -> None:
     assert_one_line_error(done, "--redis-url", "is not a Redis URL")
 
 
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://127.0.0.1:6399/12?foo=bar", "unknown option(s) foo"),
+        ("redis://127.0.0.1:6399/12x", "the database '12x' is not a number"),
+        (f"redis://:{PASSWORD.replace('@', '/')}@127.0.0.1:6399/0", "percent-encode"),
+    ],
+    ids=["option", "database", "password"],
+)
+def test_a_url_redis_py_would_misread_is_one_line_naming_the_flag(url: str, expected: str) -> None:
+    # Before: a traceback at the first connection, db 0 used in silence, or a
+    # connection to a "port" cut out of the password (and the cut quoted)
+    done, _ = cli("celery_ordered", "ordered", "--redis-url", url, "ls")
+    line = assert_one_line_error(done, "--redis-url", expected)
+    assert "s3cr" not in line
+
+
+def test_a_sentinel_nobody_answers_for_is_one_short_line() -> None:
+    url = f"sentinel://127.0.0.1:{free_port()}?master_name=mymaster"
+    done, _ = cli("celery_ordered", "ordered", "--redis-url", url, "ls")
+    # redis-py's error quotes each Sentinel client's repr: it is cut out
+    line = assert_one_line_error(done, "No master found for 'mymaster'", "a Sentinel")
+    assert "<redis." not in line
+    assert len(line) < 400, line
+
+
+def test_a_demo_window_over_the_limit_is_a_usage_error() -> None:
+    done, _ = cli("celery_ordered", "demo", "--documents", "5", "--window", "2000000")
+    assert done.returncode == 2, done
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "--window must be at most 1,000,000, got 2000000" in done.stderr
+
+
 def test_a_fail_fast_client_gives_up_on_a_redis_that_never_answered() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     began = time.monotonic()

@@ -176,6 +176,32 @@ def test_the_demo_reports_its_private_redis_dying_in_one_line(tmp_path):
     assert_gone_without_a_trace(demo, output, tmp_path)
 
 
+def test_a_fleet_worker_started_without_its_environment_says_what_it_lacks(tmp_path):
+    # Given `celery -A celery_ordered.demo worker` started without the README's Redis variable
+    env = {**clean_env(), "C_FORCE_ROOT": "1"}
+    worker = subprocess.Popen(
+        # (-b memory://: wherever the default broker is, this worker touches nothing)
+        [sys.executable, "-m", "celery", "-A", "celery_ordered.demo", "-b", "memory://",
+         "worker", "-c", "1",
+         "--loglevel=WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert worker.stdout is not None
+        said = ""
+        for line in worker.stdout:  # until it says it, or ends
+            if "celery-ordered demo worker:" in line:
+                said = line
+                break
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.communicate()
+    # Then it names what is missing (celery's -b sets CELERY_BROKER_URL), and how to set it
+    assert "demo worker: CELERY_ORDERED_REDIS_URL not set" in said
+    assert "celery -A celery_ordered.demo worker" in said
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -142,6 +142,22 @@ def test_the_django_command_as_documented_runs_a_job_locally() -> None:
     assert [int(n) for n in re.findall(r"batch (\d+)", out)][:4] == [0, 1, 2, 3]
 
 
+def test_the_fastapi_example_under_uvicorn_without_redis_url_says_how_to_run_it(
+    example_env: dict[str, str], tmp_path: Path
+) -> None:
+    # Given uvicorn started on the example without REDIS_URL (the zero-setup
+    # default is `python -m examples.fastapi_app.app`)
+    env = {k: v for k, v in example_env.items() if k not in ("REDIS_URL", "BROKER_URL")}
+    done = subprocess.run(
+        ["uvicorn", "examples.fastapi_app.app:app"],
+        cwd=ROOT, env={**env, "UVICORN_PORT": "0"}, capture_output=True, text=True,
+        timeout=COMMAND_TIMEOUT,
+    )  # fmt: skip
+    # Then it does not serve a page whose every job fails: it stops, and says why
+    assert done.returncode != 0
+    assert "No REDIS_URL: run `python -m examples.fastapi_app.app`" in done.stderr, done.stderr
+
+
 def test_the_fastapi_example_as_documented_streams_a_job_in_order(
     example_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -373,6 +373,14 @@ def test_the_example_worker_serves_the_metrics_of_its_streams(
         stats = stream.stats()  # acknowledges what the consumer took, as a consumer does
         url = f"http://127.0.0.1:{port}/metrics"
         page = wait_until(lambda: scrape(url), "the worker's metrics server", DEADLINE)
+        # and terminal 2's job, the module run as its docstring says, runs on it too
+        job = subprocess.run(
+            [sys.executable, "-m", "examples.metrics_worker", "20"],
+            cwd=ROOT, env={**env, "QUEUE": metrics_example.app.conf.task_default_queue},
+            capture_output=True, text=True, timeout=DEADLINE,
+        )  # fmt: skip
+        assert job.returncode == 0, job.stderr
+        assert job.stdout.startswith("20 items done, the last by process"), job.stdout
 
     # Then the worker's page reports that stream as its stats() does, beside
     # the process's own metrics (prometheus_client's default registry)

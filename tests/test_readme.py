@@ -17,11 +17,14 @@ Redis (and broker), so the run uses what the suite uses.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from markdown_it import MarkdownIt
 
 from celery_ordered.redis.urls import socket_url
 from tests.support import ROOT
+from tests.support.tools import require_tool
 
 README = ROOT / "README.md"
 DIRECTIVE = re.compile(r"^<!-- readme: (?P<kind>file|run|tested by) (?P<arg>\S+) -->$")
@@ -110,27 +114,27 @@ def test_the_first_example_prints_every_page_in_order(
     assert out.splitlines() == [f"<h1>page {page}</h1>" for page in range(100)]
 
 
-def test_the_quickstart_runs_as_written_with_a_worker_started_as_written(
-    folder: tuple[Path, dict[str, str]], redis_url: str
-) -> None:
-    cwd, env = folder
-    # Given tasks.py as the README writes it, on the tests' Redis and broker
+def write_tasks_py(cwd: Path, redis_url: str) -> None:
+    """tasks.py as the README writes it, on the tests' Redis and broker."""
     tasks = by_name("file", "tasks.py").code
     assert tasks.count(README_REDIS) == 2
     tasks = tasks.replace(
         f'broker="{README_REDIS}"', f'broker="{os.environ["CO_TEST_BROKER_URL"]}"'
     ).replace(README_REDIS, redis_url)
     (cwd / "tasks.py").write_text(tasks, encoding="utf-8")
-    # and `celery -A tasks worker`, as the README says, in the folder of tasks.py
+
+
+@contextlib.contextmanager
+def worker_of_tasks_py(command: list[str], cwd: Path, env: dict[str, str]) -> Iterator[None]:
+    """``command`` (a ``celery -A tasks worker``) running in ``cwd`` meanwhile."""
     log = (cwd / "worker.log").open("wb")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--concurrency=2",
-         "--loglevel=WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        [*command, "-A", "tasks", "worker", "--concurrency=2", "--loglevel=WARNING",
+         "--without-gossip", "--without-mingle", "--without-heartbeat"],
         cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        # When main.py runs as written
-        out = run(by_name("run", "quickstart").code, cwd, env)
+        yield
     finally:
         worker.terminate()
         worker.wait(timeout=30)
@@ -139,6 +143,18 @@ def test_the_quickstart_runs_as_written_with_a_worker_started_as_written(
         redis.Redis.from_url(socket_url(os.environ["CO_TEST_BROKER_URL"])).delete(
             "celery", "_kombu.binding.celery"
         )
+
+
+def test_the_quickstart_runs_as_written_with_a_worker_started_as_written(
+    folder: tuple[Path, dict[str, str]], redis_url: str
+) -> None:
+    cwd, env = folder
+    # Given tasks.py as the README writes it, and `celery -A tasks worker`, as
+    # the README says, in the folder of tasks.py
+    write_tasks_py(cwd, redis_url)
+    with worker_of_tasks_py([sys.executable, "-m", "celery"], cwd, env):
+        # When main.py runs as written
+        out = run(by_name("run", "quickstart").code, cwd, env)
     # Then every row's result and each checkpoint come out in submission order
     lines = out.splitlines()
     expected = []
@@ -147,6 +163,40 @@ def test_the_quickstart_runs_as_written_with_a_worker_started_as_written(
         if row_id % 1000 == 999:
             expected.append(str(["checkpoint", row_id]))
     assert lines == expected
+
+
+def test_a_plain_function_beside_tasks_py_runs_on_the_worker_as_celery_finds_tasks(
+    folder: tuple[Path, dict[str, str]], redis_url: str
+) -> None:
+    cwd, env = folder
+    # Given tasks.py as written, a plain function in a module beside it, and
+    # the `celery` command run in that folder, which is not on sys.path: only
+    # Celery's own imports look there
+    celery = require_tool(
+        "celery",
+        "the console script installed next to Python",
+        find=lambda name: shutil.which(name, path=os.path.dirname(sys.executable)),
+    )
+    write_tasks_py(cwd, redis_url)
+    (cwd / "geometry.py").write_text("def area(w, h):\n    return w * h\n", encoding="utf-8")
+    env = {**env, "PYTHONPATH": str(ROOT)}
+    producer = """
+from celery_ordered import OrderedResultStream
+from geometry import area
+from tasks import app
+
+stream = OrderedResultStream(app, window=4)
+for w in range(3):
+    stream.put(area, w, 2)
+stream.close()
+print(list(stream))
+stream.delete()
+"""
+    with worker_of_tasks_py([celery], cwd, env):
+        # When the producer puts that function
+        out = run(producer, cwd, env)
+    # Then the worker found it as it finds tasks: every result, in order
+    assert out.splitlines() == ["[0, 2, 4]"]
 
 
 def test_the_quickstart_pattern_survives_a_mistake_in_the_producer(

@@ -62,6 +62,62 @@ def test_errors_about_a_url_never_show_its_password(url: str) -> None:
     assert SECRET not in repr(raised.value)
 
 
+@pytest.mark.parametrize("cut", ["/", "?", "#"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:{a}{cut}{b}@127.0.0.1:6399/0",
+        "redis://user:{a}{cut}{b}@127.0.0.1:6399/0",
+        "redis+cluster://:{a}{cut}{b}@127.0.0.1:7000",
+        "sentinel://user:{a}{cut}{b}@127.0.0.1:26379/0?master_name=m",
+        "redis://:4711{cut}{b}@127.0.0.1:6399/0",  # would connect to localhost:4711
+    ],
+)
+def test_a_password_that_url_parsing_would_cut_is_refused_without_quoting_it(
+    url: str, cut: str
+) -> None:
+    # Given a password holding a character that ends a URL's host part, unencoded
+    first, second = SECRET[:4], SECRET[4:]
+    template, url = url, url.format(a=first, b=second, cut=cut)
+    # Then the URL is refused, saying how to write it, and no part of the password shows
+    with pytest.raises(ConfigurationError, match="percent-encode") as raised:
+        OrderedResultStream(Celery("bad", set_as_current=False), redis_url=url)
+    for shown in (str(raised.value), repr(raised.value)):
+        assert first not in shown
+        assert second not in shown
+        assert "4711" not in shown
+    # And the same password, percent-encoded, is taken
+    encoded = template.format(a=first, b=second, cut={"/": "%2F", "?": "%3F", "#": "%23"}[cut])
+    assert parse_redis_url(encoded).url == encoded
+
+
+def test_a_broker_url_that_would_cut_its_password_is_refused_by_the_stream(
+    redis_url: str,
+) -> None:
+    app = Celery("bad", set_as_current=False, broker="amqp://guest:Pa55/w0rd@127.0.0.1:5672//")
+    with pytest.raises(ConfigurationError, match=r"broker URL.*percent-encode") as raised:
+        OrderedResultStream(app, redis_url=redis_url)
+    assert "Pa55" not in str(raised.value)
+    assert "w0rd" not in str(raised.value)
+
+
+def test_badly_typed_sentinel_options_are_named_without_their_values() -> None:
+    # Given Sentinel options holding the Sentinels' password, mistyped (a
+    # string read from the environment where an int belongs)
+    app = Celery("bad", set_as_current=False)
+    app.conf.ordered_redis_url = "sentinel://127.0.0.1:26399/0?master_name=m"
+    for kwargs, other in (({"password": SECRET}, "1"), ([("password", SECRET)], 0)):
+        app.conf.ordered_redis_transport_options = {
+            "sentinel_kwargs": kwargs,
+            "min_other_sentinels": other,
+        }
+        # Then the error names what is wrong, and shows no value of sentinel_kwargs
+        with pytest.raises(ConfigurationError, match="sentinel_kwargs must be a dict") as raised:
+            OrderedResultStream(app)
+        assert SECRET not in str(raised.value)
+        assert SECRET not in repr(raised.value)
+
+
 def test_a_parsed_url_shows_no_password_in_its_repr() -> None:
     for url in (f"redis://:{SECRET}@db/0", f"sentinel://:{SECRET}@s1/0?master_name=m"):
         target = parse_redis_url(url)

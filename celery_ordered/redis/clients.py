@@ -348,10 +348,13 @@ def _sentinel_settings(
         or isinstance(min_other, bool)
         or not (isinstance(min_other, int) and min_other >= 0)
     ):
+        # Their values are not quoted: sentinel_kwargs may hold a password.
         raise ConfigurationError(
             "Sentinel transport options: sentinel_kwargs must be a dict (such as "
             "{'password': ...} for the Sentinels themselves) and min_other_sentinels an "
-            f"int >= 0; got {sentinel_kwargs!r} and {min_other!r}"
+            f"int >= 0; got a {type(sentinel_kwargs).__name__} and a "
+            f"{type(min_other).__name__}"
+            + (f" ({min_other})" if isinstance(min_other, int) else "")
         )
     return master_name, {
         "min_other_sentinels": min_other,

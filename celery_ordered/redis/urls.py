@@ -9,6 +9,7 @@ One server (``redis://``, ``rediss://``, ``unix://``), a Redis Cluster
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -136,6 +137,27 @@ def mask_url(url: object) -> str:
     return "".join(pieces)
 
 
+def without_client_reprs(text: str) -> str:
+    """``text`` with each redis-py client's repr (``<redis.client.Redis(<...>)>``) cut out.
+
+    redis-py's Sentinel errors quote the repr of every Sentinel's client
+    (hundreds of characters of connection settings) before what went wrong
+    with it; a message needs only the latter.
+    """
+    pieces, at = [], 0
+    while (start := text.find("<redis.", at)) >= 0:
+        depth, end = 0, start
+        while end < len(text):
+            depth += {"<": 1, ">": -1}.get(text[end], 0)
+            end += 1
+            if depth == 0:
+                break
+        pieces.append(text[at:start] + "a Sentinel")
+        at = end
+    pieces.append(text[at:])
+    return "".join(pieces)
+
+
 def _mask_userinfo(part: str) -> str:
     scheme_end = part.index("://") + 3
     rest = part[scheme_end:]
@@ -260,6 +282,66 @@ def _parse_sentinel(url: str) -> RedisTarget:
     )
 
 
+def check_userinfo(url: str, what: str = "Redis URL") -> None:
+    """Refuse ``url`` if its user part holds an unencoded ``/``, ``?`` or ``#``.
+
+    URL parsers end the host part at the first of those, so a password
+    holding one is cut, and its start read as a host or a port: the
+    connection goes to the wrong place, and the parser's error quotes part
+    of the password. The message quotes nothing of the URL.
+    """
+    rest = url.split("://", 1)[1] if "://" in url else url
+    for part in rest.split(";"):  # each part of a Sentinel or failover list
+        part = part.split("://", 1)[-1]
+        at = part.rfind("@")
+        cut = min((i for i in (part.find(c) for c in "/?#") if i >= 0), default=-1)
+        # An "@" in a query argument's value (?password=p@ss) is not a user part's.
+        if at >= 0 and 0 <= cut < at and "=" not in part[cut:at]:
+            raise ConfigurationError(
+                f"the {what}'s user name or password holds an unencoded '/', '?' or '#': "
+                "percent-encode them in the URL (%2F, %3F, %23)"
+            )
+
+
+#: What a single server's URL may say after ``?`` besides redis-py's connection
+#: arguments (read by redis-py's own URL parsing).
+_URL_ONLY_OPTIONS = frozenset({"db", "password", "username", "ssl", "unix_socket_path"})
+
+
+@functools.lru_cache(maxsize=1)
+def _connection_options() -> frozenset[str]:
+    """The keyword arguments redis-py's connections accept (TCP, TLS and unix socket)."""
+    import inspect
+
+    from redis.connection import (
+        AbstractConnection,
+        BlockingConnectionPool,
+        Connection,
+        ConnectionPool,
+        SSLConnection,
+        UnixDomainSocketConnection,
+    )
+
+    names: set[str] = set()
+    for cls in (
+        AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection,
+        ConnectionPool, BlockingConnectionPool,
+    ):  # fmt: skip
+        names.update(inspect.signature(cls.__init__).parameters)
+    return frozenset(names - {"self", "args", "kwargs"})
+
+
+def _check_options(url: str, options: Mapping[str, Any]) -> None:
+    """Refuse a URL option that no connection takes, naming it (not its value)."""
+    unknown = sorted(set(options) - _connection_options() - _URL_ONLY_OPTIONS)
+    if unknown:
+        raise ConfigurationError(
+            f"Redis URL {mask_url(url)!r}: unknown option(s) {', '.join(unknown)} after '?': "
+            "remove them (connection options are redis-py's: socket_timeout, "
+            "health_check_interval, ssl_cert_reqs for rediss://...)"
+        )
+
+
 def parse_redis_url(url: str) -> RedisTarget:
     """Take a Redis URL apart, or raise :class:`~celery_ordered.ConfigurationError`.
 
@@ -278,6 +360,7 @@ def parse_redis_url(url: str) -> RedisTarget:
     if not isinstance(url, str):
         raise ConfigurationError(f"a Redis URL must be a str, got {type(url).__name__}")
     url = url.strip()
+    check_userinfo(url)
     if url.startswith(_CLUSTER_SCHEMES):
         return _parse_cluster(url)
     if url.startswith(SENTINEL_SCHEME):
@@ -285,9 +368,17 @@ def parse_redis_url(url: str) -> RedisTarget:
     url = socket_url(url)
     if url.startswith(_SINGLE_SCHEMES):
         try:
-            parse_url(url)
+            options = parse_url(url)
         except ValueError as exc:
             raise ConfigurationError(f"Redis URL {mask_url(url)!r}: {exc}") from exc
+        _check_options(url, options)
+        if url.startswith(("redis://", "rediss://")):
+            db = _split(url.split("://", 1)[1].rpartition("@")[2])[1].strip("/")
+            if db and not db.isdigit():
+                raise ConfigurationError(
+                    f"Redis URL {mask_url(url)!r}: the database {db!r} is not a number; "
+                    "end the URL with /0, /1..."
+                )
         return RedisTarget("single", url, node_url=url)
     raise ConfigurationError(
         f"{mask_url(url)!r} is not a Redis URL celery-ordered knows: use {URL_FORMS}"

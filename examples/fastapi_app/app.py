@@ -32,10 +32,11 @@ consumer position.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -92,9 +93,21 @@ async def form_int(request: Request, field: str, default: int) -> int:
         raise HTTPException(400, f"{field} must be a whole number, got {raw!r}") from None
 
 
+@contextlib.asynccontextmanager
+async def needs_redis(_: FastAPI) -> AsyncIterator[None]:
+    """Refuse to start without a Redis for the streams, rather than fail every job."""
+    if not celery_app.conf.ordered_redis_url:
+        raise RuntimeError(
+            "No REDIS_URL: run `python -m examples.fastapi_app.app` for the zero-setup "
+            "default (a private Redis and local workers), or export REDIS_URL and start "
+            "a worker (celery -A examples.fastapi_app.app:celery_app worker)"
+        )
+    yield
+
+
 def create_app(job: Job = demo_job) -> FastAPI:
     """The web app; ``job(items, batch)`` says what a job puts."""
-    app = FastAPI(title="celery-ordered: a job, live and in order")
+    app = FastAPI(title="celery-ordered: a job, live and in order", lifespan=needs_redis)
     # The running producers: asyncio keeps only a weak reference to a task.
     producers: set[asyncio.Task[None]] = set()
 

@@ -30,11 +30,14 @@ class Command(BaseCommand):
     def handle(self, *args: Any, items: int, batch: int, local: bool, **options: Any) -> None:
         if items < 1 or batch < 1:
             raise CommandError("--items and --batch must be at least 1")
-        if local:
-            with local_cluster(app=celery_app):
+        try:
+            if local:
+                with local_cluster(app=celery_app):
+                    self.run_job(items, batch)
+            else:
                 self.run_job(items, batch)
-        else:
-            self.run_job(items, batch)
+        except KeyboardInterrupt:  # Ctrl-C: one line, as any command-line tool
+            raise CommandError("interrupted: the job's stream is deleted") from None
 
     def run_job(self, items: int, batch: int) -> None:
         """Start the job, follow its stream to the end, then delete the stream."""
