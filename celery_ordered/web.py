@@ -60,12 +60,13 @@ over.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import json
 import logging
+import threading
 import time
+import weakref
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -77,6 +78,8 @@ from collections.abc import (
 )
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar, cast
+
+import redis
 
 from . import checks
 from .aio import AsyncOrderedResultStream
@@ -91,6 +94,7 @@ from .errors import (
     StreamStateLost,
     TaskFailed,
 )
+from .redis.urls import mask_url
 from .stream import OrderedResultStream, StreamStats
 
 __all__ = [
@@ -175,7 +179,9 @@ _HEARTBEAT = object()  # nothing arrived for a heartbeat's time
 
 #: Errors about the whole stream, not one position: they would come back on
 #: every read, so they end the response instead of becoming a failure event.
-_FATAL = (RedisUnavailable, StreamStateLost, ConfigurationError, ConsumerFenced)
+#: redis-py's own errors (a Redis out of memory, a replica that refuses
+#: writes) are among them: they carry no position.
+_FATAL = (RedisUnavailable, StreamStateLost, ConfigurationError, redis.RedisError)
 
 
 class _Pacer:
@@ -371,6 +377,12 @@ async def _read_stream(
                 for entry in pacer.ending(stream.position):
                     yield entry
                 return
+            except ConsumerFenced:
+                # Another response took the stream over: a reconnecting client
+                # (Last-Event-ID) whose old response is this one. Its client is
+                # gone, or follows the new one: end quietly, without "end".
+                logger.info("stream %r: taken over by a newer response", stream.name)
+                return
             except _FATAL:
                 raise  # the stream cannot go on: the response ends unfinished
             except Exception as exc:  # a failed task (or undecodable outcome), at its place
@@ -400,10 +412,14 @@ async def _leave(stream: _StreamSource, *, close: bool) -> None:
     if close:
         try:
             await stream.close()
-        except RedisUnavailable:
+        except (RedisUnavailable, redis.RedisError):
             logger.warning("stream %r: could not close it after the client left", stream.name)
-    with contextlib.suppress(OrderedStreamError):
+    try:
         await stream.release()
+    except redis.RedisError as exc:  # it lapses with the consumer lease
+        logger.warning("stream %r: could not hand it on: %s", stream.name, mask_url(exc))
+    except OrderedStreamError:
+        pass
 
 
 async def _read_items(
@@ -515,10 +531,16 @@ def _encode(item: _Item, default: Default | None, tracebacks: bool) -> tuple[str
     try:
         return "result", _dumps({"position": item.position, "value": item.value}, default)
     except Exception as exc:
+        if isinstance(exc, ValueError) and "Out of range float" in str(exc):
+            fix = (
+                "NaN and infinities are not JSON (default= is never called for a float): "
+                "return None, or a string, in their place"
+            )
+        else:
+            fix = "Pass default= (such as default=str) to encode such values"
         message = (
             f"the value at position {item.position} (a {type(item.value).__name__}) cannot "
-            f"be sent as JSON: {exc}. Pass default= (such as default=str) to encode such "
-            "values, or return JSON-ready values from the task"
+            f"be sent as JSON: {exc}. {fix}, or return JSON-ready values from the task"
         )
         logger.error("%s", message)
         error = {"type": type(exc).__name__, "message": message}
@@ -831,3 +853,101 @@ def _formatted(
         f"format must be 'sse' (server-sent events, for a browser's EventSource) or "
         f"'ndjson' (newline-delimited JSON, for fetch() or scripts), got {format!r}"
     )
+
+
+class _ThreadedBody:
+    """A blocking body served to an event loop: it runs in a thread of its own.
+
+    Django under ASGI, and Starlette for a blocking source, serve a body
+    this way: Django would otherwise read it to its end before sending
+    anything, and Starlette's shared thread pool (40 threads, which also run
+    every ``def`` endpoint) would have a thread held by each waiting body.
+
+    The thread computes a chunk only when the loop asks for one, so the
+    stream is never read ahead of the client (its window stays the
+    backpressure). ``close()`` (Django calls it when the response ends, the
+    client gone or not) stops the thread and closes the body in it.
+    """
+
+    def __init__(self, body: Generator[bytes, None, None]) -> None:
+        self._body = body
+        self._chunks: asyncio.Queue[tuple[str, Any]] | None = None
+        self._wanted = threading.Semaphore(0)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._started = False
+        # Dropped without close(): the thread must not wait forever.
+        weakref.finalize(self, _release, self._stop, self._wanted)
+
+    def __aiter__(self) -> _ThreadedBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._chunks is None:
+            with self._lock:
+                if self._stop.is_set():
+                    raise StopAsyncIteration
+                self._started = True
+            self._chunks = asyncio.Queue()
+            args = (self._body, asyncio.get_running_loop(), self._chunks, self._wanted, self._stop)
+            threading.Thread(
+                target=_pump, args=args, name="celery-ordered-response", daemon=True
+            ).start()
+        if self._stop.is_set():
+            raise StopAsyncIteration
+        self._wanted.release()
+        kind, value = await self._chunks.get()
+        if kind == "chunk":
+            return bytes(value)
+        self._stop.set()
+        if kind == "error":
+            raise value
+        raise StopAsyncIteration
+
+    def close(self) -> None:
+        """Stop the body; safe from any thread, and more than once."""
+        with self._lock:
+            started = self._started
+            self._stop.set()
+        if started:
+            self._wanted.release()  # the thread wakes, sees the stop, closes the body
+        else:
+            self._body.close()
+
+
+def _release(stop: threading.Event, wanted: threading.Semaphore) -> None:
+    stop.set()
+    wanted.release()
+
+
+def _pump(
+    body: Generator[bytes, None, None],
+    loop: asyncio.AbstractEventLoop,
+    chunks: asyncio.Queue[tuple[str, Any]],
+    wanted: threading.Semaphore,
+    stop: threading.Event,
+) -> None:
+    def send(kind: str, value: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(chunks.put_nowait, (kind, value))
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            stop.set()
+
+    try:
+        while True:
+            wanted.acquire()
+            if stop.is_set():
+                return
+            try:
+                chunk = next(body)
+            except StopIteration:
+                send("end", None)
+                return
+            except BaseException as exc:
+                send("error", exc)
+                return
+            send("chunk", chunk)
+            if stop.is_set():  # the loop is gone: nobody will ask for more
+                return
+    finally:
+        body.close()  # in this thread, where the body ran: a disconnect is handled here

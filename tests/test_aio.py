@@ -926,3 +926,38 @@ def test_the_asyncio_stream_on_a_cluster_and_under_sentinel(request, topology):
     # Then each comes out whole and in order
     for index, outcomes in enumerate(results):
         assert outcomes == [[index, value] for value in range(8)] + [{"end": index}]
+
+
+@pytest.mark.topology
+def test_a_consumer_waiting_on_the_sentinel_primary_follows_a_failover() -> None:
+    # Given a stream on a Sentinel-managed primary, and a consumer waiting
+    # (BLPOP, in flight on the primary) for the next outcome
+    require_tool("redis-server", "it runs the primary, the replica and the Sentinel")
+    with LocalSentinel(replicas=1) as sentinel:
+        app = topology_app(sentinel.url, "unused", ordered_redis_retry_for=30)
+        primary = sentinel.primary().client(socket_timeout=1)
+
+        def consumer_waiting() -> bool:
+            return any(client.get("cmd") == "blpop" for client in primary.client_list())
+
+        async def main() -> list[Any]:
+            stream = AsyncOrderedResultStream(app, f"aio-failover-{uuid.uuid4().hex}", window=4)
+            try:
+                await stream.put({"before": 0})
+                seen = [await stream.get(timeout=10)]
+                waiting = asyncio.ensure_future(stream.get(timeout=60))
+                await asyncio.to_thread(wait_until, consumer_waiting, "the consumer in BLPOP")
+                assert primary.wait(1, 10_000) == 1  # the replica has every write so far
+                # When the primary dies under it and a replica is promoted
+                old = await asyncio.to_thread(sentinel.kill_primary)
+                await asyncio.to_thread(sentinel.wait_failover, old)
+                await stream.put({"after": 1})
+                # Then the waiting get finds the new primary (not the dead one's
+                # address again until ordered_redis_retry_for runs out)
+                seen.append(await asyncio.wait_for(waiting, 20))
+                return seen
+            finally:
+                with contextlib.suppress(Exception):
+                    await stream.delete()
+
+        assert run(main()) == [{"before": 0}, {"after": 1}]

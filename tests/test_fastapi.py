@@ -27,7 +27,7 @@ from celery_ordered import AsyncOrderedResultStream, OrderedResultStream, Stream
 from celery_ordered.web import async_ndjson_lines, async_sse_events, ndjson_lines, sse_events
 from tests.apps.tasks import check_positive, echo, fail, sleep_echo
 from tests.support import ROOT
-from tests.support.fastapi_example import served
+from tests.support.fastapi_example import POOL_THREADS, served
 from tests.support.gates import gated_stream
 from tests.support.waiting import wait_until
 
@@ -162,6 +162,35 @@ def test_a_client_that_disconnects_cancels_the_body_and_a_reconnect_resumes_with
         {"position": 4, "value": "e"},
         {"end": True, "total": 5},
     ]
+
+
+def test_blocking_bodies_do_not_hold_the_thread_pool_of_def_endpoints(
+    make_stream: Callable[..., OrderedResultStream], example_env: dict[str, str]
+) -> None:
+    # Given a server whose shared thread pool has POOL_THREADS threads, and
+    # more blocking event streams than that, each waiting for an outcome
+    # (heartbeat 60 s: a body in that pool would hold a thread that long)
+    streams = [make_stream() for _ in range(POOL_THREADS + 2)]
+    with served("blocking", example_env) as site:
+        url = urlsplit(site)
+        connections = []
+        try:
+            for stream in streams:
+                connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+                connection.request("GET", f"/blocking/{stream.name}/events")
+                response = connection.getresponse()
+                assert response.status == 200
+                assert response.read1().startswith(b": open")  # the body runs
+                connections.append(connection)
+            # When a def endpoint is asked for
+            ping = http.client.HTTPConnection(url.hostname, url.port, timeout=20)
+            ping.request("GET", "/ping")
+            # Then it answers: the bodies wait in threads of their own
+            assert json.loads(ping.getresponse().read()) == {"ok": True}
+            ping.close()
+        finally:
+            for connection in connections:
+                connection.close()
 
 
 def test_the_events_endpoint_resumes_after_last_event_id(

@@ -20,7 +20,7 @@ import redis
 from flask import Flask, Response
 from flask.testing import FlaskClient
 
-from celery_ordered import OrderedResultStream, StreamClosedError, StreamStateLost
+from celery_ordered import OrderedResultStream, RedisServer, StreamClosedError, StreamStateLost
 from celery_ordered.contrib.flask import stream_response
 from celery_ordered.web import NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE, ndjson_lines, sse_events
 from tests.apps.tasks import check_positive, echo, fail, fail_two_args, gate, sleep_echo
@@ -290,6 +290,7 @@ def test_values_json_cannot_encode_fail_at_their_position_unless_default_is_give
     assert "default=" in lines[0]["error"]["message"]
     assert lines[1]["error"]["type"] == "ValueError"
     assert "(a float) cannot be sent as JSON" in lines[1]["error"]["message"]
+    assert "NaN and infinities are not JSON" in lines[1]["error"]["message"]  # not default=
     assert lines[2] == {"position": 2, "value": "fine"}
     assert "position 0 (a datetime) cannot be sent as JSON" in caplog.text
 
@@ -550,3 +551,47 @@ def test_a_stream_that_went_back_in_time_ends_the_body_instead_of_looping(
     at_most_ten = itertools.islice(body, 10)
     with pytest.raises(StreamStateLost, match="was deleted"):
         list(at_most_ten)
+
+
+def test_a_redis_that_refuses_every_read_ends_the_body_instead_of_flooding_it(
+    app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a body reading a stream on a Redis of its own (markers: no worker)
+    with RedisServer() as server:
+        stream = OrderedResultStream(app, redis_url=server.url, window=100)
+        for i in range(10):
+            stream.put({"marker": i})
+        body = ndjson_lines(OrderedResultStream(app, stream.name, redis_url=server.url))
+        assert json.loads(next(body)) == {"position": 0, "value": {"marker": 0}}
+        # When that Redis refuses every write from now on (out of memory; a
+        # replica after a failover says READONLY the same way)
+        redis.Redis.from_url(server.url).config_set("maxmemory", 1)
+        try:
+            # Then the body ends with Redis's error: no failure at the position
+            # already sent, again and again, as fast as Redis answers
+            at_most_ten = itertools.islice(body, 10)
+            with pytest.raises(redis.ResponseError, match="OOM"):
+                list(at_most_ten)
+        finally:
+            body.close()  # and closing it does not raise: it could not hand the stream on
+        assert "could not hand it on" in caplog.text
+
+
+def test_a_response_taken_over_by_a_reconnecting_client_ends_quietly(
+    make_stream: Callable[..., OrderedResultStream], app: Any
+) -> None:
+    # Given an open stream, and the response a client followed up to position 0
+    stream = make_stream()
+    for value in "abc":
+        stream.put(value)
+    old = sse_events(OrderedResultStream(app, stream.name, prefetch=1))  # reads one at a time
+    assert next(old) == OPEN
+    assert parse_event(next(old))["data"] == {"position": 0, "value": "a"}
+    # When the client reconnects (Last-Event-ID: 0): the new response takes over
+    new = sse_events(OrderedResultStream(app, stream.name), after=0)
+    assert next(new) == OPEN
+    assert [parse_event(next(new))["data"]["value"] for _ in range(2)] == ["b", "c"]
+    # Then the old response ends without an error (a server would log one as
+    # a failed request, for every reconnect) and without an "end" event
+    assert list(old) == []
+    new.close()

@@ -13,8 +13,10 @@
 The body is read on the event loop, with ``await``, from an
 :class:`~celery_ordered.AsyncOrderedResultStream` (or any async iterable);
 a blocking source (an :class:`~celery_ordered.OrderedResultStream`, a plain
-iterable) runs in Starlette's thread pool instead. The formats are described
-in :mod:`celery_ordered.web`.
+iterable) runs in a thread of its own instead (not in Starlette's shared
+thread pool, where each waiting body would hold one of its 40 threads, and
+every ``def`` endpoint would wait for them). The formats are described in
+:mod:`celery_ordered.web`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,15 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
         "pip install 'celery-ordered[fastapi]'"
     ) from exc
 
-from ..web import RESPONSE_HEADERS, Source, _async_body, _body, _is_async, _last_event_id
+from ..web import (
+    RESPONSE_HEADERS,
+    Source,
+    _async_body,
+    _body,
+    _is_async,
+    _last_event_id,
+    _ThreadedBody,
+)
 
 __all__ = ["stream_response"]
 
@@ -79,8 +89,12 @@ def stream_response(
         )
     if format == "sse":  # a reconnecting EventSource resumes after the last event it got
         options.setdefault("after", _last_event_id(request.headers.get("last-event-id")))
-    make = _async_body if _is_async(source) else _body
-    body, content_type = make(source, format, options)  # type: ignore[arg-type]
+    body: Any
+    if _is_async(source):
+        body, content_type = _async_body(source, format, options)  # type: ignore[arg-type]
+    else:
+        blocking, content_type = _body(source, format, options)  # type: ignore[arg-type]
+        body = _ThreadedBody(blocking)
     return _ClosingResponse(
         body,
         status_code=status,
@@ -107,5 +121,7 @@ class _ClosingResponse(StreamingResponse):
             aclose = getattr(self._content, "aclose", None)
             if aclose is not None:
                 await aclose()
-            else:  # a blocking body: it closes in a thread, where it may wait on Redis
+            else:
+                # A blocking body: its own thread closes it; one never started is
+                # closed in a pool thread, as closing it may wait on Redis.
                 await run_in_threadpool(self._content.close)

@@ -554,14 +554,31 @@ def _new_async_client(target: RedisTarget, retry: Any, options: dict[str, Any]) 
     if target.kind == "sentinel":
         master_name, settings = _sentinel_settings(target, retry, options)
         sentinel = redis.asyncio.sentinel.Sentinel(list(target.nodes), **settings)
-        # redis.asyncio's Sentinel connection asks where the primary is on
-        # every connect: it needs no _SentinelConnection.
-        primary: redis.asyncio.Redis = sentinel.master_for(master_name)
+        primary: redis.asyncio.Redis = sentinel.master_for(
+            master_name, connection_class=_AsyncSentinelConnection
+        )
         return primary
     client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
         target.node_url, **_server_settings(retry)
     )
     return client
+
+
+class _AsyncSentinelConnection(redis.asyncio.sentinel.SentinelManagedConnection):
+    """:class:`_SentinelConnection` for asyncio: asks where the primary is on every connect.
+
+    redis.asyncio's own asks in ``connect()`` (a connection taken from the
+    pool), but a command retried after a connection error reconnects in
+    ``send_packed_command`` (``connect_check_health``, then ``_connect``),
+    which dials the dead primary's address again: a command in flight when
+    the primary died (a consumer's ``BLPOP``) would outlast the failover
+    and fail after ``retry_for``. Same cause as redis/redis-py#3874.
+    """
+
+    async def _connect(self) -> None:
+        if self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        await super()._connect()
 
 
 class _AsyncCluster(redis.asyncio.cluster.RedisCluster):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from starlette.requests import Request
 
 from tests.support import ROOT, SESSION
 from tests.support.browsers import gated_job
@@ -57,6 +58,37 @@ def cut() -> Any:
     after 4 events; the ``Last-Event-ID`` of each event stream request is pushed to
     the Redis list ``CO_LAST_EVENT_IDS`` (``"-"`` for none)."""
     return CutFirstEventStream(_example(), 4, os.environ["CO_LAST_EVENT_IDS"])
+
+
+#: Threads of Starlette's shared pool in :func:`blocking`: few, so that a
+#: handful of bodies would fill it if they ran there.
+POOL_THREADS = 3
+
+
+def blocking() -> Any:
+    """The example plus ``GET /blocking/NAME/events``: a job's events from a blocking
+    :class:`~celery_ordered.OrderedResultStream` (heartbeat 60 s), and ``GET /ping``,
+    a ``def`` endpoint (run in Starlette's shared thread pool, here of
+    :data:`POOL_THREADS` threads)."""
+    import anyio.to_thread
+
+    from celery_ordered import OrderedResultStream
+    from celery_ordered.contrib.fastapi import stream_response
+    from examples.fastapi_app.app import celery_app
+
+    app = _example()
+
+    @app.get("/blocking/{name}/events")
+    async def blocking_events(name: str, request: Request) -> Any:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = POOL_THREADS
+        stream = OrderedResultStream(celery_app, name, create=False)
+        return stream_response(request, stream, heartbeat=60)
+
+    @app.get("/ping")
+    def ping() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app
 
 
 class _Cut(Exception):
