@@ -11,7 +11,7 @@ from . import __version__
 from .commands import ordered
 from .config import MAX_WINDOW
 from .errors import OrderedStreamError
-from .redis.urls import check_userinfo, mask_url, without_client_reprs
+from .redis.urls import check_broker_url, mask_url, without_client_reprs
 
 
 def _reason(exc: BaseException) -> str:
@@ -37,7 +37,7 @@ def _check_fleet(app: Any, broker_url: str, redis_url: str) -> None:
             f"--redis-url {mask_url(redis_url)!r}: {_reason(exc)}: start that Redis, or fix the URL"
         ) from None
     try:
-        check_userinfo(broker_url, "broker URL")
+        check_broker_url(broker_url)
     except OrderedStreamError as exc:
         raise click.BadParameter(str(exc), param_hint="--broker-url") from None
     try:

@@ -56,7 +56,7 @@ from .progress import Progress
 from .redis.clients import Client
 from .redis.keys import validate_name
 from .redis.protocol import WAIT_SLICE, NotReplicated, Protocol, RawStats
-from .redis.urls import check_userinfo, without_client_reprs
+from .redis.urls import check_broker_url, without_client_reprs
 
 __all__ = [
     "DEFAULT_CONSUMER_LEASE",
@@ -293,7 +293,7 @@ class OrderedResultStream:
         self.redis = client
         broker_url = self.app.conf.get("broker_url")
         if isinstance(broker_url, str):  # kombu would cut such a password, and quote it
-            check_userinfo(broker_url, "broker URL (broker_url)")
+            check_broker_url(broker_url, "broker URL (broker_url)")
         self.serializer = serializer or serializer_for(self.app)
         if self.serializer not in registry._encoders:
             raise ConfigurationError(

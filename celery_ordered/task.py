@@ -445,9 +445,16 @@ def resolve_function(app: Any, reference: str) -> Callable[..., Any]:
             "app setting ordered_function_modules (or wrap the call in an "
             "@ordered_task task)"
         )
-    # As Celery imports a worker's task modules: from the worker's current
-    # directory too (where `celery -A proj worker` ran), not only sys.path.
-    found: Any = app.loader.import_from_cwd(module)
+    found: Any
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (module == exc.name or module.startswith(f"{exc.name}.")):
+            raise  # the module itself failed to import one of its own
+        # As Celery imports a worker's task modules: from the worker's current
+        # directory too (where `celery -A proj worker` ran), not only sys.path.
+        # (Only then: it changes sys.path for a moment, for every thread.)
+        found = app.loader.import_from_cwd(module)
     for part in name.split("."):
         try:
             found = getattr(found, part)

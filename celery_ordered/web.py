@@ -177,11 +177,10 @@ class _Progress:
 
 _HEARTBEAT = object()  # nothing arrived for a heartbeat's time
 
-#: Errors about the whole stream, not one position: they would come back on
-#: every read, so they end the response instead of becoming a failure event.
-#: redis-py's own errors (a Redis out of memory, a replica that refuses
-#: writes) are among them: they carry no position.
-_FATAL = (RedisUnavailable, StreamStateLost, ConfigurationError, redis.RedisError)
+#: Errors an iterable source raises about itself, not one item: they would come
+#: back on every read, so they end the response instead of becoming a failure.
+#: (A stream's are told apart by its position: see :func:`_read_stream`.)
+_FATAL = (RedisUnavailable, StreamStateLost, ConfigurationError, ConsumerFenced)
 
 
 class _Pacer:
@@ -357,6 +356,7 @@ async def _read_stream(
             # may still hold the consumer lease until the server notices.
             await stream.take_over()
         while True:
+            before = stream.position
             try:
                 value = await stream.get(timeout=wait)
             except StreamEmpty:
@@ -383,9 +383,14 @@ async def _read_stream(
                 # gone, or follows the new one: end quietly, without "end".
                 logger.info("stream %r: taken over by a newer response", stream.name)
                 return
-            except _FATAL:
-                raise  # the stream cannot go on: the response ends unfinished
-            except Exception as exc:  # a failed task (or undecodable outcome), at its place
+            except Exception as exc:
+                if stream.position == before:
+                    # No outcome was taken: an error of the stream itself (Redis
+                    # down or refusing every write, the state lost), which would
+                    # come back on every read. The response ends unfinished.
+                    raise
+                # A failed task (whatever its class: a redis-py error too), or an
+                # undecodable outcome: at its place, and the stream goes on.
                 seq = getattr(exc, "seq", None)
                 item = _Item(seq if isinstance(seq, int) else stream.position - 1, error=exc)
             else:

@@ -175,7 +175,7 @@ def test_a_url_that_is_no_redis_url_is_one_line_naming_the_flag() -> None:
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("redis://127.0.0.1:6399/12?foo=bar", "unknown option(s) foo"),
+        ("redis://127.0.0.1:6399/12?foo=bar", "option(s) foo after '?' are not taken"),
         ("redis://127.0.0.1:6399/12x", "the database '12x' is not a number"),
         (f"redis://:{PASSWORD.replace('@', '/')}@127.0.0.1:6399/0", "percent-encode"),
     ],

@@ -13,7 +13,7 @@ import pytest
 from celery import Celery
 
 from celery_ordered import ConfigurationError, OrderedResultStream
-from celery_ordered.redis.urls import mask_url, parse_redis_url
+from celery_ordered.redis.urls import mask_url, parse_redis_url, socket_url
 from tests.support import ROOT
 
 SECRET = "Pa55-w0rd"
@@ -71,6 +71,7 @@ def test_errors_about_a_url_never_show_its_password(url: str) -> None:
         "redis+cluster://:{a}{cut}{b}@127.0.0.1:7000",
         "sentinel://user:{a}{cut}{b}@127.0.0.1:26379/0?master_name=m",
         "redis://:4711{cut}{b}@127.0.0.1:6399/0",  # would connect to localhost:4711
+        "redis://default:{a}{cut}{b}==@127.0.0.1:6399/0",  # base64's "=" at the end
     ],
 )
 def test_a_password_that_url_parsing_would_cut_is_refused_without_quoting_it(
@@ -91,6 +92,33 @@ def test_a_password_that_url_parsing_would_cut_is_refused_without_quoting_it(
     assert parse_redis_url(encoded).url == encoded
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis://127.0.0.1:6379/0?password={SECRET}@x/y",  # "@" and "/" in a query argument
+        "unix:///run/redis/redis-server@main.sock?db=1",  # "@" in a socket's path
+        "redis+socket:///run/redis@main/redis.sock?db=2",
+        f"redis://user:{SECRET}@[::1]:6379/3",
+        f"rediss://:{SECRET}@db.example:6380/0?ssl_cert_reqs=none&ssl_ca_certs=/ca.pem",
+    ],
+)
+def test_urls_redis_py_reads_as_meant_are_taken(url: str) -> None:
+    assert parse_redis_url(url).url == socket_url(url)
+
+
+def test_options_a_connection_does_not_take_are_named_with_the_fix() -> None:
+    cases = {
+        "redis://db.example/0?ssl_cert_reqs=none": "TLS options need a rediss:// URL",
+        "unix:///run/redis.sock?socket_keepalive=true": "socket_keepalive",
+        "redis+socket:///run/redis.sock?virtual_host=2": "?db=N",
+        "redis://db.example/0?timeout=3": "timeout",
+    }
+    for url, expected in cases.items():
+        with pytest.raises(ConfigurationError, match="not taken by a") as raised:
+            parse_redis_url(url)
+        assert expected in str(raised.value)
+
+
 def test_a_broker_url_that_would_cut_its_password_is_refused_by_the_stream(
     redis_url: str,
 ) -> None:
@@ -99,6 +127,9 @@ def test_a_broker_url_that_would_cut_its_password_is_refused_by_the_stream(
         OrderedResultStream(app, redis_url=redis_url)
     assert "Pa55" not in str(raised.value)
     assert "w0rd" not in str(raised.value)
+    # A transport that hands its URL on whole (SQLAlchemy's) is left to parse it
+    app.conf.broker_url = "sqla+postgresql://scott:ti/ger@localhost/db"
+    OrderedResultStream(app, redis_url=redis_url).delete()
 
 
 def test_badly_typed_sentinel_options_are_named_without_their_values() -> None:

@@ -26,9 +26,11 @@ from celery_ordered import (
     StreamDeleted,
     StreamExhausted,
     StreamStateLost,
+    codec,
 )
 from celery_ordered.redis.keys import StreamKeys
 from celery_ordered.redis.protocol import Protocol
+from celery_ordered.task import publish_outcome
 from tests.apps.tasks import CustomError, fail, sleep_echo
 from tests.apps.topologyapp import topology_app
 from tests.support.tools import require_tool
@@ -223,12 +225,13 @@ def test_a_rollback_of_the_streams_state_is_reported_not_reused(
 
 
 def test_an_outcome_for_a_number_a_rollback_took_back_is_reported_as_one(
-    redis_url: str, redis_client: redis.Redis
+    redis_url: str, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given a number claimed, then the stream's Redis put back to before the
     # claim (a failover to a replica that had not received it)
     proto = Protocol(redis_client, f"rollback-{uuid.uuid4().hex}", ttl=60)
-    proto.open(uuid.uuid4().hex, create=True, window=10)
+    incarnation = uuid.uuid4().hex
+    proto.open(incarnation, create=True, window=10)
     keys = proto.keys.all()
     try:
         snapshot = {key: redis_client.dump(key) for key in keys if redis_client.exists(key)}
@@ -245,6 +248,13 @@ def test_an_outcome_for_a_number_a_rollback_took_back_is_reported_as_one(
         assert not isinstance(error, StreamDeleted)
         assert "went back in time" in str(error)
         assert error.seq == claim.first
+        # and a worker's outcome for it is dropped, its log saying why
+        app = topology_app(redis_url, "unused")
+        publish_outcome(
+            app, proto.keys.name, claim.first, "json", codec.RESULT, 1, "t",
+            incarnation=incarnation,
+        )  # fmt: skip
+        assert f"stream {proto.keys.name} went back in time" in caplog.text
         assert redis_client.zcard(proto.keys.results) == 0
     finally:
         proto.delete()

@@ -23,7 +23,15 @@ from flask.testing import FlaskClient
 from celery_ordered import OrderedResultStream, RedisServer, StreamClosedError, StreamStateLost
 from celery_ordered.contrib.flask import stream_response
 from celery_ordered.web import NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE, ndjson_lines, sse_events
-from tests.apps.tasks import check_positive, echo, fail, fail_two_args, gate, sleep_echo
+from tests.apps.tasks import (
+    check_positive,
+    echo,
+    fail,
+    fail_redis_error,
+    fail_two_args,
+    gate,
+    sleep_echo,
+)
 from tests.support import ROOT
 from tests.support.gates import gated_stream
 
@@ -573,8 +581,29 @@ def test_a_redis_that_refuses_every_read_ends_the_body_instead_of_flooding_it(
             with pytest.raises(redis.ResponseError, match="OOM"):
                 list(at_most_ten)
         finally:
-            body.close()  # and closing it does not raise: it could not hand the stream on
+            body.close()
+        # and the body, as it ended, could not hand the stream on: said, not raised
         assert "could not hand it on" in caplog.text
+
+
+def test_a_task_that_raised_a_redis_error_is_a_failure_at_its_place_and_the_body_goes_on(
+    make_stream: Callable[..., OrderedResultStream],
+) -> None:
+    # Given a job whose second task failed on its own Redis (a cache, say)
+    stream = make_stream()
+    stream.put(echo, "a")
+    stream.put(fail_redis_error, "cache:6379 is down")
+    stream.put(echo, "c")
+    stream.close()
+    # Then that failure is an event at its place, as any task's, not the end
+    # of the response (as an error of the stream's own Redis would be)
+    lines = [json.loads(line) for line in ndjson_lines(stream)]
+    assert lines == [
+        {"position": 0, "value": "a"},
+        {"position": 1, "error": {"type": "ConnectionError", "message": "cache:6379 is down"}},
+        {"position": 2, "value": "c"},
+        {"end": True, "total": 3},
+    ]
 
 
 def test_a_response_taken_over_by_a_reconnecting_client_ends_quietly(

@@ -293,53 +293,89 @@ def check_userinfo(url: str, what: str = "Redis URL") -> None:
     rest = url.split("://", 1)[1] if "://" in url else url
     for part in rest.split(";"):  # each part of a Sentinel or failover list
         part = part.split("://", 1)[-1]
+        if part.startswith("/"):
+            continue  # a socket's path (unix:///run/redis@main.sock): no user part
         at = part.rfind("@")
         cut = min((i for i in (part.find(c) for c in "/?#") if i >= 0), default=-1)
-        # An "@" in a query argument's value (?password=p@ss) is not a user part's.
-        if at >= 0 and 0 <= cut < at and "=" not in part[cut:at]:
+        # An "@" in a query argument's value (?password=p@ss) is not a user part's:
+        # then a host[:port] comes before the cut, and a ?name= after it. (A "="
+        # alone proves nothing: base64 passwords end in "=".)
+        in_query = _HOST_PORT.fullmatch(part[:cut]) is not None and bool(
+            _QUERY_ARGUMENT.search(part[cut:at])
+        )
+        if at >= 0 and 0 <= cut < at and not in_query:
             raise ConfigurationError(
                 f"the {what}'s user name or password holds an unencoded '/', '?' or '#': "
                 "percent-encode them in the URL (%2F, %3F, %23)"
             )
 
 
-#: What a single server's URL may say after ``?`` besides redis-py's connection
-#: arguments (read by redis-py's own URL parsing).
-_URL_ONLY_OPTIONS = frozenset({"db", "password", "username", "ssl", "unix_socket_path"})
+#: Broker transports whose URLs kombu takes apart itself (and cuts as above).
+#: Others hand theirs on whole (``sqla+``: SQLAlchemy's own parsing) or keep
+#: their keys unencoded (Azure's), so their URLs are left alone.
+_BROKER_SCHEMES_PARSED = frozenset(
+    {"amqp", "amqps", "pyamqp", "librabbitmq", "redis", "rediss", "sentinel", "sqs"}
+)
 
 
-@functools.lru_cache(maxsize=1)
-def _connection_options() -> frozenset[str]:
-    """The keyword arguments redis-py's connections accept (TCP, TLS and unix socket)."""
+def check_broker_url(url: str, what: str = "broker URL") -> None:
+    """:func:`check_userinfo` for each part of a broker URL whose transport kombu parses."""
+    for part in url.split(";"):
+        part = part.strip()
+        if part.split("://", 1)[0].lower() in _BROKER_SCHEMES_PARSED:
+            check_userinfo(part, what)
+
+
+#: A query argument (``?name=``), as opposed to a ``=`` inside a password.
+_QUERY_ARGUMENT = re.compile(r"[?&][\w.-]+=")
+
+
+@functools.cache
+def _connection_options(scheme: str) -> frozenset[str]:
+    """The keyword arguments a client of ``scheme`` passes its pool and connections."""
     import inspect
 
     from redis.connection import (
-        AbstractConnection,
-        BlockingConnectionPool,
         Connection,
         ConnectionPool,
         SSLConnection,
         UnixDomainSocketConnection,
     )
 
+    connection = {"rediss": SSLConnection, "unix": UnixDomainSocketConnection}.get(
+        scheme, Connection
+    )
     names: set[str] = set()
-    for cls in (
-        AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection,
-        ConnectionPool, BlockingConnectionPool,
-    ):  # fmt: skip
-        names.update(inspect.signature(cls.__init__).parameters)
+    for cls in (*connection.__mro__, ConnectionPool):  # AbstractConnection's included
+        init = vars(cls).get("__init__")
+        if init is not None:
+            names.update(inspect.signature(init).parameters)
     return frozenset(names - {"self", "args", "kwargs"})
 
 
 def _check_options(url: str, options: Mapping[str, Any]) -> None:
-    """Refuse a URL option that no connection takes, naming it (not its value)."""
-    unknown = sorted(set(options) - _connection_options() - _URL_ONLY_OPTIONS)
-    if unknown:
-        raise ConfigurationError(
-            f"Redis URL {mask_url(url)!r}: unknown option(s) {', '.join(unknown)} after '?': "
-            "remove them (connection options are redis-py's: socket_timeout, "
-            "health_check_interval, ssl_cert_reqs for rediss://...)"
+    """Refuse a URL option the connection of ``url`` does not take, naming it (not its value).
+
+    redis-py's URL parsing passes on any option; one the connection does not
+    take fails only at the first connection, with a ``TypeError``.
+    """
+    scheme = url.split("://", 1)[0]
+    unknown = sorted(set(options) - _connection_options(scheme))
+    if not unknown:
+        return
+    if scheme == "redis" and all(key.startswith("ssl") for key in unknown):
+        fix = "TLS options need a rediss:// URL"
+    elif "virtual_host" in unknown:
+        fix = "a socket's database is ?db=N for redis-py (kombu's virtual_host)"
+    else:
+        fix = (
+            "remove them (the options are redis-py's connection arguments, such as "
+            "socket_timeout, health_check_interval, or ssl_cert_reqs for rediss://)"
         )
+    raise ConfigurationError(
+        f"Redis URL {mask_url(url)!r}: option(s) {', '.join(unknown)} after '?' are not "
+        f"taken by a {scheme}:// connection: {fix}"
+    )
 
 
 def parse_redis_url(url: str) -> RedisTarget:
@@ -373,7 +409,8 @@ def parse_redis_url(url: str) -> RedisTarget:
             raise ConfigurationError(f"Redis URL {mask_url(url)!r}: {exc}") from exc
         _check_options(url, options)
         if url.startswith(("redis://", "rediss://")):
-            db = _split(url.split("://", 1)[1].rpartition("@")[2])[1].strip("/")
+            # The path ends the host part: a "/" in the user part was refused above.
+            db = _split(url.split("://", 1)[1])[1].strip("/")
             if db and not db.isdigit():
                 raise ConfigurationError(
                     f"Redis URL {mask_url(url)!r}: the database {db!r} is not a number; "

@@ -55,6 +55,12 @@ def fail(message: str) -> None:
 
 
 @ordered_task
+def fail_redis_error(message: str) -> None:
+    """Raise redis.ConnectionError(message): a task whose own Redis (a cache) is down."""
+    raise redis.ConnectionError(message)
+
+
+@ordered_task
 def fail_value_error(message: str) -> None:
     """Raise ValueError(message)."""
     raise ValueError(message)
