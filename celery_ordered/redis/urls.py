@@ -297,17 +297,17 @@ def check_userinfo(url: str, what: str = "Redis URL") -> None:
             continue  # a socket's path (unix:///run/redis@main.sock): no user part
         at = part.rfind("@")
         cut = min((i for i in (part.find(c) for c in "/?#") if i >= 0), default=-1)
+        if at < 0 or not 0 <= cut < at:
+            continue  # no "@" after a cut: whatever user part there is stays whole
         # An "@" in a query argument's value (?password=p@ss) is not a user part's:
         # then a host[:port] comes before the cut, and a ?name= after it. (A "="
         # alone proves nothing: base64 passwords end in "=".)
-        in_query = _HOST_PORT.fullmatch(part[:cut]) is not None and bool(
-            _QUERY_ARGUMENT.search(part[cut:at])
+        if _HOST_PORT.fullmatch(part[:cut]) and _QUERY_ARGUMENT.search(part[cut:at]):
+            continue
+        raise ConfigurationError(
+            f"the {what}'s user name or password holds an unencoded '/', '?' or '#': "
+            "percent-encode them in the URL (%2F, %3F, %23)"
         )
-        if at >= 0 and 0 <= cut < at and not in_query:
-            raise ConfigurationError(
-                f"the {what}'s user name or password holds an unencoded '/', '?' or '#': "
-                "percent-encode them in the URL (%2F, %3F, %23)"
-            )
 
 
 #: Broker transports whose URLs kombu takes apart itself (and cuts as above).
