@@ -11,13 +11,7 @@ from . import __version__
 from .commands import ordered
 from .config import MAX_WINDOW
 from .errors import OrderedStreamError
-from .redis.urls import check_broker_url, mask_url, without_client_reprs
-
-
-def _reason(exc: BaseException) -> str:
-    """``exc`` as one line of a message: its text (no password), or its class's name."""
-    text = " ".join(without_client_reprs(mask_url(exc)).split()).rstrip(".")
-    return text or type(exc).__name__
+from .redis.urls import check_broker_url, mask_url, one_line, tls_hint
 
 
 def _check_fleet(app: Any, broker_url: str, redis_url: str) -> None:
@@ -34,7 +28,8 @@ def _check_fleet(app: Any, broker_url: str, redis_url: str) -> None:
         redis_client(app, redis_url, fail_fast=True).ping()
     except (OrderedStreamError, redis.RedisError) as exc:
         raise click.ClickException(
-            f"--redis-url {mask_url(redis_url)!r}: {_reason(exc)}: start that Redis, or fix the URL"
+            f"--redis-url {mask_url(redis_url)!r}: {one_line(exc)}: "
+            f"{tls_hint(redis_url, exc) or 'start that Redis, or fix the URL'}"
         ) from None
     try:
         check_broker_url(broker_url)
@@ -45,7 +40,7 @@ def _check_fleet(app: Any, broker_url: str, redis_url: str) -> None:
             connection.ensure_connection(max_retries=0)
     except Exception as exc:  # kombu's errors differ by transport (an unknown one is a KeyError)
         raise click.ClickException(
-            f"--broker-url {mask_url(broker_url)!r}: cannot connect ({_reason(exc)}): start "
+            f"--broker-url {mask_url(broker_url)!r}: cannot connect ({one_line(exc)}): start "
             "the broker, or fix the URL"
         ) from None
 
@@ -117,7 +112,7 @@ def demo(
                 quiet_batches=quiet_batches,
             )
         except OrderedStreamError as exc:  # the fleet failed the run: one line, no traceback
-            raise click.ClickException(_reason(exc)) from None
+            raise click.ClickException(one_line(exc)) from None
     else:
         from .embedded import local_cluster
 
@@ -139,7 +134,7 @@ def demo(
                     quiet_batches=quiet_batches,
                 )
         except OrderedStreamError as exc:  # it could not start, or its Redis died: one line
-            raise click.ClickException(_reason(exc)) from None
+            raise click.ClickException(one_line(exc)) from None
     for line in report.lines():
         click.echo(line)
     if not report.in_order:

@@ -1,4 +1,4 @@
-"""How outcomes travel through Redis: one sorted-set member per outcome.
+"""How outcomes travel through Redis: one encoded member per outcome.
 
 A member is ``b"<seq>:<status>:<content type>:<content encoding>:" + body``,
 where the body is the outcome encoded by a serializer from kombu's registry.
@@ -46,7 +46,7 @@ class Encoded:
     body: bytes
 
     def member(self, seq: int, status: bytes) -> bytes:
-        """The sorted-set member that stores this outcome at ``seq``."""
+        """The encoded member that stores this outcome at ``seq`` (its value in ``results``)."""
         head = b"%d:%s:%s:%s:" % (
             seq,
             status,

@@ -30,7 +30,7 @@ from .errors import (
 )
 from .progress import progress_bar
 from .redis.keys import KEY_PREFIX, name_from_key, validate_name
-from .redis.urls import mask_url, without_client_reprs
+from .redis.urls import mask_url, one_line, tls_hint
 from .stream import OrderedResultStream, StreamStats
 
 #: How the commands are told which Redis to look in.
@@ -100,28 +100,27 @@ def _one_line(target: _Target | None, exc: BaseException) -> str:
     if refused is not None:
         return (
             f"Redis at {where} refused the credentials "
-            f"({mask_url(refused).strip().rstrip('.')}): fix the user "
+            f"({one_line(refused)}): fix the user "
             f"and password in the URL given with {_FLAG_HINT}, or in ordered_redis_url"
         )
     down = next(
         (c for c in causes if isinstance(c, (redis.ConnectionError, redis.TimeoutError))), None
     )
     if down is not None:
-        reason = without_client_reprs(mask_url(down)).strip().rstrip(".")
-        return (
-            f"cannot reach Redis at {where} ({reason}): start it, or point the command "
-            f"at the Redis holding the streams with {_FLAG_HINT}"
+        fix = tls_hint(where, down) or (
+            f"start it, or point the command at the Redis holding the streams with {_FLAG_HINT}"
         )
+        return f"cannot reach Redis at {where} ({one_line(down)}): {fix}"
     garbled = next((c for c in causes if isinstance(c, redis.exceptions.InvalidResponse)), None)
     if garbled is not None:
         return (
             f"the server at {where} does not answer as Redis does "
-            f"({mask_url(garbled).strip().rstrip('.')}): is it another server's port? Point "
+            f"({one_line(garbled)}): is it another server's port? Point "
             f"the command at the Redis holding the streams with {_FLAG_HINT}"
         )
     refused_command = next((c for c in causes if isinstance(c, redis.ResponseError)), None)
     if refused_command is not None:
-        reason = mask_url(refused_command).strip().rstrip(".")
+        reason = one_line(refused_command)
         if "DB index" in reason:
             return (
                 f"Redis at {where} has no such database ({reason}): fix the database "

@@ -10,7 +10,7 @@
 The bar is tqdm's when tqdm is installed (``pip install
 'celery-ordered[progress]'``) and the output is a terminal; otherwise a plain
 text bar that redraws in place on a terminal and prints a line every 10%
-elsewhere (logs, CI).
+elsewhere (logs, CI); while the total is unknown, at 1, 2, 5, 10, 20, 50, ...
 """
 
 from __future__ import annotations
@@ -186,8 +186,9 @@ class ProgressBar:
                 self.file.flush()
                 self._last_draw = now
             return
-        # Not a terminal: a line at each 10% step, and the final state once.
-        decile = 10 * self._done // self.total if self.total else -1
+        # Not a terminal: a line at each 10% step, and the final state once;
+        # with no total yet, at each step of 1, 2, 5, 10, 20, 50, ... done.
+        decile = 10 * self._done // self.total if self.total else _step(self._done)
         if (final and self._done != self._last_printed) or (
             decile >= 0 and decile != self._last_decile
         ):
@@ -195,6 +196,18 @@ class ProgressBar:
             self._last_printed = self._done
             self.file.write(self.text() + "\n")
             self.file.flush()
+
+
+def _step(done: int) -> int:
+    """Which of the steps 1, 2, 5, 10, 20, 50, ... ``done`` has reached (-1: none)."""
+    if done < 1:
+        return -1
+    power, at = 0, 1
+    while at * 10 <= done:
+        at *= 10
+        power += 1
+    lead = 5 if done >= 5 * at else 2 if done >= 2 * at else 1
+    return 3 * power + {1: 0, 2: 1, 5: 2}[lead]
 
 
 def progress_bar(

@@ -56,7 +56,7 @@ from .progress import Progress
 from .redis.clients import Client
 from .redis.keys import validate_name
 from .redis.protocol import WAIT_SLICE, NotReplicated, Protocol, RawStats
-from .redis.urls import check_broker_url, without_client_reprs
+from .redis.urls import check_broker_url, one_line
 
 __all__ = [
     "DEFAULT_CONSUMER_LEASE",
@@ -424,7 +424,7 @@ class OrderedResultStream:
         except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
             raise RedisUnavailable(
                 f"Redis refused the credentials for stream {self.name!r}: "
-                f"{str(exc).strip().rstrip('.')}; check the "
+                f"{one_line(exc)}; check the "
                 "user and password in the Redis URL",
                 stream=self.name,
             ) from exc
@@ -433,7 +433,7 @@ class OrderedResultStream:
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RedisUnavailable(
                 f"Redis for stream {self.name!r} did not answer: "
-                f"{without_client_reprs(str(exc)).strip().rstrip('.')} (retried for "
+                f"{one_line(exc)} (retried for "
                 f"{redis_retry_for(self.app):g}s; app setting ordered_redis_retry_for)",
                 stream=self.name,
             ) from exc

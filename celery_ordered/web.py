@@ -176,6 +176,13 @@ class _Progress:
 
 
 _HEARTBEAT = object()  # nothing arrived for a heartbeat's time
+_IDLE = object()  # nothing arrived for an idle slice (a body served from a thread)
+
+#: Seconds a body served from a thread of its own (:class:`_ThreadedBody`) may
+#: wait on its stream without coming back to that thread, when it sends no
+#: heartbeats (NDJSON): the thread then notices a client that left within
+#: this, instead of when the next outcome comes (which may be hours).
+IDLE_SLICE = 2.0
 
 #: Errors an iterable source raises about itself, not one item: they would come
 #: back on every read, so they end the response instead of becoming a failure.
@@ -240,9 +247,13 @@ def _waiting(stats: StreamStats, head: int) -> dict[str, Any]:
     }
 
 
-def _wait_slice(heartbeat: float | None, progress: float | None) -> float | None:
-    """How long one read may wait: the shorter of the heartbeat and the progress interval."""
-    slices = [s for s in (heartbeat, progress) if s is not None]
+def _wait_slice(
+    heartbeat: float | None, progress: float | None, idle: float | None = None
+) -> float | None:
+    """How long one read may wait: the shortest of the heartbeat, the progress
+    interval and, for a body without heartbeats, ``idle``."""
+    idle = idle if heartbeat is None else None
+    slices = [s for s in (heartbeat, progress, idle) if s is not None]
     return min(slices) if slices else None
 
 
@@ -347,8 +358,13 @@ async def _read_stream(
     pacer: _Pacer,
     on_disconnect: OnDisconnect,
     finish: Finisher,
+    quiet: object = _HEARTBEAT,
 ) -> AsyncGenerator[object, None]:
-    """Outcomes past ``after``, heartbeat tokens and progress reports, then the end."""
+    """Outcomes past ``after``, heartbeat tokens and progress reports, then the end.
+
+    ``quiet`` is what comes when nothing did for a slice and no report is due:
+    a heartbeat, or ``_IDLE`` for a body without heartbeats.
+    """
     left = False
     try:
         if after is not None:
@@ -363,7 +379,7 @@ async def _read_stream(
                 if pacer.due():
                     yield pacer.from_stats(await stream.stats(), stream.position, waiting=True)
                 else:
-                    yield _HEARTBEAT
+                    yield quiet
                 continue
             except StreamExhausted:
                 for entry in pacer.ending(stream.position):
@@ -462,14 +478,17 @@ def _read(
     heartbeat: float | None,
     progress: float | None,
     on_disconnect: OnDisconnect,
+    idle: float | None = None,
 ) -> AsyncGenerator[object, None]:
-    """The entries of a body of ``source`` (see :func:`_read_stream`)."""
+    """The entries of a body of ``source`` (see :func:`_read_stream`); a stream
+    read without heartbeats comes back every ``idle`` seconds with ``_IDLE``."""
     pacer = _Pacer(progress)
-    wait = _wait_slice(heartbeat, progress)
+    wait = _wait_slice(heartbeat, progress, idle)
+    quiet = _HEARTBEAT if heartbeat is not None else _IDLE
     if isinstance(source, OrderedResultStream):
-        return _read_stream(_Blocking(source), after, wait, pacer, on_disconnect, _awaited)
+        return _read_stream(_Blocking(source), after, wait, pacer, on_disconnect, _awaited, quiet)
     if isinstance(source, AsyncOrderedResultStream):
-        return _read_stream(source, after, wait, pacer, on_disconnect, _shielded)
+        return _read_stream(source, after, wait, pacer, on_disconnect, _shielded, quiet)
     if isinstance(source, AsyncIterable):
         return _read_items(_AsyncItems(source), after, pacer, _shielded)
     return _read_items(_Items(source), after, pacer, _awaited)
@@ -552,7 +571,7 @@ def _encode(item: _Item, default: Default | None, tracebacks: bool) -> tuple[str
         return "failure", _dumps({"position": item.position, "error": error}, None)
 
 
-def _sse_chunk(entry: object, default: Default | None, tracebacks: bool) -> bytes:
+def _sse_chunk(entry: object, default: Default | None, tracebacks: bool) -> bytes | None:
     """One server-sent event (or comment) for an entry of the body."""
     if isinstance(entry, _Item):
         event, data = _encode(entry, default, tracebacks)
@@ -562,6 +581,8 @@ def _sse_chunk(entry: object, default: Default | None, tracebacks: bool) -> byte
         return b"event: progress\ndata: %s\n\n" % _dumps(entry.fields(), None)
     if isinstance(entry, _End):
         return b"event: end\ndata: %s\n\n" % _dumps({"end": True, "total": entry.total}, None)
+    if entry is _IDLE:
+        return None
     return b": keep-alive\n\n"
 
 
@@ -581,7 +602,8 @@ async def _encoded(
     encode: Callable[[object], bytes | None],
     first: bytes | None = None,
 ) -> AsyncGenerator[bytes, None]:
-    """The body: ``first`` (sent at once), then each entry encoded."""
+    """The body: ``first`` (sent at once), then each entry encoded; an empty chunk
+    for ``_IDLE`` (which only a body served from a thread asks for)."""
     if first is not None:
         yield first
     try:
@@ -589,6 +611,8 @@ async def _encoded(
             chunk = encode(entry)
             if chunk is not None:
                 yield chunk
+            elif entry is _IDLE:
+                yield b""
     finally:
         await entries.aclose()
 
@@ -798,14 +822,15 @@ def _made(
     default: Default | None,
     tracebacks: bool,
     on_disconnect: OnDisconnect,
+    idle: float | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """The body of :func:`sse_events` (``sse``) or :func:`ndjson_lines`: its arguments
-    are checked at the call, and it runs when iterated."""
+    are checked at the call, and it runs when iterated. ``idle``: see :func:`_read`."""
     _check_common(after, default, tracebacks, on_disconnect)
     heartbeat = _check_seconds("heartbeat", heartbeat)
     retry = _check_seconds("retry", retry)
     progress = _check_seconds("progress", progress)
-    entries = _read(source, after, heartbeat, progress, on_disconnect)
+    entries = _read(source, after, heartbeat, progress, on_disconnect, idle)
     if sse:
         chunk = functools.partial(_sse_chunk, default=default, tracebacks=tracebacks)
         return _encoded(entries, chunk, _sse_opening(retry))
@@ -827,6 +852,30 @@ def _body(
 ) -> tuple[Generator[bytes, None, None], str]:
     """The body and content type of a response in ``format`` (for the contrib helpers)."""
     return _formatted(source, format, options, sse_events, ndjson_lines)
+
+
+def _threaded_body(
+    source: OrderedResultStream | Iterable[Any], format: str, options: dict[str, Any]
+) -> tuple[_ThreadedBody, str]:
+    """:func:`_body` served from a thread of its own (see :class:`_ThreadedBody`).
+
+    Read without heartbeats (NDJSON, or ``heartbeat=None``), a stream's body
+    still comes back to its thread every :data:`IDLE_SLICE` seconds (with
+    an empty chunk, which the thread keeps to itself), so the thread notices
+    a client that left then, not when the next outcome comes.
+    """
+
+    def made(public: Callable[..., Generator[bytes, None, None]]) -> Callable[..., Any]:
+        def build(source: Any, **options: Any) -> Generator[bytes, None, None]:
+            _check_source(source, asynchronous=False)
+            arguments = {"heartbeat": None, "retry": None, **_with_defaults(public, options)}
+            body = _made(source, public is sse_events, idle=IDLE_SLICE, **arguments)
+            return _run_blocking(body)
+
+        return build
+
+    body, content_type = _formatted(source, format, options, made(sse_events), made(ndjson_lines))
+    return _ThreadedBody(body), content_type
 
 
 def _async_body(
@@ -900,10 +949,15 @@ class _ThreadedBody:
             ).start()
         if self._stop.is_set():
             raise StopAsyncIteration
-        self._wanted.release()
-        kind, value = await self._chunks.get()
-        if kind == "chunk":
-            return bytes(value)
+        while True:
+            self._wanted.release()
+            kind, value = await self._chunks.get()
+            if kind != "chunk":
+                break
+            if value:
+                return bytes(value)
+            # Empty: the body came back to its thread while it waited (see
+            # _threaded_body), and the thread saw no stop; ask again.
         self._stop.set()
         if kind == "error":
             raise value

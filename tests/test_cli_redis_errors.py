@@ -167,6 +167,20 @@ def test_a_database_the_redis_does_not_have_is_one_line_naming_the_flag() -> Non
     )
 
 
+def test_a_tls_url_to_a_redis_without_tls_names_redis_url_as_the_fix() -> None:
+    # Such a Redis never answers the TLS handshake: redis-py says only
+    # "Timeout connecting to server", and "start it" was the wrong advice.
+    port = free_port()
+    with RedisServer(port=port):
+        url = f"rediss://:{PASSWORD.replace('@', '%40')}@127.0.0.1:{port}/0?ssl_cert_reqs=none"
+        done, _ = cli("celery_ordered", "ordered", "--redis-url", url, "ls")
+    line = assert_one_line_error(
+        done, "Timeout connecting", "if that port serves Redis without TLS, use redis://"
+    )
+    assert "start it" not in line
+    assert "s3cr" not in line
+
+
 def test_a_url_that_is_no_redis_url_is_one_line_naming_the_flag() -> None:
     done, _ = cli("celery_ordered", "ordered", "--redis-url", f"http://u:{PASSWORD}@h/", "ls")
     assert_one_line_error(done, "--redis-url", "is not a Redis URL")
@@ -176,10 +190,15 @@ def test_a_url_that_is_no_redis_url_is_one_line_naming_the_flag() -> None:
     ("url", "expected"),
     [
         ("redis://127.0.0.1:6399/12?foo=bar", "option(s) foo after '?' are not taken"),
+        # A cluster client would drop the misspelt option in silence: no timeout at all.
+        (
+            f"redis+cluster://:{PASSWORD}@127.0.0.1:6399?socket_timout=5",
+            "option(s) socket_timout after '?' are not taken by a redis+cluster://",
+        ),
         ("redis://127.0.0.1:6399/12x", "the database '12x' is not a number"),
         (f"redis://:{PASSWORD.replace('@', '/')}@127.0.0.1:6399/0", "percent-encode"),
     ],
-    ids=["option", "database", "password"],
+    ids=["option", "cluster option", "database", "password"],
 )
 def test_a_url_redis_py_would_misread_is_one_line_naming_the_flag(url: str, expected: str) -> None:
     # Before: a traceback at the first connection, db 0 used in silence, or a

@@ -8,6 +8,7 @@ else in the test suite uses Django. Real workers run every task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -40,6 +41,8 @@ def stream_view(request: HttpRequest, name: str) -> HttpResponse:
 
     stream = OrderedResultStream(app, name)
     on_disconnect = request.GET.get("on_disconnect", "keep")
+    if request.GET.get("format") == "ndjson":  # no heartbeats
+        return stream_response(request, stream, format="ndjson", on_disconnect=on_disconnect)
     return stream_response(request, stream, heartbeat=0.05, on_disconnect=on_disconnect)
 
 
@@ -197,6 +200,25 @@ def held_stream(make_stream: Callable[..., OrderedResultStream], redis_url: str,
     return stream
 
 
+def left_at_position_1(
+    make_stream: Callable[..., OrderedResultStream], redis_url: str, key: str
+) -> Any:
+    """An open stream: "a", then position 1, which waits for the test to open gate ``key``."""
+    stream = make_stream()
+    stream.put(echo, "a")
+    stream.put(gate, redis_url, key, "b")
+    return stream
+
+
+def closed_by_the_body_thread(
+    stream: OrderedResultStream, redis_client: redis.Redis, key: str
+) -> None:
+    """The client left with ``on_disconnect=close``: the body's own thread closes
+    the stream soon after, while position 1 is still held."""
+    assert redis_client.llen(key) == 0
+    wait_until(lambda: stream.stats().closed, "the stream closed by the body's thread", 10)
+
+
 def data(chunk: bytes) -> dict[str, Any]:
     line = next(line for line in chunk.decode().split("\n") if line.startswith("data: "))
     result: dict[str, Any] = json.loads(line.removeprefix("data: "))
@@ -264,9 +286,7 @@ def test_asgi_response_streams_from_a_thread_and_closes_on_disconnect(
 ) -> None:
     from django.test import AsyncClient, override_settings
 
-    stream = make_stream()
-    stream.put(echo, "a")
-    stream.put(gate, redis_url, gate_key, "b")
+    stream = left_at_position_1(make_stream, redis_url, gate_key)
 
     async def follow() -> list[bytes]:
         response = await AsyncClient().get(f"/stream/{stream.name}?on_disconnect=close")
@@ -282,9 +302,45 @@ def test_asgi_response_streams_from_a_thread_and_closes_on_disconnect(
     assert got[0] == OPEN
     assert data(got[1]) == {"position": 0, "value": "a"}
     assert got[2] == KEEP_ALIVE  # the event loop was free while the body waited
-    assert redis_client.llen(gate_key) == 0
-    # The body is closed in its own thread, right after the disconnect.
-    wait_until(lambda: stream.stats().closed, "the stream closed by the body's thread", 10)
+    closed_by_the_body_thread(stream, redis_client, gate_key)
+
+
+@pytest.mark.usefixtures("project", "worker")
+def test_an_asgi_ndjson_response_notices_its_client_left_while_the_head_runs(
+    make_stream: Callable[..., OrderedResultStream],
+    redis_url: str,
+    redis_client: redis.Redis,
+    gate_key: str,
+) -> None:
+    # NDJSON has no heartbeats: the body's thread still comes back every
+    # IDLE_SLICE while it waits, so it sees the client leave then, not when
+    # the next outcome comes (here: never, the gate stays shut).
+    from django.test import AsyncClient, override_settings
+
+    stream = left_at_position_1(make_stream, redis_url, gate_key)
+
+    async def follow() -> list[bytes]:
+        path = f"/stream/{stream.name}?format=ndjson&on_disconnect=close"
+        response = await AsyncClient().get(path)
+        assert response["Content-Type"] == "application/x-ndjson"
+        body = response.streaming_content
+        got = [await anext(body)]
+        # The server asks for the next line: the body's thread reads the
+        # stream, acknowledging position 0 and waiting for position 1.
+        waiting = asyncio.ensure_future(anext(body))
+        while stream.stats().delivered < 1:
+            await asyncio.sleep(0.01)  # yields to the loop; the event is Redis's count
+        waiting.cancel()  # the client leaves while position 1 is held
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        await body.aclose()
+        return got
+
+    with override_settings(ROOT_URLCONF=__name__):
+        got = asyncio.run(follow())
+
+    assert [json.loads(line) for line in got] == [{"position": 0, "value": "a"}]
+    closed_by_the_body_thread(stream, redis_client, gate_key)
 
 
 @pytest.mark.usefixtures("project", "worker")

@@ -136,7 +136,7 @@ def test_consumer_memory_and_redis_hold_at_most_a_window(make_stream, redis_clie
         for expected, value in enumerate(consumer):
             assert value == expected
             buffered.append(consumer.consumer.buffered)
-            stored.append(redis_client.zcard(results_key))
+            stored.append(redis_client.hlen(results_key))
             raw = proto.stats()
             ahead.append(raw.claimed - raw.next)
         producing.result(timeout=60)
@@ -150,7 +150,7 @@ def test_consumer_memory_and_redis_hold_at_most_a_window(make_stream, redis_clie
     assert consumer.peak_out_of_order <= window
     # The run really filled the window, so the bounds were tested.
     assert max(ahead) == window
-    assert redis_client.zcard(results_key) == 0
+    assert redis_client.hlen(results_key) == 0
 
 
 # -- invariant 3: duplicates and late outcomes are dropped ------------------------------
@@ -187,7 +187,7 @@ def test_redelivered_task_never_duplicates_an_outcome(start_worker, make_stream,
 
     stats = stream.stats()
     assert (stats.claimed, stats.delivered, stats.buffered) == (3, 3, 0)
-    assert redis_client.zcard(StreamKeys(stream.name).results) == 0
+    assert redis_client.hlen(StreamKeys(stream.name).results) == 0
 
 
 def test_outcome_after_delete_leaves_nothing(
@@ -406,7 +406,7 @@ def test_every_claimed_number_comes_out_exactly_once_whatever_fills_it(
             assert got == want, (n, plan[n], got)
     # And the faults really happened: every held task was killed mid-run
     assert sorted(killed) == [n for n, kind in enumerate(plan) if kind == "kill"]
-    assert redis_client.zcard(StreamKeys(stream.name).results) == 0
+    assert redis_client.hlen(StreamKeys(stream.name).results) == 0
 
 
 #: A producer and a consumer of one stream in a process of their own, which

@@ -191,8 +191,20 @@ def test_every_script_is_loaded_behind_the_prelude() -> None:
     prelude = file_text(PRELUDE)
     assert "KEYS" not in code(prelude)
     assert "ARGV" not in code(prelude)
+    defined = re.findall(r"^local function (\w+)\(", prelude, re.M)
     for script in SCRIPTS:
-        assert script_source(script) == prelude + file_text(script)
+        source = script_source(script)
+        body = file_text(script)
+        assert source.endswith(body)
+        given = re.findall(r"^local function (\w+)\(", source[: -len(body)], re.M)
+        # Every prelude function the script calls, in the prelude's order, and
+        # no other: Redis makes each one anew on every call.
+        called = {fn for fn in defined if re.search(rf"\b{fn}\(", code(body))}
+        assert called <= set(given), f"{script}.lua calls {called - set(given)}, not given"
+        assert given == [fn for fn in defined if fn in given]
+    assert "now_ms" not in re.findall(r"^local function (\w+)", script_source("publish"), re.M)
+    # A function given calls others: they come too (wake() calls expire_new()).
+    assert "local function expire_new(" in script_source("publish")
     with pytest.raises(ValueError, match="no Lua script named 'nope'"):
         script_source("nope")
 

@@ -82,6 +82,17 @@ def test_the_text_bar_prints_each_tenth_and_the_end_off_a_terminal() -> None:
     assert lines[-1].startswith("[##############################] 20/20 pages ")
 
 
+def test_the_text_bar_without_a_total_prints_at_1_2_5_10_and_the_end_off_a_terminal() -> None:
+    # A job whose total is not known yet (its stream is open) still shows in a
+    # log as it goes, in fewer lines the longer it runs.
+    out = io.StringIO()
+    with progress_bar(desc="rows", file=out) as bar:
+        for done in range(1, 124):
+            bar.update(done)
+    shown = [line.split("] ")[1].split()[0] for line in out.getvalue().splitlines()]
+    assert shown == ["1/?", "2/?", "5/?", "10/?", "20/?", "50/?", "100/?", "123/?"]
+
+
 def test_the_bar_learns_the_total_from_the_stream(worker: Any, make_stream: Any) -> None:
     out = io.StringIO()
     with progress_bar(desc="items", file=out, backend="text") as bar:

@@ -88,7 +88,7 @@ def test_any_interleaving_keeps_the_invariants(
             assert len(delivered) > before
         pop(10)
         assert delivered == list(range(claimed))
-        assert redis_client.zcard(StreamKeys(name).results) == 0
+        assert redis_client.hlen(StreamKeys(name).results) == 0
     finally:
         proto.delete()
 

@@ -15,7 +15,7 @@ from tests.apps.tasks import echo
 
 
 def member(seq: int, value: Any, status: str = "r") -> bytes:
-    """A sorted-set member as the workers write it."""
+    """An outcome as the workers write it."""
     return f"{seq}:{status}:application/json:utf-8:".encode() + json.dumps(value).encode()
 
 
@@ -79,21 +79,21 @@ def test_publish_first_outcome_wins_and_duplicates_are_dropped(proto, redis_clie
     claim_numbers(proto, 3, 10)
     assert proto.publish(0, member(0, "first")) == 1
     assert proto.publish(0, member(0, "second")) == 0  # duplicate: already filled
-    assert redis_client.zcard(proto.keys.results) == 1
+    assert redis_client.hlen(proto.keys.results) == 1
     # A number past every claim: said to be claimed in this incarnation, the
     # stream's state went back (-2); with no incarnation, it cannot tell (-1)
     assert proto.publish(7, member(7, "never claimed")) == -2
     assert proto.publish(7, member(7, "never claimed"), incarnation="") == -1
-    assert redis_client.zcard(proto.keys.results) == 1
+    assert redis_client.hlen(proto.keys.results) == 1
 
     batch = proto.pop(-1, -1, 10)
     assert batch.members == [member(0, "first")]
     # Delivered: acknowledge, then a late outcome for it is dropped too.
     batch = proto.pop(1, 1, 10)
     assert batch.next == 1
-    assert redis_client.zcard(proto.keys.results) == 0
+    assert redis_client.hlen(proto.keys.results) == 0
     assert proto.publish(0, member(0, "late")) == 0
-    assert redis_client.zcard(proto.keys.results) == 0
+    assert redis_client.hlen(proto.keys.results) == 0
 
     assert proto.publish(1, member(1, "one")) == 1
     assert proto.publish(2, member(2, "two")) == 1
@@ -101,7 +101,7 @@ def test_publish_first_outcome_wins_and_duplicates_are_dropped(proto, redis_clie
     assert proto.pop(3, 3, 10).members == []  # acknowledge both
     for seq in range(3):
         assert proto.publish(seq, member(seq, "late again")) == 0
-    assert redis_client.zcard(proto.keys.results) == 0
+    assert redis_client.hlen(proto.keys.results) == 0
 
 
 def test_pop_returns_only_the_gapless_run(proto):
@@ -152,9 +152,9 @@ def test_late_results_leave_no_garbage_and_delete_leaves_nothing(proto, redis_cl
     proto.publish(1, member(1, "b"))
     proto.close()
     assert len(proto.pop(2, -1, 10).members) == 0  # acknowledged both
-    assert redis_client.zcard(proto.keys.results) == 0
+    assert redis_client.hlen(proto.keys.results) == 0
     assert proto.publish(1, member(1, "late")) == 0
-    assert redis_client.zcard(proto.keys.results) == 0
+    assert redis_client.hlen(proto.keys.results) == 0
 
     assert proto.delete() > 0
     assert stream_keys(redis_client, name) == []
@@ -182,9 +182,9 @@ def test_duplicate_and_late_outcomes_never_reach_a_consumer(make_stream, redis_c
     assert list(stream) == ["third"]
     stats = stream.stats()
     assert (stats.claimed, stats.delivered, stats.buffered) == (3, 3, 0)
-    assert redis_client.zcard(StreamKeys(stream.name).results) == 0
+    assert redis_client.hlen(StreamKeys(stream.name).results) == 0
     assert proto.publish(first, member(first, "later still")) == 0
-    assert redis_client.zcard(StreamKeys(stream.name).results) == 0
+    assert redis_client.hlen(StreamKeys(stream.name).results) == 0
 
     stream.delete()
     assert stream_keys(redis_client, stream.name) == []
@@ -223,8 +223,8 @@ def test_scripts_run_inside_a_pipeline(redis_client, name, flush_first):
     k = StreamKeys(name)
     claim_keys = [k.seq, k.next, k.window, k.closed, k.space, k.pending, k.deadlines, k.producers,
                   k.created, k.results, k.adapt]  # fmt: skip
-    publish_keys = [k.seq, k.next, k.results, k.ready, k.closed, k.done, k.pending, k.deadlines,
-                    k.created, k.window, k.space, k.adapt]  # fmt: skip
+    publish_keys = [k.seq, k.next, k.results, k.ready, k.closed, k.done, k.pending, k.created,
+                    k.window, k.space, k.adapt]  # fmt: skip
     redis_client.set(k.created, "inc-1")  # the stream's incarnation, as window.lua writes it
     if flush_first:
         redis_client.script_flush()
@@ -251,7 +251,7 @@ def test_scripts_run_inside_a_pipeline(redis_client, name, flush_first):
         )  # fmt: skip
         pop(
             keys=[k.next, k.results, k.closed, k.space, k.ready, k.window, k.seq, k.created,
-                  k.consumer, k.error, k.adapt],
+                  k.consumer, k.error, k.adapt, k.pending, k.deadlines],
             args=[-1, -1, 10, 0, "inc-1", "consumer-1", 0, 30000, ""],
             client=pipe,
         )  # fmt: skip
@@ -266,3 +266,53 @@ def test_scripts_run_inside_a_pipeline(redis_client, name, flush_first):
     assert closed_at == 3
     assert popped[:8] == [0, 3, 3, 0, 8, 1, 3, b""]  # ..., epoch 1, 3 claimed, no error
     assert popped[-3:] == [member(0, "a"), member(1, "b"), member(2, "c")]
+
+
+def test_a_lost_head_behind_a_window_of_filled_numbers_is_reclaimed_in_one_call(
+    proto, redis_client
+):
+    # A filled number keeps its deadline until the consumer acknowledges it
+    # (pop.lua removes it then): behind a lost head, a whole window of filled
+    # numbers comes due with it, and must not hide it from reclaim. One claim
+    # gives them one deadline, and Redis orders equal scores by member, so
+    # "999" comes after every other: ten pages of reclaim's hundred.
+    claim = proto.claim(
+        [RECORD] * 1000, 1024, producer="tests", claim_id=uuid.uuid4().hex, lost_after=0.001
+    )
+    assert (claim.first, claim.count) == (0, 1000)
+    for n in range(999):
+        assert proto.publish(n, member(n, n)) == 1
+    k = proto.keys
+    due = redis_client.zscore(k.deadlines, "999")
+    assert due is not None
+    # Until Redis's clock is past the deadline (each read is Redis's own clock).
+    while (lambda t: t[0] * 1000 + t[1] // 1000)(redis_client.time()) <= due:
+        pass
+    overdue = proto.reclaim(0.001, 3)
+    assert [(o.seq, o.lost, o.why) for o in overdue] == [(999, False, "idle")]
+    # The filled numbers it met were forgotten on the way: only 999 waits.
+    assert redis_client.zrange(k.deadlines, 0, -1) == [b"999"]
+    # The consumer gets every outcome before the head, not the head.
+    batch = proto.pop(-1, -1, 2000, owner="tests", epoch=0, lease=30)
+    assert [int(m.split(b":")[0]) for m in batch.members] == list(range(999))
+
+
+def test_the_pop_that_acknowledges_numbers_removes_what_they_left(proto, redis_client):
+    # A publish removes only the number's record (the first outcome wins by
+    # it); its claim time and deadline go with the acknowledgement, per block.
+    k = proto.keys
+    proto.claim([RECORD] * 4, 8, producer="tests", claim_id=uuid.uuid4().hex, lost_after=600)
+    for n in range(3):
+        assert proto.publish(n, member(n, n)) == 1
+    assert proto.publish(1, member(1, "again")) == 0  # its record is gone: a duplicate
+    assert sorted(redis_client.hkeys(k.pending)) == [b"3", b"t:0", b"t:1", b"t:2", b"t:3"]
+    assert redis_client.zcard(k.deadlines) == 4
+    batch = proto.pop(-1, -1, 10, owner="tests", epoch=0, lease=30)
+    assert [int(m.split(b":")[0]) for m in batch.members] == [0, 1, 2]
+    assert batch.members[1] == member(1, 1)
+    proto.pop(3, 3, 10, owner="tests", epoch=batch.epoch, lease=30)
+    assert sorted(redis_client.hkeys(k.pending)) == [b"3", b"t:3"]
+    assert redis_client.zrange(k.deadlines, 0, -1) == [b"3"]
+    assert redis_client.hlen(k.results) == 0
+    assert proto.publish(2, member(2, "late")) == 0  # delivered: dropped, nothing stored
+    assert redis_client.hlen(k.results) == 0

@@ -257,7 +257,7 @@ def test_an_outcome_for_a_number_a_rollback_took_back_is_reported_as_one(
                 incarnation=incarnation,
             )  # fmt: skip
         assert f"stream {proto.keys.name} went back in time" in caplog.text
-        assert redis_client.zcard(proto.keys.results) == 0
+        assert redis_client.hlen(proto.keys.results) == 0
     finally:
         proto.delete()
     # A stream deleted under a handle is still told apart from a rollback

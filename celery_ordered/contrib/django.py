@@ -27,7 +27,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
     ) from exc
 
 from ..stream import OrderedResultStream
-from ..web import RESPONSE_HEADERS, _body, _last_event_id, _ThreadedBody
+from ..web import RESPONSE_HEADERS, _body, _last_event_id, _threaded_body, _ThreadedBody
 
 __all__ = ["stream_response"]
 
@@ -68,10 +68,11 @@ def stream_response(
         )
     if format == "sse" and "after" not in options:
         options["after"] = _last_event_id(request.headers.get("Last-Event-ID"))
-    body, content_type = _body(source, format, options)
-    content: Generator[bytes, None, None] | _ThreadedBody = body
+    content: Generator[bytes, None, None] | _ThreadedBody
     if isinstance(request, ASGIRequest):
-        content = _ThreadedBody(body)
+        content, content_type = _threaded_body(source, format, options)
+    else:
+        content, content_type = _body(source, format, options)
     return StreamingHttpResponse(
         content,
         status=status,

@@ -39,10 +39,9 @@ from ..web import (
     RESPONSE_HEADERS,
     Source,
     _async_body,
-    _body,
     _is_async,
     _last_event_id,
-    _ThreadedBody,
+    _threaded_body,
 )
 
 __all__ = ["stream_response"]
@@ -93,8 +92,7 @@ def stream_response(
     if _is_async(source):
         body, content_type = _async_body(source, format, options)  # type: ignore[arg-type]
     else:
-        blocking, content_type = _body(source, format, options)  # type: ignore[arg-type]
-        body = _ThreadedBody(blocking)
+        body, content_type = _threaded_body(source, format, options)  # type: ignore[arg-type]
     return _ClosingResponse(
         body,
         status_code=status,

@@ -74,7 +74,7 @@ class StreamKeys:
 
     @property
     def results(self) -> str:
-        """Sorted set of outcomes scored by sequence number."""
+        """Hash of outcomes by sequence number, for the numbers filled and not yet delivered."""
         return self._key("results")
 
     @property

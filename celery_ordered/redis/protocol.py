@@ -29,6 +29,7 @@ import contextlib
 import functools
 import logging
 import math
+import re
 import time
 import weakref
 from collections.abc import Callable
@@ -73,17 +74,43 @@ def _read(name: str) -> str:
     return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
 
 
+def _prelude_functions() -> list[tuple[str, str]]:
+    """The prelude's functions in order: (name, source), each with the comments before it."""
+    functions: list[tuple[str, str]] = []
+    chunk: list[str] = []
+    for line in _read(PRELUDE).splitlines(keepends=True):
+        chunk.append(line)
+        if line.startswith("end"):
+            source = "".join(chunk)
+            found = re.search(r"^local function (\w+)\(", source, re.MULTILINE)
+            if found is None:
+                raise ValueError(f"{PRELUDE}.lua: a block ends with no local function: {source!r}")
+            functions.append((found.group(1), source))
+            chunk = []
+    return functions
+
+
 @functools.cache
 def script_source(name: str) -> str:
-    """The Lua that Redis runs for script ``name``: ``_prelude.lua``, then ``<name>.lua``.
+    """The Lua Redis runs for script ``name``: what it calls of ``_prelude.lua``, then its own.
 
     The prelude defines local functions only (``now_ms()``, ``wake(key)``,
     ``refresh(ttl, key...)``), so each script keeps its own ``KEYS`` and
-    ``ARGV`` as its header describes them.
+    ``ARGV`` as its header describes them. A script gets only the functions
+    it calls (and those they call): Redis makes each of them anew on every
+    call, which a publish, run once per task, would pay for nothing.
     """
     if name not in SCRIPTS:
         raise ValueError(f"no Lua script named {name!r}: the scripts are {', '.join(SCRIPTS)}")
-    return _read(PRELUDE) + _read(name)
+    body = _read(name)
+    functions = _prelude_functions()
+    used = "".join(line.partition("--")[0] for line in body.splitlines(keepends=True))
+    wanted: set[str] = set()
+    for fn, source in reversed(functions):  # a function calls only those defined before it
+        if re.search(rf"\b{fn}\(", used):
+            wanted.add(fn)
+            used += source
+    return "".join(source for fn, source in functions if fn in wanted) + body
 
 
 _registered: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
@@ -535,8 +562,8 @@ class Protocol:
         k = self.keys
         stored = yield Script(
             "publish",
-            [k.seq, k.next, k.results, k.ready, k.closed, k.done, k.pending, k.deadlines,
-             k.created, k.window, k.space, k.adapt],
+            [k.seq, k.next, k.results, k.ready, k.closed, k.done, k.pending, k.created,
+             k.window, k.space, k.adapt],
             [seq, member, self.ttl_ms, self.incarnation if incarnation is None else incarnation],
         )  # fmt: skip
         return int(stored)
@@ -590,7 +617,7 @@ class Protocol:
                 "pop",
                 self._and_the_rest(
                     [k.next, k.results, k.closed, k.space, k.ready, k.window, k.seq, k.created,
-                     k.consumer, k.error, k.adapt],
+                     k.consumer, k.error, k.adapt, k.pending, k.deadlines],
                     ttl,
                 ),
                 [ack, start, limit, ttl, self.incarnation, owner, epoch, max(1, int(lease * 1000)),

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
+import redis
 from redis.connection import parse_url
 
 from ..errors import ConfigurationError
@@ -137,6 +138,35 @@ def mask_url(url: object) -> str:
     return "".join(pieces)
 
 
+def tls_hint(url: str | None, exc: BaseException) -> str:
+    """The fix for a TLS URL (``rediss://``) whose server did not answer in time, or "".
+
+    A Redis without TLS on that port never answers the TLS handshake (it
+    waits for the end of a command that never comes), so redis-py says only
+    "Timeout connecting to server".
+    """
+    if not (url or "").strip().startswith(("rediss://", "rediss+cluster://")):
+        return ""
+    cause: BaseException | None = exc  # or what it was raised from (RedisUnavailable's)
+    for _ in range(10):
+        if cause is None:
+            return ""
+        if isinstance(cause, redis.TimeoutError):
+            return (
+                "if that port serves Redis without TLS, use redis:// (a rediss:// URL "
+                "waits for a TLS handshake that a Redis without TLS never answers)"
+            )
+        cause = cause.__cause__
+    return ""
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc`` as one line of a message: its text with no password, no redis-py
+    client repr, its whitespace collapsed and no closing period; else its class's name."""
+    text = " ".join(without_client_reprs(mask_url(exc)).split()).rstrip(".")
+    return text or type(exc).__name__
+
+
 def without_client_reprs(text: str) -> str:
     """``text`` with each redis-py client's repr (``<redis.client.Redis(<...>)>``) cut out.
 
@@ -222,6 +252,7 @@ def _parse_cluster(url: str) -> RedisTarget:
             f"Redis Cluster URL {mask_url(url)!r} asks for db={options['db']}: a "
             "Redis Cluster has only database 0"
         )
+    _check_options(url, {key: value for key, value in options.items() if key != "db"})
     return RedisTarget("cluster", url, node_url=node_url, nodes=tuple(nodes))
 
 
@@ -353,18 +384,33 @@ def _connection_options(scheme: str) -> frozenset[str]:
     return frozenset(names - {"self", "args", "kwargs"})
 
 
+@functools.cache
+def _cluster_options() -> frozenset[str]:
+    """The keyword arguments of redis-py's ``RedisCluster`` itself."""
+    import inspect
+
+    from redis.cluster import RedisCluster
+
+    parameters = inspect.signature(RedisCluster.__init__).parameters
+    return frozenset(set(parameters) - {"self", "args", "kwargs"})
+
+
 def _check_options(url: str, options: Mapping[str, Any]) -> None:
     """Refuse a URL option the connection of ``url`` does not take, naming it (not its value).
 
     redis-py's URL parsing passes on any option; one the connection does not
-    take fails only at the first connection, with a ``TypeError``.
+    take fails only at the first connection, with a ``TypeError``, and a
+    cluster client drops it in silence (a misspelt ``socket_timeout`` there
+    is no timeout at all).
     """
     scheme = url.split("://", 1)[0]
-    unknown = sorted(set(options) - _connection_options(scheme))
+    cluster = scheme.endswith("+cluster")
+    taken = _connection_options(scheme.removesuffix("+cluster"))
+    unknown = sorted(set(options) - taken - (_cluster_options() if cluster else set()))
     if not unknown:
         return
-    if scheme == "redis" and all(key.startswith("ssl") for key in unknown):
-        fix = "TLS options need a rediss:// URL"
+    if scheme in ("redis", "redis+cluster") and all(key.startswith("ssl") for key in unknown):
+        fix = f"TLS options need a {scheme.replace('redis', 'rediss', 1)}:// URL"
     elif "virtual_host" in unknown:
         fix = "a socket's database is ?db=N for redis-py (kombu's virtual_host)"
     else:

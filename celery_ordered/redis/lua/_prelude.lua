@@ -1,7 +1,8 @@
--- _prelude.lua: not a script. protocol.py puts it in front of every script when
--- it loads one, so the scripts share one clock, one way to wake a waiter and
--- one way to renew their keys' expiry. It defines local functions only: it
--- reads no KEYS or ARGV and writes nothing by itself.
+-- _prelude.lua: not a script. protocol.py puts the functions of it that a script
+-- calls in front of that script when it loads one, so the scripts share one
+-- clock, one way to wake a waiter and one way to renew their keys' expiry. It
+-- defines local functions only, each ending at an unindented `end` (protocol.py
+-- cuts it there): it reads no KEYS or ARGV and writes nothing by itself.
 
 -- Redis's clock in ms (TIME: seconds and microseconds).
 local function now_ms()

@@ -12,7 +12,7 @@
 -- KEYS[8]  producers  hash    producer id -> "<claim id>:<first>:<count>:<ms>" of its last
 --                             claim (past 1,000 of them, pruned to the last 10 minutes)
 -- KEYS[9]  created    string  the stream's incarnation id, written when it was created
--- KEYS[10] results    zset    outcomes scored by their number
+-- KEYS[10] results    hash    number -> outcome, for the numbers filled and not yet delivered
 -- KEYS[11] adapt      hash    'floor', 'ceiling', 'why' of an adaptive window (absent: fixed)
 -- KEYS[12..] the stream's other keys when ARGV[4] renews: a renewing call renews them all
 -- ARGV[1]  wanted     how many numbers the caller would like (>= 1)
@@ -62,10 +62,10 @@ local room = window - (seq - nxt)
 -- wakes a consumer waiting for the head): an adaptive window grows here, by the
 -- same doubling as the consumer's (pop.lua), and this claim goes on.
 if room <= 0 and redis.call('EXISTS', KEYS[11]) == 1 then
-  local stored = redis.call('ZCARD', KEYS[10])
+  local stored = redis.call('HLEN', KEYS[10])
   local ceiling = tonumber(redis.call('HGET', KEYS[11], 'ceiling'))
   if stored * 2 >= window and window < ceiling
-     and #redis.call('ZRANGEBYSCORE', KEYS[10], nxt, nxt, 'LIMIT', 0, 1) == 0 then
+     and redis.call('HEXISTS', KEYS[10], nxt) == 0 then
     local grown = math.min(ceiling, window * 2)
     resize_window(KEYS[3], KEYS[11], grown, 'grew to ' .. grown .. ': number ' .. nxt ..
                   ' held the window full with ' .. stored .. ' outcomes waiting behind it')
@@ -87,18 +87,21 @@ local new_pending = not renewing and redis.call('EXISTS', KEYS[6]) == 0
 local new_deadlines = not renewing and lost_after > 0 and redis.call('EXISTS', KEYS[7]) == 0
 local new_producers = not renewing and redis.call('EXISTS', KEYS[8]) == 0
 local now = now_ms()
-local due = now + lost_after
+-- Each number is formatted once, as a string: a number joined to a string (..)
+-- is formatted anew each time, and that, not the commands, was most of the cost.
+local now_s, due_s = tostring(now), tostring(now + lost_after)
 -- One HSET and one ZADD for a block of numbers (each redis.call costs more than
 -- the work it does), in slices that keep unpack() within Lua's stack.
 for from = 0, count - 1, 1000 do
   local fields, deadlines = {}, {}
   for i = from, math.min(count, from + 1000) - 1 do
-    fields[#fields + 1] = seq + i
+    local key = tostring(seq + i)
+    fields[#fields + 1] = key
     fields[#fields + 1] = ARGV[8 + i]
-    fields[#fields + 1] = 't:' .. (seq + i)
-    fields[#fields + 1] = now
-    deadlines[#deadlines + 1] = due
-    deadlines[#deadlines + 1] = seq + i
+    fields[#fields + 1] = 't:' .. key
+    fields[#fields + 1] = now_s
+    deadlines[#deadlines + 1] = due_s
+    deadlines[#deadlines + 1] = key
   end
   redis.call('HSET', KEYS[6], unpack(fields))
   if lost_after > 0 then

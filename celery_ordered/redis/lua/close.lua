@@ -3,7 +3,7 @@
 --
 -- KEYS[1]  seq      string  next number to claim
 -- KEYS[2]  next     string  consumer cursor
--- KEYS[3]  results  zset    outcomes scored by their number
+-- KEYS[3]  results  hash    number -> outcome, for the numbers filled and not yet delivered
 -- KEYS[4]  closed   string  set here to the number of claims
 -- KEYS[5]  ready    list    wake token for a blocked consumer
 -- KEYS[6]  done     list    wake token for join()
@@ -33,7 +33,7 @@ end
 wake(KEYS[5], ARGV[1])
 wake(KEYS[7], ARGV[1])
 local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
-if nxt + redis.call('ZCARD', KEYS[3]) >= tonumber(closed) then
+if nxt + redis.call('HLEN', KEYS[3]) >= tonumber(closed) then
   wake(KEYS[6], ARGV[1])
 end
 refresh(ARGV[1], unpack(KEYS))

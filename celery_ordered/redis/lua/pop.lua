@@ -4,7 +4,7 @@
 -- consumer whose epoch is not the current one was fenced by a successor.
 --
 -- KEYS[1]  next      string  consumer cursor: every number below it is delivered
--- KEYS[2]  results   zset    outcomes scored by their number
+-- KEYS[2]  results   hash    number -> outcome, for the numbers filled and not yet delivered
 -- KEYS[3]  closed    string  the number of claims when the stream was closed
 -- KEYS[4]  space     list    wake token for blocked producers
 -- KEYS[5]  ready     list    wake token for a blocked consumer
@@ -14,7 +14,10 @@
 -- KEYS[9]  consumer  hash    the consumer lease: 'epoch', 'owner', 'until' (ms)
 -- KEYS[10] error     string  the producer's error, if it closed the stream with one
 -- KEYS[11] adapt     hash    'floor', 'ceiling', 'why' of an adaptive window (absent: fixed)
--- KEYS[12..] the stream's other keys when ARGV[4] renews: a renewing call renews them all
+-- KEYS[12] pending   hash    the 'n:' 't:' 'w:' 'h:' 'b:' fields of a filled number stay
+--                            here until this script acknowledges it (publish.lua)
+-- KEYS[13] deadlines zset    numbers scored by when they count as lost
+-- KEYS[14..] the stream's other keys when ARGV[4] renews: a renewing call renews them all
 -- ARGV[1]  ack       every number below it has been delivered; -1: keep the cursor
 -- ARGV[2]  from      first number to read; -1 (or anything below the cursor): the cursor
 -- ARGV[3]  max       most outcomes to return
@@ -75,7 +78,23 @@ end
 -- What the window held before this call's acknowledgement (see the adaptive window below).
 local held = claimed - nxt
 if ack > nxt then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ack)
+  -- The outcomes delivered, and what else their numbers left: in one command
+  -- per key for a block of numbers (slices keep unpack() within Lua's stack).
+  for first = nxt, ack - 1, 1000 do
+    local numbers, fields = {}, {}
+    for n = first, math.min(ack, first + 1000) - 1 do
+      local key = tostring(n)  -- formatted once (each number .. string formats it anew)
+      numbers[#numbers + 1] = key
+      fields[#fields + 1] = 't:' .. key
+      fields[#fields + 1] = 'n:' .. key
+      fields[#fields + 1] = 'w:' .. key
+      fields[#fields + 1] = 'h:' .. key
+      fields[#fields + 1] = 'b:' .. key
+    end
+    redis.call('HDEL', KEYS[2], unpack(numbers))
+    redis.call('HDEL', KEYS[12], unpack(fields))
+    redis.call('ZREM', KEYS[13], unpack(numbers))
+  end
   redis.call('SET', KEYS[1], ack, 'KEEPTTL')
   if not cursor then
     expire_new(ARGV[4], KEYS[1])  -- a new key (renewed below too, if this call renews)
@@ -94,17 +113,29 @@ if closed >= 0 and from >= closed then
   err = redis.call('GET', KEYS[10]) or ''
 end
 local window = tonumber(redis.call('GET', KEYS[6]) or '0')
-local stored = redis.call('ZCARD', KEYS[2])
+local stored = redis.call('HLEN', KEYS[2])
 local reply = {nxt, closed, stored, from, window, epoch, claimed, err}
-local found = redis.call('ZRANGEBYSCORE', KEYS[2], from, from + tonumber(ARGV[3]) - 1,
-                         'WITHSCORES')
+-- The run from `from` is no longer than what is stored: one HMGET per
+-- slice of it, until a number is missing.
+local last = from + math.min(tonumber(ARGV[3]), stored) - 1
 local expected = from
-for i = 1, #found, 2 do
-  if tonumber(found[i + 1]) ~= expected then
+while expected <= last do
+  local wanted = {}
+  for n = expected, math.min(last, expected + 999) do
+    wanted[#wanted + 1] = n
+  end
+  local gap = false
+  for _, member in ipairs(redis.call('HMGET', KEYS[2], unpack(wanted))) do
+    if not member then
+      gap = true
+      break
+    end
+    reply[#reply + 1] = member
+    expected = expected + 1
+  end
+  if gap then
     break
   end
-  reply[#reply + 1] = found[i]
-  expected = expected + 1
 end
 -- An adaptive window (see docs/how-it-works.md), like TCP's congestion window:
 -- it doubles when the consumer, asking for outcomes, finds its head missing or

@@ -2,21 +2,20 @@
 --
 -- KEYS[1]  seq        string  next number to claim (numbers below it were claimed)
 -- KEYS[2]  next       string  consumer cursor: every number below it is delivered
--- KEYS[3]  results    zset    outcomes scored by their number
+-- KEYS[3]  results    hash    number -> outcome, for the numbers filled and not yet delivered
 -- KEYS[4]  ready      list    wake token for a blocked consumer
 -- KEYS[5]  closed     string  the number of claims when the stream was closed
 -- KEYS[6]  done       list    wake token for join(): every claimed number is filled
--- KEYS[7]  pending    hash    number -> dispatch record (and its 'n:' 't:' 'w:' 'h:' 'b:'
---                             fields), until filled
--- KEYS[8]  deadlines  zset    numbers scored by when they count as lost
--- KEYS[9]  created    string  the stream's incarnation id
--- KEYS[10] window     string  the cap on claims ahead of the consumer's cursor
--- KEYS[11] space      list    wake token for blocked producers
--- KEYS[12] adapt      hash    present while the window adapts (see claim.lua)
+-- KEYS[7]  pending    hash    number -> dispatch record, until filled (its 'n:' 't:' 'w:'
+--                             'h:' 'b:' fields stay until the consumer acknowledges it)
+-- KEYS[8]  created    string  the stream's incarnation id
+-- KEYS[9]  window     string  the cap on claims ahead of the consumer's cursor
+-- KEYS[10] space      list    wake token for blocked producers
+-- KEYS[11] adapt      hash    present while the window adapts (see claim.lua)
 -- ARGV[1]  number     the sequence number this outcome fills
 -- ARGV[2]  member     the encoded outcome ("<number>:<status>:<type>:<encoding>:<body>")
 -- ARGV[3]  ttl        ms the stream's keys live after their last use (0: forever)
--- ARGV[4]  incarnation the id of KEYS[9] the number was claimed in ('': not checked)
+-- ARGV[4]  incarnation the id of KEYS[8] the number was claimed in ('': not checked)
 --
 -- Returns 1 when stored, 0 when dropped as a duplicate or as late (already
 -- delivered), -1 when the number was never claimed in this incarnation of the
@@ -26,31 +25,36 @@
 -- replica behind the primary that handed the number out).
 --
 -- It runs once per task, so it does as little as it can: one MGET reads the
--- four strings it needs, and it renews no key's expiry (the producer's claims
--- and the consumer's pops do, once per block). Only a key it creates (the
--- results set after the consumer emptied it, a wake token) gets `ttl` here.
+-- four strings it needs, one HDEL both tells the first outcome and takes its
+-- number off the ones waiting, one HSET stores it and one HLEN counts what is
+-- stored; every other redis.call is rare (each costs more than its command).
+-- It renews no key's expiry (the producer's claims and the consumer's pops
+-- do, once per block), and leaves the number's other fields in `pending` and
+-- its deadline to the consumer's pop, which removes them per block of numbers
+-- it acknowledges (reclaim forgets a filled number it meets before then).
+-- Only a key it creates (the results hash after the consumer emptied it, a
+-- wake token) gets `ttl` here.
 local n = tonumber(ARGV[1])
 local seq, nxt, closed, created, window =
-  unpack(redis.call('MGET', KEYS[1], KEYS[2], KEYS[5], KEYS[9], KEYS[10]))
+  unpack(redis.call('MGET', KEYS[1], KEYS[2], KEYS[5], KEYS[8], KEYS[9]))
 if ARGV[4] ~= '' and created ~= ARGV[4] then
   return -1
 end
 if n >= tonumber(seq or '0') then
   return ARGV[4] ~= '' and -2 or -1
 end
--- The first outcome of a number finds its fields in `pending` and removes them:
+-- The first outcome of a number finds its record in `pending` and removes it:
 -- the number no longer waits for one. A duplicate, or a late outcome (of a
 -- number delivered since), finds none: claim writes a number's record once,
--- and the other scripts write its other fields only while the record is there.
-if redis.call('HDEL', KEYS[7], n, 't:' .. n, 'n:' .. n, 'w:' .. n, 'h:' .. n, 'b:' .. n) == 0 then
+-- and nothing else writes it.
+if redis.call('HDEL', KEYS[7], ARGV[1]) == 0 then
   return 0
 end
-redis.call('ZREM', KEYS[8], n)
 nxt = tonumber(nxt or '0')
-redis.call('ZADD', KEYS[3], n, ARGV[2])
-local stored = redis.call('ZCARD', KEYS[3])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+local stored = redis.call('HLEN', KEYS[3])
 if stored == 1 then
-  expire_new(ARGV[3], KEYS[3])  -- a new set
+  expire_new(ARGV[3], KEYS[3])  -- a new hash
 end
 if n == nxt then
   wake(KEYS[4], ARGV[3])
@@ -62,7 +66,7 @@ end
 -- the window may grow it (claim.lua). Said once, as the count crosses half.
 window = tonumber(window or '0')
 if n > nxt and stored == math.ceil(window / 2) and tonumber(seq) - nxt >= window
-   and redis.call('EXISTS', KEYS[12]) == 1 then
-  wake(KEYS[11], ARGV[3])
+   and redis.call('EXISTS', KEYS[11]) == 1 then
+  wake(KEYS[10], ARGV[3])
 end
 return 1

@@ -3,7 +3,7 @@
 -- on it as lost. A number a live worker holds (its lease is renewed) is never one.
 --
 -- KEYS[1]  next       string  consumer cursor: every number below it is delivered
--- KEYS[2]  results    zset    outcomes scored by their number
+-- KEYS[2]  results    hash    number -> outcome, for the numbers filled and not yet delivered
 -- KEYS[3]  pending    hash    number -> dispatch record ("<lane>:<status>:..."); per number
 --                             'n:' re-dispatches, 't:' claim time (ms), 'h:' the lease of
 --                             the worker holding it, 'w:' where it waits after a re-dispatch
@@ -54,7 +54,7 @@ local acted = {}
 local count = 0
 
 local function unfilled(n)
-  if n < nxt or redis.call('ZCOUNT', KEYS[2], n, n) > 0 then
+  if n < nxt or redis.call('HEXISTS', KEYS[2], n) == 1 then
     return nil
   end
   return redis.call('HGET', KEYS[3], n)
@@ -122,7 +122,7 @@ for n = nxt, last do
       local info = lanes[lane]
       if status == 'T' and info then
         local behind, since, over = waits(n)
-        if info[1] > behind and redis.call('ZCOUNT', KEYS[2], n, n) == 0 then
+        if info[1] > behind and redis.call('HEXISTS', KEYS[2], n) == 0 then
           if over == 0 then
             redis.call('HSET', KEYS[3], 'w:' .. n, behind .. '|' .. since .. '|' .. now)
           elseif now - over >= tonumber(ARGV[5]) then
@@ -135,37 +135,51 @@ for n = nxt, last do
 end
 
 -- 2. Numbers whose deadline passed: a lease that lapsed, or a lane that may be idle.
-for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, most)) do
-  local n = tonumber(member)
-  if count >= most then
-    break
-  end
-  if not acted[n] then
-    local record = unfilled(n)
-    local lease = record and redis.call('HGET', KEYS[3], 'h:' .. n)
-    if not record then
-      forget(n)
-    elseif lease then
-      local lapses = tonumber(string.match(lease, '^(%d+)|'))
-      if lapses <= now then
-        act(n, record, 'lapsed')
+-- A page at a time: every number looked at leaves the due ones (forgotten when
+-- filled, its deadline moved on otherwise), so each page holds new ones. A
+-- filled number keeps its deadline until the consumer acknowledges it
+-- (pop.lua removes it then), so behind a lost head a whole window of filled
+-- numbers may be due with it: paging on, they cannot hide it. At most 20
+-- pages per call.
+local pages = 0
+while count < most and pages < 20 do
+  pages = pages + 1
+  local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, most)
+  for _, member in ipairs(due) do
+    local n = tonumber(member)
+    if count >= most then
+      break
+    end
+    if not acted[n] then
+      local record = unfilled(n)
+      local lease = record and redis.call('HGET', KEYS[3], 'h:' .. n)
+      if not record then
+        forget(n)
+      elseif lease then
+        local lapses = tonumber(string.match(lease, '^(%d+)|'))
+        if lapses <= now then
+          act(n, record, 'lapsed')
+        else
+          redis.call('ZADD', KEYS[4], lapses, n)
+        end
       else
-        redis.call('ZADD', KEYS[4], lapses, n)
-      end
-    else
-      local _, since = waits(n)
-      local lane = string.match(record, '^([^:]*):')
-      local info = lanes[lane]
-      local quiet = since
-      if info and string.match(record, '^[^:]*:T:') then
-        quiet = math.max(since, info[2])
-      end
-      if now - quiet >= lost_after then
-        act(n, record, 'idle')
-      else
-        redis.call('ZADD', KEYS[4], quiet + lost_after, n)
+        local _, since = waits(n)
+        local lane = string.match(record, '^([^:]*):')
+        local info = lanes[lane]
+        local quiet = since
+        if info and string.match(record, '^[^:]*:T:') then
+          quiet = math.max(since, info[2])
+        end
+        if now - quiet >= lost_after then
+          act(n, record, 'idle')
+        else
+          redis.call('ZADD', KEYS[4], quiet + lost_after, n)
+        end
       end
     end
+  end
+  if #due < most then
+    break
   end
 end
 if count > 0 then

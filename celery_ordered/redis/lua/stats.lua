@@ -3,7 +3,7 @@
 -- KEYS[1]  seq      string  next number to claim
 -- KEYS[2]  next     string  consumer cursor
 -- KEYS[3]  window   string  the cap
--- KEYS[4]  results  zset    outcomes scored by their number
+-- KEYS[4]  results  hash    number -> outcome, for the numbers filled and not yet delivered
 -- KEYS[5]  closed   string  the number of claims when closed
 -- KEYS[6]  pending  hash    number -> dispatch record ("<lane>:<status>:..."); per number
 --                           't:' claim time (ms), 'n:' re-dispatches, 'h:' its worker's
@@ -27,15 +27,26 @@
 -- everything behind it waits for.
 local now = now_ms()
 local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
-local stored = redis.call('ZCARD', KEYS[4])
+local stored = redis.call('HLEN', KEYS[4])
 local contiguous = 0
-if stored > 0 then
-  local found = redis.call('ZRANGEBYSCORE', KEYS[4], nxt, nxt + stored - 1, 'WITHSCORES')
-  for i = 1, #found, 2 do
-    if tonumber(found[i + 1]) ~= nxt + contiguous then
+-- Every outcome stored is of a number at or past the cursor: the run from it
+-- is no longer than what is stored (read in slices that keep unpack() within
+-- Lua's stack).
+while contiguous < stored do
+  local wanted = {}
+  for n = nxt + contiguous, nxt + math.min(stored, contiguous + 1000) - 1 do
+    wanted[#wanted + 1] = n
+  end
+  local gap = false
+  for _, member in ipairs(redis.call('HMGET', KEYS[4], unpack(wanted))) do
+    if not member then
+      gap = true
       break
     end
     contiguous = contiguous + 1
+  end
+  if gap then
+    break
   end
 end
 local head = nxt + contiguous
