@@ -1,8 +1,9 @@
 -- _prelude.lua: not a script. protocol.py puts the functions of it that a script
 -- calls in front of that script when it loads one, so the scripts share one
--- clock, one way to wake a waiter and one way to renew their keys' expiry. It
--- defines local functions only, each ending at an unindented `end` (protocol.py
--- cuts it there): it reads no KEYS or ARGV and writes nothing by itself.
+-- clock, one way to wake a waiter, one way to renew their keys' expiry and one
+-- way to read a run of outcomes. It defines local functions only, each ending
+-- at an unindented `end` (protocol.py cuts it there): it reads no KEYS or ARGV
+-- and writes nothing by itself.
 
 -- Redis's clock in ms (TIME: seconds and microseconds).
 local function now_ms()
@@ -49,4 +50,26 @@ end
 local function resize_window(window_key, adapt_key, size, why)
   redis.call('SET', window_key, size, 'KEEPTTL')
   redis.call('HSET', adapt_key, 'why', why)
+end
+
+-- Append to `into` the outcomes the results hash `key` holds for the numbers
+-- from `from` on, up to `last`, stopping at the first one missing, and return
+-- how many it appended: one HMGET per slice of 1,000 (unpack() stays within
+-- Lua's stack). The consumer's read and stats both read the filled run so.
+local function filled_run(key, from, last, into)
+  local n = from
+  while n <= last do
+    local wanted = {}
+    for m = n, math.min(last, n + 999) do
+      wanted[#wanted + 1] = m
+    end
+    for _, member in ipairs(redis.call('HMGET', key, unpack(wanted))) do
+      if not member then
+        return n - from
+      end
+      into[#into + 1] = member
+      n = n + 1
+    end
+  end
+  return n - from
 end

@@ -115,28 +115,9 @@ end
 local window = tonumber(redis.call('GET', KEYS[6]) or '0')
 local stored = redis.call('HLEN', KEYS[2])
 local reply = {nxt, closed, stored, from, window, epoch, claimed, err}
--- The run from `from` is no longer than what is stored: one HMGET per
--- slice of it, until a number is missing.
+-- The run from `from` is no longer than what is stored.
 local last = from + math.min(tonumber(ARGV[3]), stored) - 1
-local expected = from
-while expected <= last do
-  local wanted = {}
-  for n = expected, math.min(last, expected + 999) do
-    wanted[#wanted + 1] = n
-  end
-  local gap = false
-  for _, member in ipairs(redis.call('HMGET', KEYS[2], unpack(wanted))) do
-    if not member then
-      gap = true
-      break
-    end
-    reply[#reply + 1] = member
-    expected = expected + 1
-  end
-  if gap then
-    break
-  end
-end
+local found = filled_run(KEYS[2], from, last, reply)
 -- An adaptive window (see docs/how-it-works.md), like TCP's congestion window:
 -- it doubles when the consumer, asking for outcomes, finds its head missing or
 -- had to wait for it (ARGV[10]), while the window is full (the window, not the
@@ -151,12 +132,12 @@ if tonumber(ARGV[3]) > 0 and window > 0 and redis.call('EXISTS', KEYS[11]) == 1 
   local floor, ceiling = unpack(redis.call('HMGET', KEYS[11], 'floor', 'ceiling'))
   floor, ceiling = tonumber(floor), tonumber(ceiling)
   local resized, why = nil, nil
-  if (expected == from or (ARGV[10] == '1' and stored < window)) and closed < 0
+  if (found == 0 or (ARGV[10] == '1' and stored < window)) and closed < 0
      and held * 2 > window and window < ceiling then
     resized = math.min(ceiling, window * 2)
     why = 'grew to ' .. resized .. ': the consumer waited for number ' .. from ..
           ' with the window full'
-  elseif expected > from and stored >= window and window > floor then
+  elseif found > 0 and stored >= window and window > floor then
     resized = math.max(floor, window - math.floor(window / 4))
     why = 'shrank to ' .. resized .. ': ' .. stored .. ' outcomes waited for the consumer'
   end

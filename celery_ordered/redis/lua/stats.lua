@@ -28,27 +28,9 @@
 local now = now_ms()
 local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
 local stored = redis.call('HLEN', KEYS[4])
-local contiguous = 0
 -- Every outcome stored is of a number at or past the cursor: the run from it
--- is no longer than what is stored (read in slices that keep unpack() within
--- Lua's stack).
-while contiguous < stored do
-  local wanted = {}
-  for n = nxt + contiguous, nxt + math.min(stored, contiguous + 1000) - 1 do
-    wanted[#wanted + 1] = n
-  end
-  local gap = false
-  for _, member in ipairs(redis.call('HMGET', KEYS[4], unpack(wanted))) do
-    if not member then
-      gap = true
-      break
-    end
-    contiguous = contiguous + 1
-  end
-  if gap then
-    break
-  end
-end
+-- is no longer than what is stored.
+local contiguous = filled_run(KEYS[4], nxt, nxt + stored - 1, {})
 local head = nxt + contiguous
 local record = redis.call('HGET', KEYS[6], head) or ''
 local lane, status = string.match(record, '^([^:]*):([^:]*):')
