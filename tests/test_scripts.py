@@ -46,6 +46,12 @@ def claim_numbers(proto: Protocol, wanted: int, default_window: int) -> Any:
     )
 
 
+def waiting_deadlines(client: redis.Redis, key: str) -> list[bytes]:
+    """The numbers in a stream's ``deadlines``, by deadline: every member but
+    the one scored +inf that keeps the set a skiplist (claim.lua)."""
+    return client.zrangebyscore(key, "-inf", "(+inf")
+
+
 def stream_keys(client: redis.Redis, name: str) -> list[bytes]:
     return sorted(client.scan_iter(match=f"co:{{{name}}}:*"))
 
@@ -291,7 +297,7 @@ def test_a_lost_head_behind_a_window_of_filled_numbers_is_reclaimed_in_one_call(
     overdue = proto.reclaim(0.001, 3)
     assert [(o.seq, o.lost, o.why) for o in overdue] == [(999, False, "idle")]
     # The filled numbers it met were forgotten on the way: only 999 waits.
-    assert redis_client.zrange(k.deadlines, 0, -1) == [b"999"]
+    assert waiting_deadlines(redis_client, k.deadlines) == [b"999"]
     # The consumer gets every outcome before the head, not the head.
     batch = proto.pop(-1, -1, 2000, owner="tests", epoch=0, lease=30)
     assert [int(m.split(b":")[0]) for m in batch.members] == list(range(999))
@@ -306,13 +312,35 @@ def test_the_pop_that_acknowledges_numbers_removes_what_they_left(proto, redis_c
         assert proto.publish(n, member(n, n)) == 1
     assert proto.publish(1, member(1, "again")) == 0  # its record is gone: a duplicate
     assert sorted(redis_client.hkeys(k.pending)) == [b"3", b"t:0", b"t:1", b"t:2", b"t:3"]
-    assert redis_client.zcard(k.deadlines) == 4
+    assert waiting_deadlines(redis_client, k.deadlines) == [b"0", b"1", b"2", b"3"]
     batch = proto.pop(-1, -1, 10, owner="tests", epoch=0, lease=30)
     assert [int(m.split(b":")[0]) for m in batch.members] == [0, 1, 2]
     assert batch.members[1] == member(1, 1)
     proto.pop(3, 3, 10, owner="tests", epoch=batch.epoch, lease=30)
     assert sorted(redis_client.hkeys(k.pending)) == [b"3", b"t:3"]
-    assert redis_client.zrange(k.deadlines, 0, -1) == [b"3"]
+    assert waiting_deadlines(redis_client, k.deadlines) == [b"3"]
     assert redis_client.hlen(k.results) == 0
     assert proto.publish(2, member(2, "late")) == 0  # delivered: dropped, nothing stored
     assert redis_client.hlen(k.results) == 0
+
+
+def test_a_claim_keeps_the_deadlines_a_skiplist_with_a_member_never_due(proto, redis_client):
+    # A window's few dozen deadlines would sit in a listpack, whose every
+    # insert walks the whole set; a member over 64 bytes, scored +inf, keeps
+    # the sorted set a skiplist. Reclaim never meets it: it is never due.
+    k = proto.keys
+    claim = proto.claim(
+        [RECORD] * 4, 8, producer="tests", claim_id=uuid.uuid4().hex, lost_after=0.001
+    )
+    assert (claim.first, claim.count) == (0, 4)
+    assert redis_client.object("encoding", k.deadlines) == b"skiplist"
+    assert waiting_deadlines(redis_client, k.deadlines) == [b"0", b"1", b"2", b"3"]
+    (skiplist,) = redis_client.zrangebyscore(k.deadlines, "+inf", "+inf")
+    assert len(skiplist) > 64
+    due = redis_client.zscore(k.deadlines, "3")
+    while (lambda t: t[0] * 1000 + t[1] // 1000)(redis_client.time()) <= due:
+        pass
+    overdue = proto.reclaim(0.001, 3)
+    assert sorted((o.seq, o.why) for o in overdue) == [(n, "idle") for n in range(4)]
+    # Each number re-dispatched has a deadline again; the member is still there.
+    assert redis_client.zscore(k.deadlines, skiplist) == float("inf")

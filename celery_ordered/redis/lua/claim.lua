@@ -8,7 +8,8 @@
 -- KEYS[5]  space      list    wake token for blocked producers
 -- KEYS[6]  pending    hash    number -> dispatch record, and 't:<number>' -> when it
 --                             was claimed (ms), until its outcome arrives
--- KEYS[7]  deadlines  zset    numbers scored by when they count as lost (ms)
+-- KEYS[7]  deadlines  zset    numbers scored by when they count as lost (ms), and SKIPLIST
+--                             (+inf: see below)
 -- KEYS[8]  producers  hash    producer id -> "<claim id>:<first>:<count>:<ms>" of its last
 --                             claim (past 1,000 of them, pruned to the last 10 minutes)
 -- KEYS[9]  created    string  the stream's incarnation id, written when it was created
@@ -92,8 +93,20 @@ local now = now_ms()
 local now_s, due_s = tostring(now), tostring(now + lost_after)
 -- One HSET and one ZADD for a block of numbers (each redis.call costs more than
 -- the work it does), in slices that keep unpack() within Lua's stack.
+--
+-- The first ZADD also writes the member SKIPLIST, scored +inf: never due, so
+-- reclaim never reads it. Longer than Redis's zset-max-listpack-value (64
+-- bytes by default), it keeps `deadlines` a skiplist: Redis would keep a
+-- window's few dozen deadlines in a listpack, whose every insert walks the
+-- whole set, and a ZADD per number cost four times what it costs a skiplist.
+-- A sorted set never goes back to a listpack, so once per key would do; once
+-- per claim costs less than finding out whether it is there.
+local SKIPLIST = 'celery-ordered: a member over 64 bytes keeps this sorted set a skiplist'
 for from = 0, count - 1, 1000 do
   local fields, deadlines = {}, {}
+  if from == 0 then
+    deadlines[1], deadlines[2] = '+inf', SKIPLIST
+  end
   for i = from, math.min(count, from + 1000) - 1 do
     local key = tostring(seq + i)
     fields[#fields + 1] = key
