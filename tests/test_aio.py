@@ -35,6 +35,7 @@ from celery_ordered import (
     StreamFull,
     StreamNotFound,
 )
+from celery_ordered.redis.clients import async_client_for
 from celery_ordered.redis.keys import StreamKeys
 from celery_ordered.redis.urls import socket_url
 from tests.apps.tasks import (
@@ -926,6 +927,80 @@ def test_the_asyncio_stream_on_a_cluster_and_under_sentinel(request, topology):
     # Then each comes out whole and in order
     for index, outcomes in enumerate(results):
         assert outcomes == [[index, value] for value in range(8)] + [{"end": index}]
+
+
+def _closed_under_their_next_write(connections: list[Any]) -> list[int]:
+    """Make each connection's next write meet what another task's disconnect leaves.
+
+    redis-py's asyncio cluster client disconnects a node's free connections
+    after a connection error, and another task may just have taken one of
+    them: its command passed the connection check, and then finds no writer
+    (redis/redis-py#3546). Here the disconnect comes at the same point, after
+    the health check that every command's write awaits. Returns a list that
+    counts the disconnects made.
+    """
+    made: list[int] = []
+    for connection in connections:
+
+        async def then_closed(connection: Any = connection) -> None:
+            del connection.check_health  # once: the class's method again
+            await connection.check_health()
+            await connection.disconnect()
+            made.append(1)
+
+        connection.check_health = then_closed
+    return made
+
+
+def _a_write_after_another_task_closed_its_connection(
+    url: str, connections: Callable[[Any, str], list[Any]]
+) -> tuple[int, Any, Any]:
+    """Store a key, close ``connections(client, key)`` under their next write
+    (see :func:`_closed_under_their_next_write`), then store and read the key
+    again: (disconnects made, the second store's reply, the value read)."""
+    key = f"co-test-closed-{uuid.uuid4().hex}"
+
+    async def main() -> tuple[int, Any, Any]:
+        client = async_client_for(url)
+        await client.set(key, "before", ex=60)
+        made = _closed_under_their_next_write(connections(client, key))
+        stored = await client.set(key, "after", ex=60)
+        value = await client.get(key)
+        await client.delete(key)
+        return len(made), stored, value
+
+    return run(main())
+
+
+def test_a_write_on_a_connection_another_task_closed_is_retried(redis_url) -> None:
+    # Given an asyncio client of the streams' Redis whose connection another
+    # task closes just before this one writes through it
+    def pooled(client: Any, key: str) -> list[Any]:
+        return list(client.connection_pool._available_connections)
+
+    # When a command goes out through it, then it is retried on a new
+    # connection: no AttributeError about None
+    assert _a_write_after_another_task_closed_its_connection(redis_url, pooled) == (
+        1,
+        True,
+        b"after",
+    )
+
+
+@pytest.mark.topology
+def test_a_write_on_a_cluster_connection_another_task_closed_is_retried(redis_cluster) -> None:
+    # Given an asyncio client of a Redis Cluster whose connection to the node
+    # of a key another task closes just before this one writes through it (the
+    # race a three-stream run on one loop once met)
+    def of_the_node(client: Any, key: str) -> list[Any]:
+        return list(client.get_node_from_key(key)._free)
+
+    # When a command goes out through it, then it is retried
+    assert _a_write_after_another_task_closed_its_connection(redis_cluster.url, of_the_node) == (
+        1,
+        True,
+        b"after",
+    )
 
 
 @pytest.mark.topology

@@ -177,8 +177,46 @@ class _Retry(_Policy, Retry):
             return super().call_with_retry(guarded, fail, *args, **kwargs)
 
 
+def _writer_closed_under_it(exc: BaseException) -> bool:
+    """Whether ``exc`` is redis.asyncio's write on a connection closed under it.
+
+    A connection that another task disconnects while a command is on its way
+    through it (redis-py's asyncio cluster client disconnects a node's free
+    connections after a connection error, and another task may just have
+    taken one of them) has no writer left: the write fails with an
+    ``AttributeError`` or ``TypeError`` about ``None`` instead of a
+    ``ConnectionError`` (redis/redis-py#3546 and #4287), which no retry
+    policy knows. The frames tell it apart from any other such error.
+    """
+    if not isinstance(exc, (AttributeError, TypeError)) or "NoneType" not in str(exc):
+        return False
+    frame = exc.__traceback__
+    while frame is not None:
+        code = frame.tb_frame.f_code
+        if code.co_name in ("send_packed_command", "_send_packed_command") and (
+            frame.tb_frame.f_globals.get("__name__") == "redis.asyncio.connection"
+        ):
+            return True
+        frame = frame.tb_next
+    return False
+
+
+async def _as_connection_error(do: Any) -> Any:
+    """Await ``do``; a write on a connection closed under it becomes a ConnectionError."""
+    try:
+        return await do()
+    except (AttributeError, TypeError) as exc:
+        if _writer_closed_under_it(exc):
+            raise redis.ConnectionError(f"the connection was closed under a write: {exc}") from exc
+        raise
+
+
 class _AsyncRetry(_Policy, redis.asyncio.retry.Retry):
-    """The retry policy of an asyncio client (see :class:`_Policy`)."""
+    """The retry policy of an asyncio client (see :class:`_Policy`).
+
+    A write on a connection another task closed under it is retried as the
+    connection error it is (see :func:`_writer_closed_under_it`).
+    """
 
     async def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
         """Await ``do`` with retries, as redis-py's Retry does (see :class:`_Policy`).
@@ -187,7 +225,7 @@ class _AsyncRetry(_Policy, redis.asyncio.retry.Retry):
         """
         if _depth.get():
             try:
-                return await do()
+                return await _as_connection_error(do)
             except self._supported_errors as exc:
                 if self._failed_once(exc, args, kwargs):
                     await fail(*self._fail_args(exc, args, kwargs))
@@ -196,7 +234,7 @@ class _AsyncRetry(_Policy, redis.asyncio.retry.Retry):
 
         async def guarded() -> Any:
             with self._judged(tries):
-                return await do()
+                return await _as_connection_error(do)
 
         with _unrefused():
             return await super().call_with_retry(guarded, fail, *args, **kwargs)
