@@ -52,6 +52,12 @@ def waiting_deadlines(client: redis.Redis, key: str) -> list[bytes]:
     return client.zrangebyscore(key, "-inf", "(+inf")
 
 
+def past_in_redis_time(client: redis.Redis, ms: float) -> None:
+    """Return once Redis's own clock (TIME, which the scripts read) is past ``ms``."""
+    while (lambda t: t[0] * 1000 + t[1] // 1000)(client.time()) <= ms:
+        pass
+
+
 def stream_keys(client: redis.Redis, name: str) -> list[bytes]:
     return sorted(client.scan_iter(match=f"co:{{{name}}}:*"))
 
@@ -291,9 +297,7 @@ def test_a_lost_head_behind_a_window_of_filled_numbers_is_reclaimed_in_one_call(
     k = proto.keys
     due = redis_client.zscore(k.deadlines, "999")
     assert due is not None
-    # Until Redis's clock is past the deadline (each read is Redis's own clock).
-    while (lambda t: t[0] * 1000 + t[1] // 1000)(redis_client.time()) <= due:
-        pass
+    past_in_redis_time(redis_client, due)
     overdue = proto.reclaim(0.001, 3)
     assert [(o.seq, o.lost, o.why) for o in overdue] == [(999, False, "idle")]
     # The filled numbers it met were forgotten on the way: only 999 waits.
@@ -338,8 +342,7 @@ def test_a_claim_keeps_the_deadlines_a_skiplist_with_a_member_never_due(proto, r
     (skiplist,) = redis_client.zrangebyscore(k.deadlines, "+inf", "+inf")
     assert len(skiplist) > 64
     due = redis_client.zscore(k.deadlines, "3")
-    while (lambda t: t[0] * 1000 + t[1] // 1000)(redis_client.time()) <= due:
-        pass
+    past_in_redis_time(redis_client, due)
     overdue = proto.reclaim(0.001, 3)
     assert sorted((o.seq, o.why) for o in overdue) == [(n, "idle") for n in range(4)]
     # Each number re-dispatched has a deadline again; the member is still there.
