@@ -138,38 +138,57 @@ def test_results_come_back_in_put_order_although_later_tasks_finish_first(shared
     assert take(shared_queue, 12) == [i * i for i in range(12)]
 
 
+#: Every finishing order of four tasks: one round of the permutation test each.
+ORDERS = list(itertools.permutations(range(4)))
+
+
 class PermutationTask:
     """The README's PermutationTask: a task holding events, shared by inheritance.
 
-    Task ``(round, slot)`` waits until the test sets ``go[slot]``; a
-    ``task_success`` handler sets ``published[slot]`` once the worker has put
-    the result into the stream. So the test, not the scheduler, decides in which
-    order results reach Redis.
+    Task ``(round, slot)`` waits until the test sets its ``go`` event; a
+    ``task_success`` handler sets its ``published`` event once the worker has
+    put the result into the stream. So the test, not the scheduler, decides in
+    which order results reach Redis. Each round has events of its own, never
+    cleared: a run of a task from an earlier round, whenever it comes, finds
+    its round's events as that round left them and touches no other round's.
+    ``runs`` counts the runs of each task, so that a test can say how many
+    times one ran.
     """
 
     MARK = "permutation"
 
-    def __init__(self, slots: int) -> None:
-        self.go = [multiprocessing.Event() for _ in range(slots)]
-        self.published = [multiprocessing.Event() for _ in range(slots)]
+    def __init__(self, slots: int, rounds: list[str]) -> None:
+        self.rounds = {round_: i for i, round_ in enumerate(rounds)}
+        self.go = [[multiprocessing.Event() for _ in range(slots)] for _ in rounds]
+        self.published = [[multiprocessing.Event() for _ in range(slots)] for _ in rounds]
+        self.runs = multiprocessing.Array("i", len(rounds) * slots)
+        self.slots = slots
 
     def __call__(self, round_: str, slot: int) -> tuple[str, str, int]:
-        if not self.go[slot].wait(EVENT_TIMEOUT):
-            raise TimeoutError(f"slot {slot} was never released")
+        index = self.rounds[round_]
+        with self.runs.get_lock():
+            self.runs[index * self.slots + slot] += 1
+        began = time.monotonic()
+        if not self.go[index][slot].wait(EVENT_TIMEOUT):
+            raise TimeoutError(
+                f"round {round_}, slot {slot} was never released "
+                f"(waited {time.monotonic() - began:.1f} s in process {os.getpid()})"
+            )
         return (self.MARK, round_, slot)
 
     def on_task_success(self, result: Any = None, **_: Any) -> None:
         if isinstance(result, tuple) and result[:1] == (self.MARK,):
-            self.published[result[2]].set()
+            self.published[self.rounds[result[1]]][result[2]].set()
 
-    def reset(self) -> None:
-        for event in (*self.go, *self.published):
-            event.clear()
+    def ran(self, round_: str) -> list[int]:
+        """How many times each slot's task of ``round_`` has started."""
+        index = self.rounds[round_]
+        return [self.runs[index * self.slots + slot] for slot in range(self.slots)]
 
 
 @pytest.fixture(scope="module")
 def permutation_queue() -> Iterator[tuple[ParallelSingleTaskQueue, PermutationTask]]:
-    task = PermutationTask(slots=4)
+    task = PermutationTask(slots=4, rounds=["".join(map(str, order)) for order in ORDERS])
     # The handler is connected while the workers fork, so they (and only
     # they) inherit it; it runs after the task's result was published.
     signals.task_success.connect(task.on_task_success, weak=False)
@@ -178,8 +197,9 @@ def permutation_queue() -> Iterator[tuple[ParallelSingleTaskQueue, PermutationTa
     finally:
         signals.task_success.disconnect(task.on_task_success)
     yield queue, task
-    for event in task.go:
-        event.set()
+    for events in task.go:
+        for event in events:
+            event.set()
     queue.stop()
     queue.join(timeout=RESULT_TIMEOUT)
 
@@ -188,13 +208,14 @@ def test_the_task_object_holds_events_that_cannot_be_pickled():
     # The premise of ParallelSingleTaskQueue: this task could not be sent to
     # a worker by pickling; it reaches the workers by inheritance instead.
     with pytest.raises(RuntimeError, match="inheritance"):
-        pickle.dumps(PermutationTask(slots=1))
+        pickle.dumps(PermutationTask(slots=1, rounds=["0"]))
 
 
-@pytest.mark.parametrize("order", list(itertools.permutations(range(4))), ids=str)
+@pytest.mark.parametrize("order", ORDERS, ids=str)
 def test_every_finishing_order_comes_out_in_put_order(permutation_queue, order):
     queue, task = permutation_queue
     round_ = "".join(map(str, order))
+    go, published = task.go[task.rounds[round_]], task.published[task.rounds[round_]]
     for slot in range(4):
         queue.put(round_, slot)
     expected = [(PermutationTask.MARK, round_, slot) for slot in range(4)]
@@ -202,8 +223,8 @@ def test_every_finishing_order_comes_out_in_put_order(permutation_queue, order):
     taken: list[Any] = []
     released: set[int] = set()
     for slot in order:
-        task.go[slot].set()
-        assert task.published[slot].wait(RESULT_TIMEOUT), f"slot {slot} never finished"
+        go[slot].set()
+        assert published[slot].wait(RESULT_TIMEOUT), f"slot {slot} never finished"
         released.add(slot)
         # Everything up to the first slot still running is ready, in order...
         ready = next(s for s in range(5) if s not in released)
@@ -215,7 +236,8 @@ def test_every_finishing_order_comes_out_in_put_order(permutation_queue, order):
                 queue.get(timeout=0.02)
 
     assert taken == expected
-    task.reset()
+    # No fault was injected: each task ran once.
+    assert task.ran(round_) == [1, 1, 1, 1]
 
 
 # -- what passes through -------------------------------------------------------
@@ -427,7 +449,8 @@ def test_a_size_of_zero_is_refused_by_name(size):
 def test_putting_more_than_the_consumer_buffer_before_any_get_does_not_block():
     # Issue 15's scenario: the original's put blocks only on a full input
     # queue (1000 by default), whatever consumer_buffer_max says.
-    task = PermutationTask(slots=4)
+    task = PermutationTask(slots=4, rounds=["sizes"])
+    go = task.go[0]
     queue = ParallelSingleTaskQueue(task, num_workers=3, consumer_buffer_max=3, daemon=True)
     try:
         for slot in range(3):
@@ -437,10 +460,10 @@ def test_putting_more_than_the_consumer_buffer_before_any_get_does_not_block():
         except Full:
             raise AssertionError("timed out putting 3") from None
         for slot in (3, 1, 2, 0):
-            task.go[slot].set()
+            go[slot].set()
         assert take(queue, 4) == [(PermutationTask.MARK, "sizes", slot) for slot in range(4)]
     finally:
-        for event in task.go:
+        for event in go:
             event.set()
         queue.stop()
         queue.join(timeout=RESULT_TIMEOUT)
