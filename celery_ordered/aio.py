@@ -120,10 +120,30 @@ class AsyncConsumer(ConsumerCore):
             return await arun(op, self._perform)
 
     async def get(self, timeout: float | None) -> Any:
-        """The next outcome in order (see :meth:`AsyncOrderedResultStream.get`)."""
+        """The next outcome in order (see :meth:`AsyncOrderedResultStream.get`).
+
+        A ``get`` of another task on this handle goes first: the wait for it
+        counts against ``timeout``.
+        """
         before = self.handed_out
         try:
-            return await self._run(self.next_op(timeout))
+            left = timeout
+            if not self._lock.locked():
+                await self._lock.acquire()
+            else:
+                began = time.monotonic()
+                try:
+                    # asyncio.Lock gives a grant it made to a waiter cancelled
+                    # meanwhile to the next one: a timeout here leaks nothing.
+                    await asyncio.wait_for(self._lock.acquire(), timeout)
+                except asyncio.TimeoutError:
+                    raise self.busy_error(timeout or 0.0) from None
+                if timeout is not None:
+                    left = max(0.0, timeout - (time.monotonic() - began))
+            try:
+                return await arun(self.next_op(left), self._perform)
+            finally:
+                self._lock.release()
         finally:
             self.tell_progress(before)
 
@@ -262,7 +282,9 @@ class AsyncOrderedResultStream:
 
     # -- producing -------------------------------------------------------------
 
-    async def put(self, task: Any, *args: Any, timeout: float | None = None, **kwargs: Any) -> int:
+    async def put(
+        self, task: Any, /, *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> int:
         """Dispatch ``task(*args, **kwargs)``; its sequence number.
 
         As :meth:`OrderedResultStream.put <celery_ordered.OrderedResultStream.put>`:

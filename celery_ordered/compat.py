@@ -170,7 +170,7 @@ class ParallelQueue:
         """The :class:`~celery_ordered.OrderedResultStream` underneath."""
         return self._stream
 
-    def put(self, task: Any, *args: Any, timeout: float | None = None, **kwargs: Any) -> int:
+    def put(self, task: Any, /, *args: Any, timeout: float | None = None, **kwargs: Any) -> int:
         """Put ``task(*args, **kwargs)`` in, or a non-callable as a marker.
 
         Blocks while the window is full; raises ``queue.Full`` after
@@ -178,8 +178,12 @@ class ParallelQueue:
         """
         return self._stream.put(task, *args, timeout=timeout, **kwargs)
 
-    def get(self, timeout: float | None = None) -> Any:
+    def get(self, timeout: float | None = None, *, block: bool = True) -> Any:
         """The next result in the order put; ``queue.Empty`` after ``timeout`` seconds.
+
+        ``block=False`` raises ``queue.Empty`` at once unless the next result
+        is ready, whatever ``timeout`` says, as ``queue.Queue.get`` does (the
+        original passed its keywords on to one).
 
         A task's exception is raised here, at its position, with a
         ``stack_trace`` attribute holding the worker's traceback text.
@@ -188,6 +192,8 @@ class ParallelQueue:
         :class:`~celery_ordered.StreamExhausted` (without one, instead of
         blocking forever).
         """
+        if not block:
+            timeout = 0
         if self._private_redis_gone and not self._stream.consumer.buffered:
             return self._nothing_left(timeout)
         try:

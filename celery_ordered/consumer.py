@@ -211,6 +211,16 @@ class ConsumerCore:
 
     # -- handing out ---------------------------------------------------------
 
+    def busy_error(self, timeout: float) -> StreamEmpty:
+        """The :class:`~celery_ordered.StreamEmpty` of a ``get`` that waited out
+        its ``timeout`` behind another ``get`` on this handle."""
+        return StreamEmpty(
+            f"stream {self.name!r}: another get() on this handle (another thread or "
+            f"task) held its consumer for all of the {timeout:g}s this one waited; the "
+            "outcomes come out one get() at a time, in order",
+            stream=self.name,
+        )
+
     def next_op(self, timeout: float | None) -> Step[Any]:
         """The next outcome in order (see :meth:`OrderedResultStream.get`).
 
@@ -539,10 +549,24 @@ class Consumer(ConsumerCore):
             return run(op, self._perform)
 
     def get(self, timeout: float | None) -> Any:
-        """The next outcome in order (see :meth:`OrderedResultStream.get`)."""
+        """The next outcome in order (see :meth:`OrderedResultStream.get`).
+
+        A ``get`` of another thread on this handle goes first: the wait for it
+        counts against ``timeout``, as it would for ``queue.Queue.get``.
+        """
         before = self.handed_out
         try:
-            return self._run(self.next_op(timeout))
+            if self._lock.acquire(blocking=False):
+                left = timeout
+            else:
+                began = time.monotonic()
+                if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+                    raise self.busy_error(timeout or 0.0)
+                left = None if timeout is None else max(0.0, timeout - (time.monotonic() - began))
+            try:
+                return run(self.next_op(left), self._perform)
+            finally:
+                self._lock.release()
         finally:
             self.tell_progress(before)
 

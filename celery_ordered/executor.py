@@ -27,13 +27,14 @@ import time
 import weakref
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future
+from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any
 
 from celery import Celery, Task, shared_task
 from celery.canvas import Signature
 
 from . import checks
-from .errors import StreamClosedError, StreamExhausted
+from .errors import StreamClosedError, StreamExhausted, StreamFull
 from .stream import OrderedResultStream
 from .task import (
     CALL_TASK_NAME,
@@ -51,7 +52,7 @@ SHUTDOWN_MESSAGE = "cannot schedule new futures after shutdown"
 
 #: Keyword arguments ``OrderedResultStream.put`` reads itself: a call that has
 #: one goes to ``put`` as a signature.
-PUT_OWN_KEYWORDS = frozenset({"self", "task", "timeout"})
+PUT_OWN_KEYWORDS = frozenset({"timeout"})
 
 
 @shared_task(name=CHUNK_TASK_NAME, base=ChunkTask, bind=True)
@@ -287,6 +288,12 @@ class OrderedExecutor(Executor):
         (:class:`~celery_ordered.UnsendableError`, a ``TypeError``), and so
         does ``RuntimeError`` after :meth:`shutdown`.
         """
+        return self._submit(fn, args, kwargs)
+
+    def _submit(
+        self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None
+    ) -> Future[Any]:
+        """:meth:`submit`; with ``timeout``, ``StreamFull`` if the window stays full that long."""
         if not callable(fn):
             raise TypeError(
                 f"submit() needs a callable: an @ordered_task task, a signature of one or "
@@ -302,7 +309,7 @@ class OrderedExecutor(Executor):
                 shared.submitting = True
                 shared.start()
             try:
-                seq = shared.stream.put(fn, *args, **kwargs)
+                seq = shared.stream.put(fn, *args, timeout=timeout, **kwargs)
             except StreamClosedError:
                 with shared.cond:
                     shared.shutdown = True
@@ -356,7 +363,10 @@ class OrderedExecutor(Executor):
         caller takes, so an endless iterable works. ``timeout`` (seconds)
         counts from the call: a result not there by then raises
         ``TimeoutError`` (a negative one, as in the standard library, is
-        already past). A failed item raises at its place and ends the map;
+        already past). It bounds the sending too: the call returns by then
+        even if the window stays full, and the first item that could not be
+        sent in time raises ``TimeoutError`` at its place, after the results
+        of those sent before it. A failed item raises at its place and ends the map;
         closing the iterator or an error sends nothing more (what was sent
         runs, and its outcomes are dropped). With ``chunksize > 1``, as in
         ``ProcessPoolExecutor``, that many items travel in one Celery message
@@ -377,10 +387,29 @@ class OrderedExecutor(Executor):
         else:
             items = ((fn, *args) for args in items)
         self._check_open()
-        futures: collections.deque[Future[Any]] = collections.deque(
-            self.submit(*call) for call in itertools.islice(items, buffersize)
+        futures: collections.deque[Future[Any]] = collections.deque()
+        unsent = None
+        for call in itertools.islice(items, buffersize):
+            sent = self._send_by(call, end)
+            if isinstance(sent, FuturesTimeout):
+                unsent = sent
+                break
+            futures.append(sent)
+        return _results(
+            weakref.ref(self), futures, items, end, bool(buffersize), chunksize > 1, unsent
         )
-        return _results(weakref.ref(self), futures, items, end, bool(buffersize), chunksize > 1)
+
+    def _send_by(self, call: tuple[Any, ...], end: float | None) -> Future[Any] | FuturesTimeout:
+        """The future of ``call`` (``fn, *args``) submitted before ``end``; or, the window
+        full until then, the ``TimeoutError`` to raise at its place."""
+        timeout = None if end is None else max(0.0, end - time.monotonic())
+        try:
+            return self._submit(call[0], call[1:], {}, timeout)
+        except StreamFull:
+            return FuturesTimeout(
+                f"map(): the window of stream {self.name!r} stayed full until the map's "
+                "timeout; this item and those after it were not sent"
+            )
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Accept no more work; with ``wait``, return once every future is done.
@@ -408,16 +437,23 @@ def _results(
     end: float | None,
     buffered: bool,
     chunked: bool,
+    unsent: FuturesTimeout | None,
 ) -> Iterator[Any]:
     """The iterator of :meth:`OrderedExecutor.map` (only a weak reference to the
-    executor, which may be collected while the iterator lives)."""
+    executor, which may be collected while the iterator lives). ``unsent``: the
+    error of the first item the map could not send by its timeout."""
     try:
         while futures:
-            if buffered:
+            if buffered and unsent is None:
                 executor = executor_ref()
                 call = next(items, None) if executor is not None else None
                 if executor is not None and call is not None:
-                    futures.append(executor.submit(*call))
+                    sent = executor._send_by(call, end)
+                    if isinstance(sent, FuturesTimeout):
+                        unsent = sent
+                    else:
+                        futures.append(sent)
+                    del sent
                 del executor, call
             future = futures.popleft()
             try:
@@ -429,6 +465,8 @@ def _results(
             else:
                 yield result
             del result
+        if unsent is not None:
+            raise unsent
     finally:
         for future in futures:
             future.cancel()  # False for those sent: they run, their outcomes dropped

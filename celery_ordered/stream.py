@@ -440,7 +440,7 @@ class OrderedResultStream:
 
     # -- producing ---------------------------------------------------------
 
-    def put(self, task: Any, *args: Any, timeout: float | None = None, **kwargs: Any) -> int:
+    def put(self, task: Any, /, *args: Any, timeout: float | None = None, **kwargs: Any) -> int:
         """Dispatch ``task(*args, **kwargs)`` and return its sequence number.
 
         ``task`` is an :func:`~celery_ordered.ordered_task` task, a signature of

@@ -386,6 +386,26 @@ def test_stats_does_not_wait_for_a_get_waiting_on_the_same_handle(app, names, re
     run(main())
 
 
+def test_a_get_behind_another_tasks_get_keeps_its_timeout(app, names, redis_url, open_gate):
+    # A second task's get(timeout=...) on the same handle raises within its
+    # timeout, while the first task's get() waits on for the held outcome.
+    async def main() -> None:
+        stream = AsyncOrderedResultStream(app, names(), window=8)
+        key = open_gate.key()
+        await stream.put(gate, redis_url, key, "held")
+        waiting = asyncio.ensure_future(stream.get())
+        await asyncio.sleep(0)  # it starts, and holds the consumer while it waits
+        with pytest.raises(StreamEmpty, match=r"another get\(\) on this handle"):
+            await stream.get(timeout=0.2)
+        assert not waiting.done()
+        open_gate(key)
+        assert await waiting == "held"
+        await stream.put(echo, "behind")
+        assert await stream.get(timeout=30) == "behind"  # nothing lost, nothing stalled
+
+    run(main())
+
+
 # -- resuming by name, cancellation ----------------------------------------------------
 
 

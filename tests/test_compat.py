@@ -26,6 +26,7 @@ from celery import signals
 from celery_ordered import ParallelQueue, ParallelSingleTaskQueue, StreamExhausted
 from celery_ordered.compat import window_for
 from tests.support.processes import Owner, descendants, footprint
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -241,6 +242,38 @@ def test_every_finishing_order_comes_out_in_put_order(permutation_queue, order):
 
 
 # -- what passes through -------------------------------------------------------
+
+
+def labelled(value: int, task: str) -> str:
+    """A task that takes a keyword named ``task``, as ``put``'s first parameter is."""
+    return f"{task}:{value}"
+
+
+def test_a_task_keyword_named_task_goes_to_the_task(shared_queue):
+    # The original's put(*args, **kwargs) passed every keyword but timeout on.
+    shared_queue.put(labelled, 1, task="index")
+    assert shared_queue.get(timeout=RESULT_TIMEOUT) == "index:1"
+
+
+def test_get_takes_block_as_the_original_passed_it_to_queue_get(shared_queue):
+    # The original's get(**kwargs) went to a multiprocessing queue's get.
+    with pytest.raises(Empty):
+        shared_queue.get(block=False)
+    with pytest.raises(Empty):
+        shared_queue.get(block=False, timeout=30)  # the timeout does not count
+    with pytest.raises(Empty):
+        shared_queue.get(block=True, timeout=0.05)
+    shared_queue.put(square, 6)
+    assert shared_queue.get(block=True, timeout=RESULT_TIMEOUT) == 36
+    shared_queue.put(square, 7)
+
+    def taken_without_blocking() -> tuple[Any] | None:
+        try:
+            return (shared_queue.get(block=False),)
+        except Empty:
+            return None
+
+    assert wait_until(taken_without_blocking, "the result, taken without blocking") == (49,)
 
 
 def test_non_callables_pass_through_as_markers_in_fifo_order(shared_queue):

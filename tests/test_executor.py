@@ -156,6 +156,28 @@ def test_map_timeout(make_executor: Any, redis_url: str, redis_client: Any, gate
     redis_client.rpush(gate_key, 1)  # let the third finish before shutdown waits for it
 
 
+def test_a_map_timeout_bounds_the_sending_on_a_full_window(
+    make_executor: Any, redis_url: str, redis_client: Any, gate_key: str
+) -> None:
+    # The standard map never waits to send; this one waits on the window, and
+    # the map's timeout bounds that wait too: the call returns with only a
+    # window's worth sent while those two still wait on their gate (before,
+    # it waited for them, and returned only once they had timed out).
+    executor = make_executor(window=2)
+    args = [redis_url] * 4, [gate_key] * 4, range(4), [20] * 4
+    results = executor.map(gate, *args, timeout=0.5)
+    stats = executor._shared.stream.stats()
+    assert (stats.claimed, stats.delivered) == (2, 0)
+    redis_client.rpush(gate_key, 1, 1)
+    # The iteration ends in TimeoutError: at the first result not there in
+    # time, or at the third item, which was never sent.
+    got: list[Any] = []
+    with pytest.raises(TimeoutError):
+        got.extend(results)
+    assert got == [0, 1][: len(got)]
+    assert executor._shared.stream.stats().claimed == 2
+
+
 def test_a_negative_map_timeout_has_already_passed_as_in_the_standard_library(
     make_executor: Any, redis_url: str, redis_client: Any, gate_key: str
 ) -> None:

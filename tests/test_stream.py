@@ -41,6 +41,7 @@ from tests.apps.tasks import (
     sleep_echo,
     unencodable_result,
 )
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -394,6 +395,23 @@ def test_get_timeout_while_head_task_runs(make_stream, gates):
     gates.open(key)
     assert stream.get(timeout=30) == "head"
     assert stream.get(timeout=5) == "behind"
+
+
+def test_a_get_behind_another_threads_get_keeps_its_timeout(make_stream, gates):
+    # As for queue.Queue: a second thread's get(timeout=...) on the same handle
+    # raises Empty within its timeout, while the first thread's get() waits on.
+    stream = make_stream(window=4)
+    _, key = gates.put(stream, "head")
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(stream.get, 60)
+        wait_until(stream.consumer._lock.locked, "the first get() to hold the consumer")
+        with pytest.raises(StreamEmpty, match=r"another get\(\) on this handle"):
+            stream.get(timeout=0.2)
+        assert not first.done()
+        gates.open(key)
+        assert first.result(timeout=30) == "head"
+    stream.put("behind")
+    assert stream.get(timeout=30) == "behind"  # nothing lost, nothing stalled
 
 
 def test_put_timeout_on_full_window_raises_stream_full_and_claims_nothing(make_stream):
