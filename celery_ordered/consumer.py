@@ -120,6 +120,8 @@ class ConsumerCore:
         self.default_window = default_window
         self.redis_errors = redis_errors
         self._reclaim_every = reclaim_every
+        # When this consumer last looked after a head it waited for (OnWait).
+        self._looked_after = time.monotonic()
         self._progress = progress
         self._began = time.monotonic()
         #: Outcomes handed out by this handle (a failed task's too).
@@ -381,6 +383,13 @@ class ConsumerCore:
                 )
                 remaining = WAIT_SLICE if deadline is None else deadline - time.monotonic()
                 if remaining <= 0:
+                    # A consumer that polls (get(timeout=0), or timeouts shorter
+                    # than a wait slice) never waits out a slice, and would never
+                    # reclaim lost work nor warn: it looks after its head as
+                    # often as a waiting consumer does.
+                    if time.monotonic() - self._looked_after >= self._reclaim_every():
+                        self._looked_after = time.monotonic()
+                        yield OnWait(batch.start)
                     raise StreamEmpty(
                         f"stream {self.name!r}: outcome {batch.start} did not arrive "
                         f"within {timeout}s",
@@ -390,6 +399,7 @@ class ConsumerCore:
                 wait = min(remaining, self._reclaim_every())
                 waited = True
                 if not (yield from self.protocol.wait_op("ready", wait)):
+                    self._looked_after = time.monotonic()
                     yield OnWait(batch.start)
 
     def pop_op(self, limit: int, mode: str = "", *, waited: bool = False) -> Step[Batch]:

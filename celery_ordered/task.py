@@ -27,7 +27,9 @@ from typing import Any, TypeVar, overload
 import redis
 from celery import Task, shared_task, signals
 from celery._state import _task_stack
-from celery.exceptions import NotRegistered, Reject, TaskRevokedError
+from celery.exceptions import NotRegistered, Reject, TaskRevokedError, TimeLimitExceeded
+from celery.worker import state as worker_state
+from celery.worker.request import Request
 
 from . import codec, liveness
 from .config import (
@@ -90,6 +92,34 @@ class ChunkOutcomes(UserList[Any]):
         return f"<{len(self.data)} outcomes>"
 
 
+class OrderedRequest(Request):
+    """The worker's request of a stream's task: it also fills the task's place
+    when the pool kills the task at its hard time limit.
+
+    Celery then acknowledges the message (``task_acks_on_failure_or_timeout``)
+    and calls the task's ``on_failure`` in the worker's main process, where
+    the task's request (and so its stream) is not known: without this the
+    place would wait for the outcome until it counted as lost, and the task
+    would be sent again, to be killed again.
+    """
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        """Fill the place with ``TimeLimitExceeded`` (a hard limit), then Celery's own."""
+        headers = self._request_dict
+        # In a cold shutdown Celery records no failure either.
+        if (
+            not soft
+            and headers.get(HEADER_STREAM) is not None
+            and not worker_state.should_terminate
+        ):
+            error = TimeLimitExceeded(
+                f"task {self.task.name}[{self.id}] was killed at its hard time "
+                f"limit ({timeout:g} s): raise time_limit, or make the task shorter"
+            )
+            _fill_from_signal(self.task.app, headers.get, self.task.name, error, "time-limit error")
+        super().on_timeout(soft, timeout)
+
+
 class OrderedTask(Task):
     """Base class of tasks whose outcome can go into an ordered stream.
 
@@ -105,6 +135,8 @@ class OrderedTask(Task):
     acks_late = True
     #: Requeue the message when the worker process running it dies.
     reject_on_worker_lost = True
+    #: Fills the place of a task killed at its hard time limit.
+    Request = OrderedRequest
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         """Note when the task started, for a hedging stream's run times."""

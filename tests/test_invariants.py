@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Signature
-from celery.exceptions import NotRegistered, TaskRevokedError
+from celery.exceptions import NotRegistered, TaskRevokedError, TimeLimitExceeded
 
 from celery_ordered import DispatchError, ResultLost, StreamEmpty, StreamExhausted
 from celery_ordered.redis.keys import StreamKeys
@@ -269,6 +269,29 @@ def test_a_revoked_task_fills_its_place_with_the_error(
 
     # Then the revoked task's place holds Celery's error, and the stream goes on
     assert_revoked_between(stream, "held", "was revoked")
+
+
+def test_a_task_killed_at_its_hard_time_limit_fills_its_place_with_the_error(
+    make_stream, redis_client, redis_url, gate_key
+):
+    # Given a task that outlives its hard time limit: the pool kills it, and
+    # Celery acknowledges its message, so no broker sends it again
+    stream = make_stream(window=4)
+    stream.put(echo, "before")
+    stream.put(gate.s(redis_url, gate_key, "never", 60).set(time_limit=1))
+    stream.put(echo, "after")
+    stream.close()
+
+    # Then its place holds Celery's TimeLimitExceeded at once (before, it waited
+    # until the number counted as lost, an hour by default), and the stream goes on
+    assert stream.get(timeout=30) == "before"
+    outcome = next_outcome(stream, timeout=30)
+    assert isinstance(outcome, TimeLimitExceeded), repr(outcome)
+    assert outcome.seq == 1
+    assert "killed at its hard time limit (1 s)" in str(outcome)
+    assert stream.get(timeout=30) == "after"
+    assert list(stream) == []
+    assert stream.stats().redispatched == 0
 
 
 def test_task_whose_worker_process_dies_still_fills_its_number(

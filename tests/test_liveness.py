@@ -27,7 +27,7 @@ import pytest
 import redis
 from celery import Celery
 
-from celery_ordered import OrderedResultStream, RedisServer, StreamEmpty
+from celery_ordered import OrderedResultStream, RedisServer, ResultLost, StreamEmpty
 from celery_ordered.config import (
     DEFAULT_OVERTAKEN_AFTER,
     DEFAULT_STALL_WARNING,
@@ -469,6 +469,35 @@ def test_messages_lost_from_a_moving_queue_are_sent_again_soon(
     print(f"\nmessages lost from a moving queue: all outcomes {healed:.1f} s later")
     assert stream.stats().redispatched == 2
     ends_here(stream)
+
+
+def test_a_consumer_polling_with_get_timeout_zero_still_gives_up_on_lost_work(
+    worker: Worker, make_stream: Any, redis_client: redis.Redis
+) -> None:
+    # Given a task routed to a queue no worker consumes, on a stream that
+    # gives up on a number at once once it is overdue
+    queue = f"nobody-{uuid.uuid4().hex[:6]}"
+    stream = make_stream(lost_after=0.5, max_redispatches=0)
+    try:
+        stream.put(echo.s("lost").set(queue=queue))
+        stream.put(echo, "after")
+
+        # When its consumer only ever polls, never waiting out a slice
+        def polled() -> tuple[str, Any] | None:
+            try:
+                return ("value", stream.get(timeout=0))
+            except StreamEmpty:
+                return None
+            except ResultLost as exc:
+                return ("lost", exc)
+
+        # Then the polls reclaim as a waiting consumer does (before, they never
+        # did: the stream waited for ever), and the stream goes on
+        kind, outcome = wait_until(polled, "ResultLost at number 0, by polling")
+        assert (kind, outcome.seq) == ("lost", 0), outcome
+        assert wait_until(polled, "the outcome after it, by polling") == ("value", "after")
+    finally:
+        redis_client.delete(queue)
 
 
 @pytest.mark.slow
