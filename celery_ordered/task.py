@@ -106,12 +106,10 @@ class OrderedRequest(Request):
     def on_timeout(self, soft: bool, timeout: float) -> None:
         """Fill the place with ``TimeLimitExceeded`` (a hard limit), then Celery's own."""
         headers = self._request_dict
-        # In a cold shutdown Celery records no failure either.
-        if (
-            not soft
-            and headers.get(HEADER_STREAM) is not None
-            and not worker_state.should_terminate
-        ):
+        # In a cold shutdown Celery records no failure either; a hedging
+        # backup's first run, started earlier, meets its own limit first.
+        stream_task = headers.get(HEADER_STREAM) is not None and not headers.get(HEADER_BACKUP)
+        if not soft and stream_task and not worker_state.should_terminate:
             error = TimeLimitExceeded(
                 f"task {self.task.name}[{self.id}] was killed at its hard time "
                 f"limit ({timeout:g} s): raise time_limit, or make the task shorter"
